@@ -1,0 +1,92 @@
+"""The `ldm` command: thin wrappers that parse arguments, call the library and report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from latent_diffusion.config import ConfigError
+from latent_diffusion.io.checkpoint import CheckpointError
+
+USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError)
+
+
+def cmd_make_shapes(args: argparse.Namespace) -> None:
+    from latent_diffusion.data.shapes import write_shapes_folder
+
+    out = write_shapes_folder(args.out, args.count, args.seed)
+    print(f"wrote {args.count} captioned shape images to {out}")
+
+
+def cmd_train_autoencoder(args: argparse.Namespace) -> None:
+    from latent_diffusion.config import AutoencoderRunConfig, load_config
+    from latent_diffusion.training.autoencoder import train_autoencoder
+
+    cfg = load_config(args.config, AutoencoderRunConfig, args.set)
+    last = train_autoencoder(cfg, args.data, args.out, device=args.device)
+    print(json.dumps({"run": str(args.out), **last}))
+
+
+def cmd_eval_autoencoder(args: argparse.Namespace) -> None:
+    from latent_diffusion.evaluation.autoencoder import evaluate_autoencoder_run
+
+    figures = evaluate_autoencoder_run(args.run, args.data, args.split, args.num_images, args.batch_size,
+                                       args.device, write_scale=not args.no_write_scale)
+    print(f"PSNR {figures['psnr']:.2f} dB   SSIM {figures['ssim']:.4f}   "
+          f"latent {figures['latent_shape']} mean {figures['latent_mean']:.4f} std {figures['latent_std']:.4f}   "
+          f"latent_scale {figures['latent_scale']:.5f}   ({figures['num_images']} images)")
+    print(json.dumps(figures))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ldm", description="Latent diffusion: autoencoder, diffusion, generation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-shapes", help="write a folder of synthetic captioned shape images")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--count", type=int, default=1000, help="number of images (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed; the same seed always gives the same images")
+    p.set_defaults(func=cmd_make_shapes)
+
+    p = sub.add_parser("train-autoencoder", help="train (or resume) the KL autoencoder")
+    p.add_argument("--config", required=True, help="YAML config (see configs/autoencoder/)")
+    p.add_argument("--data", required=True, help="image folder, Fashion-MNIST IDX folder, or 'fashion-mnist'")
+    p.add_argument("--out", required=True, help="run folder; rerun on the same folder to resume")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set training.max_steps=200 (repeatable)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
+    p.set_defaults(func=cmd_train_autoencoder)
+
+    p = sub.add_parser("eval-autoencoder", help="PSNR/SSIM and latent statistics; writes latent_scale")
+    p.add_argument("run", help="autoencoder run folder")
+    p.add_argument("--data", required=True, help="held-out image folder, or Fashion-MNIST (test split)")
+    p.add_argument("--split", default="test", choices=["train", "test"], help="Fashion-MNIST split")
+    p.add_argument("--num-images", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-write-scale", action="store_true", help="don't write latent_scale into the run config")
+    p.set_defaults(func=cmd_eval_autoencoder)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except USER_ERRORS as exc:
+        if os.environ.get("LDM_DEBUG"):
+            raise
+        print(f"ldm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ldm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

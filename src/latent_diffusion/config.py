@@ -1,0 +1,273 @@
+"""Typed, frozen configuration dataclasses; YAML in and out; unknown or mistyped keys are errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or dictionary that does not match the schema."""
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """Architecture of the KL autoencoder (names follow CompVis `ddconfig`).
+
+    :param ch: base channel count of the first resolution level.
+    :param ch_mult: channel multiplier per level; f = 2 ** (len(ch_mult) - 1).
+    :param num_res_blocks: ResNet blocks per level (the decoder uses one more).
+    :param attn_resolutions: feature-map sizes (in pixels) that get a self-attention block.
+    :param z_channels: latent channels produced by the encoder trunk.
+    :param embed_dim: latent channels after `quant_conv` (Stable Diffusion: 4).
+    :param resolution: nominal training resolution (used to place attention blocks).
+    :param norm_groups: GroupNorm groups (CompVis: 32); every width must be divisible by it.
+    :param latent_scale: 1 / std of latents (Stable Diffusion's 0.18215); set by `ldm eval-autoencoder`.
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = ()
+    dropout: float = 0.0
+    z_channels: int = 4
+    embed_dim: int = 4
+    resolution: int = 256
+    norm_groups: int = 32
+    latent_scale: float | None = None
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    def __post_init__(self) -> None:
+        _check(self.ch > 0, "model.ch", self.ch, "a positive integer")
+        _check(len(self.ch_mult) > 0 and all(m > 0 for m in self.ch_mult), "model.ch_mult", self.ch_mult,
+               "a non-empty list of positive integers")
+        _check(self.num_res_blocks >= 1, "model.num_res_blocks", self.num_res_blocks, ">= 1")
+        _check(self.z_channels > 0 and self.embed_dim > 0, "model.z_channels/embed_dim",
+               (self.z_channels, self.embed_dim), "positive integers")
+        _check(self.in_channels > 0 and self.out_channels > 0, "model.in_channels/out_channels",
+               (self.in_channels, self.out_channels), "positive integers")
+        for width in sorted({self.ch * m for m in self.ch_mult}):
+            _check(width % self.norm_groups == 0, "model.ch * ch_mult", width,
+                   f"a multiple of norm_groups={self.norm_groups} (GroupNorm splits channels into groups)")
+        _check(self.resolution % self.downsample_factor == 0, "model.resolution", self.resolution,
+               f"divisible by the downsampling factor f={self.downsample_factor}")
+
+
+@dataclass(frozen=True)
+class AutoencoderLossConfig:
+    """Weights of the first-stage objective: L_rec + λ_perc·LPIPS + λ_adv·L_adv + λ_KL·KL."""
+
+    l1_weight: float = 1.0
+    l2_weight: float = 0.0
+    perceptual_weight: float = 0.0
+    lpips_vgg_weights: str | None = None
+    lpips_head_weights: str | None = None
+    kl_weight: float = 1.0e-6
+    disc_weight: float = 0.5
+    disc_start: int = 50001
+    disc_loss: Literal["hinge", "vanilla"] = "hinge"
+    disc_num_layers: int = 3
+    disc_channels: int = 64
+    disc_lr: float | None = None
+
+    def __post_init__(self) -> None:
+        has_files = self.lpips_vgg_weights is not None and self.lpips_head_weights is not None
+        _check(self.perceptual_weight == 0 or has_files, "loss.lpips_vgg_weights/lpips_head_weights",
+               (self.lpips_vgg_weights, self.lpips_head_weights),
+               "paths to torchvision's vgg16 weights and the LPIPS heads (vgg.pth) when loss.perceptual_weight > 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How training images are prepared."""
+
+    resolution: int = 64
+    random_crop: bool = False
+    flip: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and bookkeeping of a training run."""
+
+    batch_size: int = 16
+    learning_rate: float = 4.5e-6
+    adam_betas: tuple[float, float] = (0.5, 0.9)
+    max_steps: int = 10000
+    lr_warmup_steps: int = 0
+    lr_min_ratio: float = 1.0
+    grad_clip: float | None = None
+    seed: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    num_workers: int = 0
+    log_every: int = 50
+    image_every: int = 500
+    checkpoint_every: int = 500
+
+
+@dataclass(frozen=True)
+class AutoencoderRunConfig:
+    """Everything `ldm train-autoencoder` needs: model, loss, data and training settings."""
+
+    model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        f = self.model.downsample_factor
+        _check(self.data.resolution % f == 0, "data.resolution", self.data.resolution,
+               f"divisible by the autoencoder's downsampling factor f={f} (ch_mult={list(self.model.ch_mult)})")
+
+
+def _check(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name} = {value!r}: expected {expected}")
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, where: str = "") -> Any:
+    """Build dataclass `cls` from a dictionary, rejecting unknown keys and wrong types."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown key '{_join(where, key)}'{hint}; valid keys: {', '.join(fields)}")
+    kwargs = {key: _coerce(hints[key], value, _join(where, key)) for key, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where or cls.__name__}: {exc}") from exc
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain-Python dictionary (lists, not tuples) of a config dataclass, ready for YAML/JSON."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(config)
+
+
+def load_config(path: str | os.PathLike, cls: type = AutoencoderRunConfig,
+                overrides: list[str] | None = None) -> Any:
+    """Read a YAML (or JSON) file into config dataclass `cls`, validating every key.
+
+    `overrides` are `section.key=value` strings (value parsed as YAML), applied before validation.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    data = apply_overrides(data or {}, overrides or [])
+    try:
+        return from_dict(cls, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set `a.b.c=value` entries (value parsed as YAML) in a nested dictionary; returns a new dictionary."""
+    data = yaml.safe_load(yaml.safe_dump(data))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected SECTION.KEY=VALUE, e.g. training.max_steps=100")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return data
+
+
+def save_config(config: Any, path: str | os.PathLike) -> None:
+    """Write a config dataclass as YAML, atomically."""
+    from latent_diffusion.io.atomic import atomic_write_bytes
+
+    text = yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=None)
+    atomic_write_bytes(Path(path), text.encode())
+
+
+def _join(where: str, key: Any) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _coerce(option, value, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where} = {value!r}: expected one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} = {value!r}: expected a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where} = {value!r}: expected a list of {len(args)} values")
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} = {value!r}: expected true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} = {value!r}: expected an integer")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} = {value!r}: expected a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} = {value!r}: expected a string")
+        return value
+    return value

@@ -1,0 +1,106 @@
+"""A folder of images with optional captions (`name.txt` beside each image, or `metadata.jsonl`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from latent_diffusion.images import pil_to_tensor
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def resize_and_crop(img: Image.Image, resolution: int, random_crop: bool, rng: random.Random) -> Image.Image:
+    """Scale the short side to `resolution`, then crop a square (centred or at random)."""
+    w, h = img.size
+    scale = resolution / min(w, h)
+    if scale != 1:
+        img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
+                         Image.Resampling.BICUBIC)
+    w, h = img.size
+    left = rng.randint(0, w - resolution) if random_crop else (w - resolution) // 2
+    top = rng.randint(0, h - resolution) if random_crop else (h - resolution) // 2
+    return img.crop((left, top, left + resolution, top + resolution))
+
+
+def _read_captions(root: Path, files: list[Path]) -> dict[Path, str]:
+    captions: dict[Path, str] = {}
+    metadata = root / "metadata.jsonl"
+    if metadata.is_file():
+        for number, line in enumerate(metadata.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                captions[(root / record["file_name"]).resolve()] = str(record.get("text", ""))
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ValueError(f"{metadata}:{number}: expected a JSON object with 'file_name' and 'text' "
+                                 f"({exc})") from exc
+    for path in files:
+        txt = path.with_suffix(".txt")
+        if txt.is_file():
+            captions[path.resolve()] = txt.read_text().strip()
+    return captions
+
+
+class ImageFolder(Dataset):
+    """Images under `root` (recursively), each a dict {'image': (C, R, R) in [-1, 1], 'caption': str}.
+
+    :param channels: 3 (RGB) or 1 (grayscale).
+    :param random_crop: crop at a random place instead of the centre.
+    :param flip: random horizontal flip with probability ½.
+    A file that cannot be decoded is skipped with a warning naming it; the next image is returned instead.
+    """
+
+    def __init__(self, root: str | os.PathLike, resolution: int, channels: int = 3, random_crop: bool = False,
+                 flip: bool = False, seed: int = 0):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.root}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not self.files:
+            raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {self.root}")
+        self.captions = _read_captions(self.root, self.files)
+        self.resolution, self.channels = resolution, channels
+        self.random_crop, self.flip = random_crop, flip
+        self.rng = random.Random(seed)
+        self.bad: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def caption(self, index: int) -> str:
+        return self.captions.get(self.files[index].resolve(), "")
+
+    def load(self, index: int) -> Image.Image:
+        """The image at `index`, decoded and converted, before cropping."""
+        with Image.open(self.files[index]) as img:
+            img.load()
+            return img.convert("RGB" if self.channels == 3 else "L")
+
+    def __getitem__(self, index: int) -> dict:
+        for offset in range(len(self.files)):
+            i = (index + offset) % len(self.files)
+            if i in self.bad:
+                continue
+            try:
+                img = self.load(i)
+            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+                self.bad.add(i)
+                log.warning("skipping unreadable image %s: %s", self.files[i], exc)
+                continue
+            img = resize_and_crop(img, self.resolution, self.random_crop, self.rng)
+            if self.flip and self.rng.random() < 0.5:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            return {"image": pil_to_tensor(img), "caption": self.caption(i)}
+        raise RuntimeError(f"no readable image in {self.root}")

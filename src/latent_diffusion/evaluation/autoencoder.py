@@ -1,0 +1,65 @@
+"""Reconstruction quality and latent statistics of a trained autoencoder; calibrates the latent scale."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from latent_diffusion.autoencoder import AutoencoderKL
+from latent_diffusion.config import save_config
+from latent_diffusion.data import open_dataset
+from latent_diffusion.evaluation.metrics import psnr, ssim
+from latent_diffusion.io.atomic import atomic_write_bytes
+from latent_diffusion.io.autoencoder import CONFIG_FILE, load_autoencoder
+from latent_diffusion.runtime import resolve_device
+
+
+@torch.no_grad()
+def evaluate_reconstruction(model: AutoencoderKL, dataset: Dataset, num_images: int | None = None,
+                            batch_size: int = 64, seed: int = 0, progress: bool = True) -> dict:
+    """PSNR/SSIM of mode() reconstructions, and statistics of posterior samples z ~ q(z|x)."""
+    if num_images is not None and num_images < len(dataset):
+        dataset = Subset(dataset, range(num_images))
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    psnrs, ssims, latents = [], [], []
+    for batch in tqdm(DataLoader(dataset, batch_size=batch_size), desc="eval", disable=not progress):
+        x = batch["image"].to(device)
+        posterior = model.encode(x)
+        x_rec = model.decode(posterior.mode())
+        psnrs.append(psnr(x, x_rec).cpu())
+        ssims.append(ssim(x, x_rec).cpu())
+        latents.append(posterior.sample(generator).float().cpu())
+    z = torch.cat(latents)
+    std = z.flatten().std().item()
+    return {
+        "num_images": len(dataset),
+        "psnr": torch.cat(psnrs).mean().item(),
+        "ssim": torch.cat(ssims).mean().item(),
+        "latent_shape": list(z.shape[1:]),
+        "latent_mean": z.mean().item(),
+        "latent_std": std,
+        "latent_channel_std": z.transpose(0, 1).flatten(1).std(dim=1).tolist(),
+        "latent_scale": 1.0 / std,
+    }
+
+
+def evaluate_autoencoder_run(run_dir: str | os.PathLike, data: str | os.PathLike, split: str = "test",
+                             num_images: int | None = None, batch_size: int = 64, device: str = "auto",
+                             write_scale: bool = True, progress: bool = True) -> dict:
+    """Evaluate a run folder on `data`; writes eval.json and (by default) latent_scale into config.yaml."""
+    run_dir = Path(run_dir)
+    model, cfg = load_autoencoder(run_dir, resolve_device(device))
+    dataset = open_dataset(data, cfg.data.resolution, cfg.model.in_channels, split)
+    figures = evaluate_reconstruction(model, dataset, num_images, batch_size, progress=progress)
+    figures["data"] = str(data)
+    atomic_write_bytes(run_dir / "eval.json", (json.dumps(figures, indent=2) + "\n").encode())
+    if write_scale:
+        save_config(replace(cfg, model=replace(cfg.model, latent_scale=figures["latent_scale"])), run_dir / CONFIG_FILE)
+    return figures

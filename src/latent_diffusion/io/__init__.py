@@ -1,0 +1,1 @@
+"""Checkpoint formats and atomic file writing."""

@@ -1,0 +1,135 @@
+"""Safetensors checkpoints: model weights, and full training state (optimizers, step, RNG) with no pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from latent_diffusion.io.atomic import atomic_path
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable or does not fit the model."""
+
+
+def save_weights(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                 metadata: dict[str, str] | None = None) -> None:
+    """Save a flat tensor dict as safetensors, atomically."""
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Load a safetensors file, with a clear error for a missing or corrupt file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc} (truncated or not a safetensors file?)") from exc
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata stored in a safetensors header."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+
+
+def load_module_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Load `tensors` into `module` strictly, naming missing/unexpected keys and shape mismatches."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    wrong = [f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in tensors and tensors[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+        if wrong:
+            parts.append(f"{len(wrong)} shape mismatches (e.g. {wrong[:3]})")
+        raise CheckpointError(f"{what} does not match the model config: " + "; ".join(parts))
+    module.load_state_dict(tensors)
+
+
+def save_training_state(path: str | os.PathLike, modules: dict[str, torch.nn.Module],
+                        optimizers: dict[str, torch.optim.Optimizer], step: int,
+                        extra: dict[str, Any] | None = None) -> None:
+    """Save modules, optimizers, step and RNG states in one safetensors file (atomic)."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {"step": step, "extra": extra or {}, "optimizers": {}}
+    for name, module in modules.items():
+        for key, value in module.state_dict().items():
+            tensors[f"{name}.{key}"] = value
+    for name, optimizer in optimizers.items():
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        tensors.update({f"optim.{name}.{k}": v for k, v in opt_tensors.items()})
+        meta["optimizers"][name] = opt_meta
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    save_weights(tensors, path, metadata={"training_state": json.dumps(meta)})
+
+
+def load_training_state(path: str | os.PathLike, modules: dict[str, torch.nn.Module],
+                        optimizers: dict[str, torch.optim.Optimizer], restore_rng: bool = True) -> dict[str, Any]:
+    """Restore what `save_training_state` wrote; returns {'step': int, 'extra': dict}."""
+    metadata = read_metadata(path)
+    if "training_state" not in metadata:
+        raise CheckpointError(f"{path} is a weights file, not a training state (no 'training_state' metadata)")
+    meta = json.loads(metadata["training_state"])
+    tensors = load_weights(path)
+    for name, module in modules.items():
+        prefix = f"{name}."
+        load_module_weights(module, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                            f"{path} [{name}]")
+    for name, optimizer in optimizers.items():
+        prefix = f"optim.{name}."
+        opt_tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, meta["optimizers"][name]))
+    if restore_rng:
+        torch.set_rng_state(tensors["rng.torch"])
+        if torch.cuda.is_available():
+            states = [tensors[k] for k in sorted(t for t in tensors if t.startswith("rng.cuda."))]
+            if len(states) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(states)
+    return {"step": int(meta["step"]), "extra": meta["extra"]}
+
+
+def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, param_state in state_dict["state"].items():
+        for key, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    for index, values in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}

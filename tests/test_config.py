@@ -1,0 +1,56 @@
+"""Configs are validated on load: unknown keys, wrong types and impossible architectures are clear errors."""
+
+from pathlib import Path
+
+import pytest
+
+from latent_diffusion.config import (AutoencoderConfig, AutoencoderRunConfig, ConfigError, from_dict, load_config,
+                                     save_config)
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+
+
+def test_shipped_configs_load():
+    assert CONFIGS, "no configs found"
+    for path in CONFIGS:
+        cfg = load_config(path, AutoencoderRunConfig)
+        assert cfg.data.resolution % cfg.model.downsample_factor == 0
+
+
+def test_unknown_key_is_named_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown key 'model.ch_mul'.*did you mean 'ch_mult'"):
+        from_dict(AutoencoderRunConfig, {"model": {"ch_mul": [1, 2]}})
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match=r"training.batch_size = 'big': expected an integer"):
+        from_dict(AutoencoderRunConfig, {"training": {"batch_size": "big"}})
+    with pytest.raises(ConfigError, match=r"training.precision = 'fp8': expected one of"):
+        from_dict(AutoencoderRunConfig, {"training": {"precision": "fp8"}})
+
+
+def test_groupnorm_mismatch_is_an_error():
+    with pytest.raises(ConfigError, match=r"model.ch \* ch_mult = 48: expected a multiple of norm_groups=32"):
+        AutoencoderConfig(ch=48, ch_mult=(1, 2))
+
+
+def test_resolution_not_divisible_by_f():
+    with pytest.raises(ConfigError, match=r"data.resolution = 60: expected divisible by .* f=8"):
+        from_dict(AutoencoderRunConfig, {"model": {"ch": 32, "ch_mult": [1, 1, 1, 1], "resolution": 64},
+                                         "data": {"resolution": 60}})
+
+
+def test_yaml_round_trip_and_overrides(tmp_path):
+    cfg = from_dict(AutoencoderRunConfig, {"model": {"ch": 32, "ch_mult": [1, 2], "resolution": 32},
+                                           "data": {"resolution": 32}})
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+    changed = load_config(tmp_path / "c.yaml", overrides=["training.max_steps=7", "loss.kl_weight=1e-5"])
+    assert changed.training.max_steps == 7 and changed.loss.kl_weight == 1e-5
+    with pytest.raises(ConfigError, match="expected SECTION.KEY=VALUE"):
+        load_config(tmp_path / "c.yaml", overrides=["training.max_steps"])
+
+
+def test_perceptual_weight_needs_weight_files():
+    with pytest.raises(ConfigError, match="lpips_vgg_weights"):
+        from_dict(AutoencoderRunConfig, {"loss": {"perceptual_weight": 1.0}})
