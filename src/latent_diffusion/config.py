@@ -67,6 +67,57 @@ class AutoencoderConfig:
 
 
 @dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of the denoising UNet (names follow CompVis `UNetModel`).
+
+    :param in_channels: latent channels plus `concat_channels` (spatial conditions concatenated to z_t).
+    :param model_channels: width of the first level; level i has model_channels · channel_mult[i].
+    :param attention_resolutions: downsampling rates (1, 2, 4, ...) whose levels get a spatial transformer.
+    :param num_heads: attention heads (used when num_head_channels is -1).
+    :param num_head_channels: channels per head (SD 2.x: 64); -1 to use num_heads instead.
+    :param context_dim: width of the condition tokens for cross-attention (None: no cross-attention).
+    :param use_linear_in_transformer: Linear proj_in/proj_out (SD 2.x) instead of 1×1 convolutions.
+    :param num_classes: if set, a class-label embedding is added to the timestep embedding.
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)
+    num_heads: int = 8
+    num_head_channels: int = -1
+    transformer_depth: int = 1
+    context_dim: int | None = 768
+    use_linear_in_transformer: bool = False
+    num_classes: int | None = None
+    concat_channels: int = 0
+    dropout: float = 0.0
+    norm_groups: int = 32
+    gradient_checkpointing: bool = False
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    def __post_init__(self) -> None:
+        _check(self.model_channels > 0 and all(m > 0 for m in self.channel_mult) and len(self.channel_mult) > 0,
+               "unet.model_channels/channel_mult", (self.model_channels, self.channel_mult), "positive integers")
+        for width in sorted({self.model_channels * m for m in self.channel_mult}):
+            _check(width % self.norm_groups == 0, "unet.model_channels * channel_mult", width,
+                   f"a multiple of norm_groups={self.norm_groups}")
+            if self.num_head_channels == -1:
+                _check(width % self.num_heads == 0, "unet.model_channels * channel_mult", width,
+                       f"divisible by num_heads={self.num_heads}")
+            else:
+                _check(width % self.num_head_channels == 0, "unet.model_channels * channel_mult", width,
+                       f"divisible by num_head_channels={self.num_head_channels}")
+        _check(self.concat_channels < self.in_channels, "unet.concat_channels", self.concat_channels,
+               f"fewer than in_channels={self.in_channels} (in_channels counts latent + concatenated channels)")
+
+
+@dataclass(frozen=True)
 class AutoencoderLossConfig:
     """Weights of the first-stage objective: L_rec + λ_perc·LPIPS + λ_adv·L_adv + λ_KL·KL."""
 

@@ -1,0 +1,1 @@
+"""Shared network blocks of the denoising UNet: embeddings and (cross-)attention."""

@@ -1,0 +1,114 @@
+"""The spatial transformer of LDM (paper §3.3): self-attention, cross-attention to condition tokens, GEGLU MLP.
+
+Attribute names mirror CompVis `ldm/modules/attention.py`, so Stable Diffusion UNet weights load unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of queries x over `context` (x itself when None), with an optional key mask."""
+
+    def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8, dim_head: int = 64,
+                 dropout: float = 0.0):
+        super().__init__()
+        inner = heads * dim_head
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, D), context (B, L, Dc), mask (B, L) bool with True = attend."""
+        context = x if context is None else context
+        b, n, _ = x.shape
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        q, k, v = (t.reshape(b, t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, h, ·, d)
+        attn_mask = None if mask is None else mask[:, None, None, :].to(torch.bool)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, N, d)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))  # (B, N, D)
+
+
+class GEGLU(nn.Module):
+    """x ↦ a · GELU(g) with [a, g] = proj(x) (Shazeer 2020)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU → dropout → Linear, 4× wide (`ff.net.0.proj`, `ff.net.2`)."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LayerNorm residual block: self-attention, cross-attention to the condition, GEGLU feed-forward."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None, dropout: float = 0.0):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, None, heads, dim_head, dropout)
+        self.ff = FeedForward(dim, dropout=dropout)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, dropout)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context, mask)
+        return x + self.ff(self.norm3(x))  # (B, N, D)
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm → proj_in → depth × BasicTransformerBlock over the H·W tokens → proj_out, plus the input.
+
+    :param use_linear: Linear projections (SD 2.x) instead of 1×1 convolutions (SD 1.x).
+    """
+
+    def __init__(self, channels: int, heads: int, dim_head: int, depth: int = 1, context_dim: int | None = None,
+                 dropout: float = 0.0, use_linear: bool = False, norm_groups: int = 32):
+        super().__init__()
+        inner = heads * dim_head
+        self.use_linear = use_linear
+        self.norm = nn.GroupNorm(norm_groups, channels, eps=1e-6, affine=True)
+        self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout) for _ in range(depth))
+        self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, c, h, w = x.shape
+        hidden = self.norm(x)
+        if not self.use_linear:
+            hidden = self.proj_in(hidden)
+        hidden = hidden.flatten(2).transpose(1, 2)  # (B, HW, C)
+        if self.use_linear:
+            hidden = self.proj_in(hidden)
+        for block in self.transformer_blocks:
+            hidden = block(hidden, context, mask)
+        if self.use_linear:
+            hidden = self.proj_out(hidden)
+        hidden = hidden.transpose(1, 2).reshape(b, -1, h, w)
+        if not self.use_linear:
+            hidden = self.proj_out(hidden)
+        return x + hidden  # (B, C, H, W)

@@ -1,0 +1,112 @@
+"""The denoising UNet: shapes, masks, Stable Diffusion layouts, and parity with diffusers' UNet2DConditionModel."""
+
+import pytest
+import torch
+
+from latent_diffusion.config import ConfigError, UNetConfig
+from latent_diffusion.io.keymaps import unet_to_diffusers
+from latent_diffusion.unet import UNetModel
+
+
+def tiny_unet_config(**kw) -> UNetConfig:
+    base = dict(in_channels=4, out_channels=4, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                attention_resolutions=(2,), num_heads=2, context_dim=8, norm_groups=8)
+    base.update(kw)
+    return UNetConfig(**base)
+
+
+def _randomise(model: torch.nn.Module) -> torch.nn.Module:
+    """Random weights everywhere (zero-initialised output layers would hide errors)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    return model
+
+
+@pytest.mark.parametrize("cfg_kw,shape", [
+    ({}, (2, 4, 8, 8)),
+    ({"channel_mult": (1, 2, 2), "attention_resolutions": (1, 4)}, (1, 4, 8, 12)),  # non-square
+    ({"num_head_channels": 8, "use_linear_in_transformer": True, "transformer_depth": 2}, (2, 4, 16, 8)),
+    ({"channel_mult": (1, 2, 2)}, (1, 4, 6, 10)),  # not divisible by 4: upsampling follows the skips' sizes
+])
+def test_output_shape_matches_input(cfg_kw, shape):
+    model = UNetModel(tiny_unet_config(**cfg_kw))
+    x = torch.randn(shape)
+    out = model(x, torch.tensor([10.0] * shape[0]), torch.randn(shape[0], 5, 8))
+    assert out.shape == x.shape
+
+
+def test_class_conditioning_and_concat_channels():
+    model = _randomise(UNetModel(tiny_unet_config(in_channels=6, concat_channels=2, num_classes=3, context_dim=None)))
+    x, t = torch.randn(2, 6, 8, 8), torch.tensor([5.0, 500.0])
+    a = model(x, t, class_labels=torch.tensor([0, 1]))
+    b = model(x, t, class_labels=torch.tensor([2, 1]))
+    assert a.shape == (2, 4, 8, 8)
+    assert not torch.allclose(a[0], b[0]) and torch.allclose(a[1], b[1], atol=1e-6)
+
+
+def test_cross_attention_ignores_masked_tokens():
+    model = _randomise(UNetModel(tiny_unet_config())).eval()
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([100.0])
+    context = torch.randn(1, 3, 8)
+    padded = torch.cat([context, torch.randn(1, 4, 8) * 10], dim=1)
+    mask = torch.tensor([[True] * 3 + [False] * 4])
+    with torch.no_grad():
+        short = model(x, t, context)
+        masked = model(x, t, padded, context_mask=mask)
+        unmasked = model(x, t, padded)
+    assert torch.allclose(short, masked, atol=1e-5)
+    assert not torch.allclose(short, unmasked, atol=1e-3)
+
+
+def test_bad_inputs_are_clear_errors():
+    model = UNetModel(tiny_unet_config())
+    with pytest.raises(ValueError, match=r"expected x of shape \(B, 4, h, w\)"):
+        model(torch.randn(1, 3, 8, 8), torch.tensor([1.0]), torch.randn(1, 2, 8))
+    with pytest.raises(ValueError, match=r"context tokens of shape \(B, L, 8\)"):
+        model(torch.randn(1, 4, 8, 8), torch.tensor([1.0]), torch.randn(1, 2, 7))
+    with pytest.raises(ConfigError, match="multiple of norm_groups"):
+        tiny_unet_config(model_channels=12)
+
+
+def test_stable_diffusion_layouts():
+    """SD 1.x and 2.x configs have the real `model.diffusion_model.*` key counts and parameter counts."""
+    sd1 = UNetConfig()
+    sd2 = UNetConfig(num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
+    for cfg, params in ((sd1, 859_520_964), (sd2, 865_910_724)):
+        with torch.device("meta"):
+            state = UNetModel(cfg).state_dict()
+        assert len(state) == 686
+        assert sum(v.numel() for v in state.values()) == params
+    with torch.device("meta"):
+        state = UNetModel(sd1).state_dict()
+    assert tuple(state["input_blocks.1.1.proj_in.weight"].shape) == (320, 320, 1, 1)
+    assert tuple(state["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"].shape) == (320, 768)
+    assert tuple(state["middle_block.1.transformer_blocks.0.ff.net.0.proj.weight"].shape) == (10240, 1280)
+    assert tuple(state["output_blocks.2.1.conv.weight"].shape) == (1280, 1280, 3, 3)
+    assert tuple(state["output_blocks.5.2.conv.weight"].shape) == (1280, 1280, 3, 3)
+    assert tuple(state["out.2.weight"].shape) == (4, 320, 3, 3)
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_parity_with_diffusers_unet(linear):
+    diffusers = pytest.importorskip("diffusers")
+    cfg = tiny_unet_config(channel_mult=(1, 2, 2), attention_resolutions=(1, 2), num_res_blocks=2,
+                           use_linear_in_transformer=linear, transformer_depth=1 + linear)
+    ours = _randomise(UNetModel(cfg)).eval()
+    theirs = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(16, 32, 32),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
+        attention_head_dim=2, norm_num_groups=8, use_linear_projection=linear,
+        transformer_layers_per_block=1 + linear).eval()
+    mapping = unet_to_diffusers(cfg, list(ours.state_dict()))
+    converted = {mapping[k]: v for k, v in ours.state_dict().items()}
+    assert set(converted) == set(theirs.state_dict())
+    theirs.load_state_dict(converted)
+    x, t, context = torch.randn(2, 4, 8, 12), torch.tensor([3.0, 917.0]), torch.randn(2, 5, 8)
+    with torch.no_grad():
+        expected = theirs(x, t, encoder_hidden_states=context).sample
+        got = ours(x, t, context)
+    assert (got - expected).abs().max().item() < 1e-4
