@@ -41,6 +41,26 @@ def cmd_eval_autoencoder(args: argparse.Namespace) -> None:
     print(json.dumps(figures))
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from latent_diffusion.config import LDMRunConfig, load_config
+    from latent_diffusion.training.ldm import train_ldm
+
+    cfg = load_config(args.config, LDMRunConfig, args.set)
+    last = train_ldm(cfg, args.data, args.out, device=args.device)
+    print(json.dumps({"run": str(args.out), **last}))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from latent_diffusion.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(args.model, device=args.device, precision=args.precision)
+    images = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
+                  sampler=args.sampler, seed=args.seed, num_images=args.num_images, height=args.height,
+                  width=args.width, guidance_rescale=args.guidance_rescale)
+    pipe.save(images, args.output)
+    print(f"wrote {args.output}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm", description="Latent diffusion: autoencoder, diffusion, generation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +89,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-write-scale", action="store_true", help="don't write latent_scale into the run config")
     p.set_defaults(func=cmd_eval_autoencoder)
+
+    p = sub.add_parser("train", help="train (or resume) the latent diffusion UNet")
+    p.add_argument("--config", required=True, help="YAML config (see configs/ldm/)")
+    p.add_argument("--data", required=True, help="image folder with captions, Fashion-MNIST folder or 'fashion-mnist'")
+    p.add_argument("--out", required=True, help="run folder; rerun on the same folder to resume")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="text to image with a trained model")
+    p.add_argument("prompt", help="what to draw")
+    p.add_argument("-o", "--output", default="out.png", help="PNG to write (a grid for several images)")
+    p.add_argument("--model", required=True, help="model folder (a run folder of `ldm train`)")
+    p.add_argument("--negative", default=None, help="negative prompt (replaces the empty prompt in guidance)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale w (default: the model's)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale φ in [0, 1]")
+    p.add_argument("--sampler", default=None, help="sampler name (default: the model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: training size)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: training size)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.set_defaults(func=cmd_generate)
     return parser
 
 

@@ -167,6 +167,8 @@ class TrainConfig:
     log_every: int = 50
     image_every: int = 500
     checkpoint_every: int = 500
+    weight_decay: float = 0.0
+    ema_decay: float | None = None
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,55 @@ class AutoencoderRunConfig:
         f = self.model.downsample_factor
         _check(self.data.resolution % f == 0, "data.resolution", self.data.resolution,
                f"divisible by the autoencoder's downsampling factor f={f} (ch_mult={list(self.model.ch_mult)})")
+
+
+@dataclass(frozen=True)
+class ConditioningConfig:
+    """The frozen condition encoder τ_θ: `minilm` or `clip` text tokens, `class` labels, or `none`."""
+
+    encoder: Literal["minilm", "clip", "class", "none"] = "minilm"
+    max_length: int = 77
+    num_classes: int | None = None
+    path: str | None = None
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The forward process and the training objective."""
+
+    schedule: Literal["linear", "scaled_linear", "cosine"] = "scaled_linear"
+    num_timesteps: int = 1000
+    zero_terminal_snr: bool = False
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    min_snr_gamma: float | None = None
+    p_uncond: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.p_uncond <= 1.0, "diffusion.p_uncond", self.p_uncond, "a probability in [0, 1]")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How `ldm train` draws its sample grids, and the defaults of `ldm generate`."""
+
+    prompts: tuple[str, ...] = ()
+    sampler: str = "dpmpp_2m"
+    steps: int = 30
+    guidance_scale: float = 5.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class LDMRunConfig:
+    """Everything `ldm train` needs. `autoencoder` is a run folder of `ldm train-autoencoder`."""
+
+    autoencoder: str = ""
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainConfig = field(default_factory=TrainConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from latent_diffusion.autoencoder import AutoencoderKL
@@ -22,6 +19,7 @@ from latent_diffusion.images import make_grid, save_image
 from latent_diffusion.io.autoencoder import CONFIG_FILE, WEIGHTS_FILE
 from latent_diffusion.io.checkpoint import load_training_state, save_training_state, save_weights
 from latent_diffusion.runtime import autocast, check_precision, resolve_device
+from latent_diffusion.training.common import append_jsonl, infinite_batches, learning_rate, set_learning_rate
 
 log = logging.getLogger(__name__)
 
@@ -53,30 +51,6 @@ class RunPaths:
 
     def recon_grid(self, step: int) -> Path:
         return self.root / "samples" / f"recon_{step:07d}.png"
-
-
-def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up, then cosine decay from `learning_rate` to `learning_rate · lr_min_ratio`."""
-    if step < cfg.lr_warmup_steps:
-        return cfg.learning_rate * (step + 1) / cfg.lr_warmup_steps
-    span = max(1, cfg.max_steps - cfg.lr_warmup_steps)
-    progress = min(1.0, (step - cfg.lr_warmup_steps) / span)
-    low = cfg.learning_rate * cfg.lr_min_ratio
-    return low + 0.5 * (cfg.learning_rate - low) * (1 + math.cos(math.pi * progress))
-
-
-def infinite_batches(dataset: Dataset, cfg: TrainConfig, start_step: int):
-    """Shuffled batches forever; epoch e uses seed + e, so a resumed run sees the same order."""
-    batches_per_epoch = len(dataset) // cfg.batch_size
-    epoch, skip = divmod(start_step, batches_per_epoch)
-    while True:
-        generator = torch.Generator().manual_seed(cfg.seed + epoch)
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                            num_workers=cfg.num_workers, generator=generator, persistent_workers=False)
-        for i, batch in enumerate(loader):
-            if i >= skip:
-                yield batch
-        epoch, skip = epoch + 1, 0
 
 
 def check_resumable(stored: AutoencoderRunConfig, given: AutoencoderRunConfig, run_dir: Path) -> None:
@@ -130,9 +104,8 @@ def train_autoencoder(cfg: AutoencoderRunConfig, data: str | os.PathLike, out: s
         while step < tcfg.max_steps:
             x = next(batches)["image"].to(dev, non_blocking=True)
             lr = learning_rate(tcfg, step)
-            for opt in optimizers.values():
-                for group in opt.param_groups:
-                    group["lr"] = lr if opt is opt_ae else (cfg.loss.disc_lr or lr)
+            set_learning_rate(opt_ae, lr)
+            set_learning_rate(opt_d, cfg.loss.disc_lr or lr)
             terms, d_loss = _train_step(model, loss_fn, opt_ae, opt_d, scaler, x, step, dev, tcfg)
             step += 1
             seen += x.shape[0]
@@ -140,7 +113,7 @@ def train_autoencoder(cfg: AutoencoderRunConfig, data: str | os.PathLike, out: s
             if step % tcfg.log_every == 0 or step == tcfg.max_steps:
                 elapsed = time.perf_counter() - timer
                 last = _log_line(step, lr, terms, d_loss, seen / elapsed)
-                _append_jsonl(paths.log, last)
+                append_jsonl(paths.log, last)
                 bar.set_postfix(l1=f"{last['l1']:.4f}", kl=f"{last['kl']:.0f}")
                 timer, seen = time.perf_counter(), 0
             if step % tcfg.image_every == 0 or step == tcfg.max_steps:
@@ -201,11 +174,6 @@ def _log_line(step: int, lr: float, terms: LossTerms, d_loss, images_per_s: floa
     if d_loss is not None:
         line["d_loss"] = d_loss.item()
     return line
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def _save(paths: RunPaths, cfg: AutoencoderRunConfig, model: AutoencoderKL, modules, optimizers, step: int) -> None:

@@ -1,0 +1,186 @@
+"""Text to image: prompt → τ_θ(prompt) → sampler(CFG(denoiser)) in latent space → decoder → images.
+
+A model folder (what `ldm train` writes) holds `config.yaml`, `unet.safetensors` (EMA weights when trained with
+EMA), `autoencoder/` (the frozen first stage with its latent scale) and, for class-conditional models,
+`conditioner.safetensors`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from latent_diffusion.autoencoder import AutoencoderKL
+from latent_diffusion.conditioning.base import Conditioning
+from latent_diffusion.conditioning.registry import build_encoder
+from latent_diffusion.config import AutoencoderRunConfig, ConditioningConfig, DiffusionConfig, LDMRunConfig, load_config
+from latent_diffusion.diffusion.denoiser import Denoiser
+from latent_diffusion.diffusion.guidance import guided_model
+from latent_diffusion.diffusion.schedule import NoiseSchedule, make_schedule
+from latent_diffusion.images import make_grid, save_image, tensor_to_pil
+from latent_diffusion.io.autoencoder import load_autoencoder
+from latent_diffusion.io.checkpoint import CheckpointError, load_module_weights, load_weights
+from latent_diffusion.runtime import autocast, check_precision, resolve_device
+from latent_diffusion.samplers import SAMPLERS, get_sampler
+from latent_diffusion.unet import UNetModel
+
+CONFIG_FILE = "config.yaml"
+UNET_FILE = "unet.safetensors"
+CONDITIONER_FILE = "conditioner.safetensors"
+AUTOENCODER_DIR = "autoencoder"
+
+
+class Conditioner:
+    """The condition encoder of a model, with one interface for captions, class labels and prompts."""
+
+    def __init__(self, cfg: ConditioningConfig, encoder: torch.nn.Module):
+        self.cfg, self.encoder = cfg, encoder
+        self.dim: int = encoder.dim
+
+    @property
+    def trainable(self) -> torch.nn.Module | None:
+        """The module trained with the UNet (the class embedder), or None for frozen text encoders."""
+        return self.encoder if self.cfg.encoder == "class" else None
+
+    def encode_items(self, items: Sequence[dict]) -> Conditioning:
+        """Conditions of dataset items ({'caption': str, 'label': int})."""
+        if self.cfg.encoder == "class":
+            return self.encoder([item["label"] for item in items])
+        return self.encoder([item["caption"] for item in items])
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        """Conditions of user prompts; a class-conditional model takes the label number as its prompt."""
+        if self.cfg.encoder != "class":
+            return self.encoder(list(prompts))
+        try:
+            labels = [int(p) for p in prompts]
+        except ValueError as exc:
+            raise ValueError(f"this model is class-conditional: the prompt must be a label number 0 to "
+                             f"{self.cfg.num_classes - 1}, got {list(prompts)!r}") from exc
+        return self.encoder(labels)
+
+    def unconditional(self, batch_size: int) -> Conditioning:
+        return self.encoder.unconditional(batch_size)
+
+
+def build_conditioner(cfg: ConditioningConfig, device: torch.device, context_dim: int | None = None) -> Conditioner:
+    """The configured encoder on `device` (`context_dim` sizes a class embedder's tokens)."""
+    if cfg.encoder == "class":
+        if cfg.num_classes is None or context_dim is None:
+            raise ValueError("conditioning.encoder = 'class' needs conditioning.num_classes and unet.context_dim")
+        encoder = build_encoder("class", num_classes=cfg.num_classes, dim=context_dim)
+    elif cfg.encoder == "minilm":
+        encoder = build_encoder("minilm", max_length=cfg.max_length, model_path=cfg.path)
+    else:
+        raise ValueError(f"conditioning.encoder = {cfg.encoder!r} is not supported for training yet; "
+                         "use 'minilm' or 'class'")
+    return Conditioner(cfg, encoder.to(device))
+
+
+def build_schedule(cfg: DiffusionConfig) -> NoiseSchedule:
+    return make_schedule(cfg.schedule, cfg.num_timesteps, zero_terminal_snr=cfg.zero_terminal_snr)
+
+
+class Pipeline:
+    """A trained latent diffusion model, ready to sample: `Pipeline.from_pretrained(folder)(prompt)`."""
+
+    def __init__(self, config: LDMRunConfig, unet: UNetModel, autoencoder: AutoencoderKL,
+                 ae_config: AutoencoderRunConfig, conditioner: Conditioner, device: torch.device,
+                 precision: str = "fp32"):
+        self.config, self.unet, self.autoencoder, self.conditioner = config, unet, autoencoder, conditioner
+        self.ae_config, self.device, self.precision = ae_config, device, precision
+        self.schedule = build_schedule(config.diffusion)
+        self.latent_scale = ae_config.model.latent_scale
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device = "auto",
+                        precision: str = "fp32") -> Pipeline:
+        """Load a model folder written by `ldm train`."""
+        folder = Path(folder)
+        if not (folder / CONFIG_FILE).is_file() or not (folder / UNET_FILE).is_file():
+            raise CheckpointError(f"{folder} is not a model folder (expected {CONFIG_FILE} and {UNET_FILE}, "
+                                  "as written by `ldm train`)")
+        dev = device if isinstance(device, torch.device) else resolve_device(device)
+        check_precision(precision, dev)
+        cfg = load_config(folder / CONFIG_FILE, LDMRunConfig)
+        autoencoder, ae_cfg = load_autoencoder(folder / AUTOENCODER_DIR, dev)
+        unet = UNetModel(cfg.unet)
+        load_module_weights(unet, load_weights(folder / UNET_FILE), str(folder / UNET_FILE))
+        conditioner = build_conditioner(cfg.conditioning, dev, cfg.unet.context_dim)
+        if conditioner.trainable is not None:
+            load_module_weights(conditioner.trainable, load_weights(folder / CONDITIONER_FILE, dev),
+                                str(folder / CONDITIONER_FILE))
+        return cls(cfg, unet.to(dev).eval(), autoencoder, ae_cfg, conditioner, dev, precision)
+
+    def latent_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """(h, w) of the latents for an image size, checked against the total downsampling."""
+        f = self.ae_config.model.downsample_factor
+        multiple = f * self.config.unet.downsample_factor
+        height = height or self.config.data.resolution
+        width = width or self.config.data.resolution
+        for name, value in (("height", height), ("width", width)):
+            if value <= 0 or value % multiple:
+                raise ValueError(f"{name} = {value}: expected a positive multiple of {multiple} (autoencoder "
+                                 f"f={f} × UNet downsampling {self.config.unet.downsample_factor})")
+        return height // f, width // f
+
+    def _check(self, steps: int, guidance_scale: float, sampler: str, num_images: int) -> None:
+        if steps < 1:
+            raise ValueError(f"steps = {steps}: expected at least 1")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance scale = {guidance_scale}: expected >= 0")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; known samplers: {', '.join(sorted(SAMPLERS))}")
+        if num_images < 1:
+            raise ValueError(f"num_images = {num_images}: expected at least 1")
+
+    @torch.no_grad()
+    def generate_tensors(self, prompt: str, negative_prompt: str | None = None, steps: int | None = None,
+                         guidance_scale: float | None = None, sampler: str | None = None, seed: int = 0,
+                         num_images: int = 1, height: int | None = None, width: int | None = None,
+                         guidance_rescale: float = 0.0, progress: bool = True) -> torch.Tensor:
+        """Images (N, C, H, W) in [-1, 1]; the same arguments and seed always give the same images."""
+        s = self.config.sampling
+        steps = s.steps if steps is None else steps
+        guidance_scale = s.guidance_scale if guidance_scale is None else guidance_scale
+        sampler = sampler or s.sampler
+        self._check(steps, guidance_scale, sampler, num_images)
+        h, w = self.latent_size(height, width)
+        cond = self.conditioner.encode_prompts([prompt] * num_images)
+        uncond = (self.conditioner.encode_prompts([negative_prompt] * num_images) if negative_prompt is not None
+                  else self.conditioner.unconditional(num_images))
+
+        def network(x, t, **kwargs):
+            with autocast(self.device, self.precision):
+                return self.unet(x, t, **kwargs).float()
+
+        model = guided_model(network, cond, uncond, guidance_scale, guidance_rescale)
+        denoiser = Denoiser(model, self.schedule, self.config.diffusion.prediction_type)
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn((num_images, self.ae_config.model.embed_dim, h, w), generator=generator)
+        bar = tqdm(total=steps, desc="sampling", disable=not progress)
+        latents = get_sampler(sampler)(denoiser, noise.to(self.device), steps, generator=generator,
+                                       callback=lambda *_: bar.update(1))
+        bar.close()
+        with autocast(self.device, self.precision):
+            images = self.autoencoder.decode(latents / self.latent_scale)
+        return images.float().clamp(-1, 1).cpu()
+
+    def __call__(self, prompt: str, **kwargs) -> list[Image.Image]:
+        """PIL images for `prompt`; keyword arguments as in `generate_tensors`."""
+        return [tensor_to_pil(x) for x in self.generate_tensors(prompt, **kwargs)]
+
+    @staticmethod
+    def save(images: list[Image.Image], path: str | os.PathLike) -> None:
+        """One image as is, several as a grid, written atomically."""
+        if len(images) == 1:
+            save_image(images[0], path)
+            return
+        from latent_diffusion.images import pil_to_tensor
+
+        save_image(make_grid([torch.stack([pil_to_tensor(im) for im in images])]), path)

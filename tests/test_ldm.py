@@ -1,0 +1,100 @@
+"""A tiny latent diffusion model end to end: training on shapes, resume, generation, and input errors."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from latent_diffusion.cli import main
+from latent_diffusion.config import (ConditioningConfig, DataConfig, LDMRunConfig, SamplingConfig, TrainConfig,
+                                     UNetConfig)
+from latent_diffusion.evaluation.autoencoder import evaluate_autoencoder_run
+from latent_diffusion.io.checkpoint import CheckpointError
+from latent_diffusion.pipeline import Pipeline
+from latent_diffusion.training.autoencoder import train_autoencoder
+from latent_diffusion.training.ldm import train_ldm
+
+from conftest import tiny_run_config
+
+
+@pytest.fixture(scope="module")
+def autoencoder_run(tmp_path_factory, shapes_folder):
+    run = tmp_path_factory.mktemp("ae")
+    train_autoencoder(tiny_run_config(max_steps=2), shapes_folder, run, device="cpu", progress=False)
+    evaluate_autoencoder_run(run, shapes_folder, device="cpu", progress=False)
+    return run
+
+
+def tiny_ldm_config(autoencoder_run, max_steps=40, **training) -> LDMRunConfig:
+    train = dict(batch_size=8, learning_rate=2e-3, max_steps=max_steps, log_every=5, image_every=1000,
+                 checkpoint_every=20, ema_decay=0.9, lr_warmup_steps=0)
+    train.update(training)
+    return LDMRunConfig(
+        autoencoder=str(autoencoder_run),
+        unet=UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+                        num_heads=2, context_dim=384, norm_groups=8),
+        conditioning=ConditioningConfig(encoder="minilm", max_length=32),
+        data=DataConfig(resolution=32), training=TrainConfig(**train),
+        sampling=SamplingConfig(prompts=("a small red circle in the center",), steps=3, sampler="ddim"))
+
+
+@pytest.fixture(scope="module")
+def ldm_run(tmp_path_factory, shapes_folder, autoencoder_run):
+    run = tmp_path_factory.mktemp("ldm")
+    train_ldm(tiny_ldm_config(autoencoder_run), shapes_folder, run, device="cpu", progress=False)
+    return run
+
+
+def _losses(run):
+    return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_tiny_ldm_loss_falls_and_run_folder_is_a_model(ldm_run):
+    losses = _losses(ldm_run)
+    assert len(losses) == 8 and losses[-1] < 0.7 * losses[0]
+    for name in ("config.yaml", "unet.safetensors", "autoencoder/autoencoder.safetensors", "cache/latents.safetensors",
+                 "checkpoints/last.safetensors"):
+        assert (ldm_run / name).is_file(), name
+
+
+def test_resume_continues_the_step_count(tmp_path, shapes_folder, autoencoder_run):
+    cfg = tiny_ldm_config(autoencoder_run, max_steps=10, log_every=5, checkpoint_every=5)
+    train_ldm(cfg, shapes_folder, tmp_path, device="cpu", progress=False)
+    train_ldm(replace(cfg, training=replace(cfg.training, max_steps=15)), shapes_folder, tmp_path, device="cpu",
+              progress=False)
+    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [5, 10, 15]
+
+
+def test_generation_is_deterministic_for_a_seed(ldm_run):
+    pipe = Pipeline.from_pretrained(ldm_run, device="cpu")
+    kwargs = dict(steps=3, guidance_scale=3.0, sampler="dpmpp_2m", num_images=2, progress=False)
+    a = pipe.generate_tensors("a large blue square on the left", seed=1, **kwargs)
+    b = pipe.generate_tensors("a large blue square on the left", seed=1, **kwargs)
+    c = pipe.generate_tensors("a large blue square on the left", seed=2, **kwargs)
+    assert a.shape == (2, 3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
+    wide = pipe.generate_tensors("a small red circle", seed=1, steps=2, width=64, progress=False)
+    assert wide.shape == (1, 3, 32, 64)
+
+
+def test_bad_generation_requests_are_clear_errors(ldm_run, tmp_path):
+    pipe = Pipeline.from_pretrained(ldm_run, device="cpu")
+    with pytest.raises(ValueError, match="height = 30: expected a positive multiple of 4"):
+        pipe.generate_tensors("x", height=30)
+    with pytest.raises(ValueError, match="steps = 0"):
+        pipe.generate_tensors("x", steps=0)
+    with pytest.raises(ValueError, match="unknown sampler 'fast'; known samplers: ddim, ddpm, dpmpp_2m"):
+        pipe.generate_tensors("x", sampler="fast")
+    with pytest.raises(ValueError, match="guidance scale = -1"):
+        pipe.generate_tensors("x", guidance_scale=-1.0)
+    with pytest.raises(CheckpointError, match="is not a model folder"):
+        Pipeline.from_pretrained(tmp_path, device="cpu")
+
+
+def test_cli_generate_writes_an_image(ldm_run, tmp_path, capsys):
+    out = tmp_path / "img.png"
+    assert main(["generate", "a small red circle in the center", "-o", str(out), "--model", str(ldm_run),
+                 "--steps", "2", "--num-images", "2", "--device", "cpu"]) == 0
+    assert out.is_file()
+    assert main(["generate", "x", "--model", str(tmp_path), "--device", "cpu"]) == 2
+    assert "is not a model folder" in capsys.readouterr().err

@@ -1,0 +1,30 @@
+"""The caption-adherence evaluator reads rendered scenes back exactly and catches wrong attributes."""
+
+from PIL import ImageFilter
+
+from latent_diffusion.data.shapes import generate_scene, render_scene
+from latent_diffusion.evaluation.shapes import caption_adherence, score_image
+
+
+def test_ground_truth_scenes_score_perfectly_even_blurred():
+    scenes = [generate_scene(5, i) for i in range(150)]
+    images = [render_scene(s) for s in scenes]
+    captions = [s.caption for s in scenes]
+    assert caption_adherence(images, captions)["all"] == 1.0
+    blurred = [im.filter(ImageFilter.GaussianBlur(0.8)) for im in images]
+    assert caption_adherence(blurred, captions)["all"] >= 0.97
+
+
+def test_wrong_attributes_are_caught():
+    scene = generate_scene(0, 2)  # one large green square in the top right
+    image = render_scene(scene)
+    assert score_image(image, "a large green square in the top right") == [
+        {"colour": True, "shape": True, "size": True, "position": True}]
+    assert score_image(image, "a small green square in the top right")[0]["size"] is False
+    assert score_image(image, "a large green circle in the top right")[0]["shape"] is False
+    assert score_image(image, "a large green square in the bottom left")[0]["position"] is False
+    assert score_image(image, "a large red square in the top right")[0] == {
+        "colour": False, "shape": False, "size": False, "position": False}
+    figures = caption_adherence([image, image], ["a large green square in the top right",
+                                                 "a large green circle in the top right"])
+    assert figures["all"] == 0.5 and figures["shape"] == 0.5 and figures["colour"] == 1.0
