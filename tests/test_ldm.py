@@ -98,3 +98,14 @@ def test_cli_generate_writes_an_image(ldm_run, tmp_path, capsys):
     assert out.is_file()
     assert main(["generate", "x", "--model", str(tmp_path), "--device", "cpu"]) == 2
     assert "is not a model folder" in capsys.readouterr().err
+
+
+def test_cli_eval_adherence_writes_figures(ldm_run, shapes_folder, tmp_path, capsys):
+    out = tmp_path / "adh"
+    assert main(["eval-adherence", str(ldm_run), "--data", str(shapes_folder), "--num", "10", "--guidance", "1",
+                 "3", "--steps", "2", "--out", str(out), "--device", "cpu"]) == 0
+    figures = json.loads((out / "adherence.json").read_text())
+    assert set(figures["by_guidance"]) == {"1.0", "3.0"}
+    assert 0.0 <= figures["by_guidance"]["3.0"]["all"] <= 1.0 and figures["by_guidance"]["1.0"]["objects"] >= 10
+    assert (out / "samples_w3.0.png").is_file()
+    assert "w=3.0: all attributes" in capsys.readouterr().out

@@ -61,6 +61,40 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}")
 
 
+def cmd_eval_adherence(args: argparse.Namespace) -> None:
+    import torch
+
+    from latent_diffusion.data.imagefolder import ImageFolder
+    from latent_diffusion.evaluation.shapes import evaluate_model_adherence
+    from latent_diffusion.images import make_grid, pil_to_tensor, save_image
+    from latent_diffusion.io.atomic import atomic_write_bytes
+    from latent_diffusion.pipeline import Pipeline
+
+    held_out = ImageFolder(args.data, resolution=64)
+    captions = [held_out.caption(i) for i in range(min(args.num, len(held_out)))]
+    pipe = Pipeline.from_pretrained(args.model, device=args.device, precision=args.precision)
+    figures = evaluate_model_adherence(pipe, captions, args.guidance, args.steps, args.sampler, args.seed)
+    images = figures.pop("images")
+    out = args.out or f"{args.model}/adherence"
+    for scale, ims in images.items():
+        save_image(make_grid([torch.stack([pil_to_tensor(im) for im in ims[r * 10:(r + 1) * 10]])
+                              for r in range(min(4, len(ims) // 10))], scale=2), f"{out}/samples_w{scale}.png")
+    atomic_write_bytes(f"{out}/adherence.json", (json.dumps(figures, indent=2) + "\n").encode())
+    for scale, f in figures["by_guidance"].items():
+        print(f"w={scale}: all attributes {f['all']:.1%}   colour {f['colour']:.1%}  shape {f['shape']:.1%}  "
+              f"size {f['size']:.1%}  position {f['position']:.1%}   ({f['objects']} objects)")
+
+
+def _add_training_arguments(p: argparse.ArgumentParser, configs: str) -> None:
+    p.add_argument("--config", required=True, help=f"YAML config (see {configs})")
+    p.add_argument("--data", required=True, help="image folder (captions in .txt or metadata.jsonl), "
+                                                 "Fashion-MNIST IDX folder, or 'fashion-mnist'")
+    p.add_argument("--out", required=True, help="run folder; rerun on the same folder to resume")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set training.max_steps=200 (repeatable)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm", description="Latent diffusion: autoencoder, diffusion, generation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,12 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_make_shapes)
 
     p = sub.add_parser("train-autoencoder", help="train (or resume) the KL autoencoder")
-    p.add_argument("--config", required=True, help="YAML config (see configs/autoencoder/)")
-    p.add_argument("--data", required=True, help="image folder, Fashion-MNIST IDX folder, or 'fashion-mnist'")
-    p.add_argument("--out", required=True, help="run folder; rerun on the same folder to resume")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value, e.g. --set training.max_steps=200 (repeatable)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
+    _add_training_arguments(p, "configs/autoencoder/")
     p.set_defaults(func=cmd_train_autoencoder)
 
     p = sub.add_parser("eval-autoencoder", help="PSNR/SSIM and latent statistics; writes latent_scale")
@@ -91,12 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval_autoencoder)
 
     p = sub.add_parser("train", help="train (or resume) the latent diffusion UNet")
-    p.add_argument("--config", required=True, help="YAML config (see configs/ldm/)")
-    p.add_argument("--data", required=True, help="image folder with captions, Fashion-MNIST folder or 'fashion-mnist'")
-    p.add_argument("--out", required=True, help="run folder; rerun on the same folder to resume")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value (repeatable)")
-    p.add_argument("--device", default="auto")
+    _add_training_arguments(p, "configs/ldm/")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="text to image with a trained model")
@@ -115,6 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval-adherence", help="caption adherence of a shapes model on held-out captions")
+    p.add_argument("model", help="model folder")
+    p.add_argument("--data", required=True, help="held-out shapes folder (its captions are used)")
+    p.add_argument("--num", type=int, default=200, help="number of captions (default 200)")
+    p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 5.0], help="guidance scales to compare")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--sampler", default="dpmpp_2m")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="folder for adherence.json and sample grids (default MODEL/adherence)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.set_defaults(func=cmd_eval_adherence)
     return parser
 
 

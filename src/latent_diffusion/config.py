@@ -169,6 +169,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     weight_decay: float = 0.0
     ema_decay: float | None = None
+    max_minutes: float | None = None
 
 
 @dataclass(frozen=True)

@@ -140,18 +140,23 @@ class Pipeline:
             raise ValueError(f"num_images = {num_images}: expected at least 1")
 
     @torch.no_grad()
-    def generate_tensors(self, prompt: str, negative_prompt: str | None = None, steps: int | None = None,
+    def generate_tensors(self, prompt: str | Sequence[str], negative_prompt: str | None = None, steps: int | None = None,
                          guidance_scale: float | None = None, sampler: str | None = None, seed: int = 0,
                          num_images: int = 1, height: int | None = None, width: int | None = None,
                          guidance_rescale: float = 0.0, progress: bool = True) -> torch.Tensor:
-        """Images (N, C, H, W) in [-1, 1]; the same arguments and seed always give the same images."""
+        """Images (N, C, H, W) in [-1, 1]; the same arguments and seed always give the same images.
+
+        `prompt` is one prompt (drawn `num_images` times) or a list of prompts (one image each).
+        """
         s = self.config.sampling
         steps = s.steps if steps is None else steps
         guidance_scale = s.guidance_scale if guidance_scale is None else guidance_scale
         sampler = sampler or s.sampler
         self._check(steps, guidance_scale, sampler, num_images)
         h, w = self.latent_size(height, width)
-        cond = self.conditioner.encode_prompts([prompt] * num_images)
+        prompts = [prompt] * num_images if isinstance(prompt, str) else list(prompt)
+        num_images = len(prompts)
+        cond = self.conditioner.encode_prompts(prompts)
         uncond = (self.conditioner.encode_prompts([negative_prompt] * num_images) if negative_prompt is not None
                   else self.conditioner.unconditional(num_images))
 
@@ -171,7 +176,7 @@ class Pipeline:
             images = self.autoencoder.decode(latents / self.latent_scale)
         return images.float().clamp(-1, 1).cpu()
 
-    def __call__(self, prompt: str, **kwargs) -> list[Image.Image]:
+    def __call__(self, prompt: str | Sequence[str], **kwargs) -> list[Image.Image]:
         """PIL images for `prompt`; keyword arguments as in `generate_tensors`."""
         return [tensor_to_pil(x) for x in self.generate_tensors(prompt, **kwargs)]
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 
-PredictionType = Literal["epsilon", "v_prediction", "sample"]
+from latent_diffusion.diffusion.denoiser import PredictionType
 
 
 def _expand(values: torch.Tensor, ndim: int) -> torch.Tensor:

@@ -102,3 +102,22 @@ def caption_adherence(images: Iterable[Image.Image], captions: Iterable[str]) ->
     figures["all"] = float(np.mean([all(s.values()) for s in scores]))
     figures["objects"] = len(scores)
     return figures
+
+
+def evaluate_model_adherence(pipe, captions: list[str], guidance_scales: Iterable[float], steps: int = 25,
+                             sampler: str = "dpmpp_2m", seed: int = 0, batch_size: int = 50,
+                             progress: bool = True) -> dict:
+    """Generate one image per caption at each guidance scale and score it; returns figures and the images."""
+    from tqdm import tqdm
+
+    results, images_by_scale = {}, {}
+    for scale in guidance_scales:
+        images = []
+        for start in tqdm(range(0, len(captions), batch_size), desc=f"adherence w={scale}", disable=not progress):
+            batch = captions[start:start + batch_size]
+            images += pipe(batch, steps=steps, guidance_scale=scale, sampler=sampler, seed=seed + start,
+                           progress=False)
+        results[str(scale)] = caption_adherence(images, captions)
+        images_by_scale[scale] = images
+    return {"captions": len(captions), "steps": steps, "sampler": sampler, "by_guidance": results,
+            "images": images_by_scale}

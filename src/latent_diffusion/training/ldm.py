@@ -23,7 +23,7 @@ from latent_diffusion.pipeline import (AUTOENCODER_DIR, CONDITIONER_FILE, CONFIG
 from latent_diffusion.runtime import autocast, check_precision, resolve_device
 from latent_diffusion.training.common import append_jsonl, learning_rate, set_learning_rate
 from latent_diffusion.training.ema import EMA
-from latent_diffusion.training.latent_cache import LatentCache, encode_dataset
+from latent_diffusion.training.latent_cache import encode_dataset
 from latent_diffusion.unet import UNetModel
 
 log = logging.getLogger(__name__)
@@ -100,9 +100,16 @@ def train_ldm(cfg: LDMRunConfig, data: str | os.PathLike, out: str | os.PathLike
     last: dict = {}
     bar = tqdm(total=tcfg.max_steps, initial=step, desc="ldm", disable=not progress, dynamic_ncols=True)
     timer, seen, losses = time.perf_counter(), 0, []
+    deadline = time.perf_counter() + 60 * tcfg.max_minutes if tcfg.max_minutes else float("inf")
     try:
         for indices in cache.batches(tcfg.batch_size, tcfg.seed, step):
             if step >= tcfg.max_steps:
+                break
+            if time.perf_counter() > deadline:
+                log.info("training.max_minutes = %s reached at step %d", tcfg.max_minutes, step)
+                _save(out, unet, ema, conditioner, modules, optimizer, step)
+                if cfg.sampling.prompts:
+                    write_sample_grid(out, cfg, step, dev)
                 break
             lr = learning_rate(tcfg, step)
             set_learning_rate(optimizer, lr)

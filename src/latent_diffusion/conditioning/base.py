@@ -1,0 +1,92 @@
+"""What every condition encoder τ_θ returns (a `Conditioning`), and the base of the frozen pretrained ones."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True, eq=False)
+class Conditioning:
+    """τ_θ(y): context tokens for cross-attention and which of them are real.
+
+    :param tokens: (B, L, D) context vectors.
+    :param mask: (B, L) bool, True at real tokens, False at padding (whose tokens are zero).
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.tokens.ndim != 3 or self.mask.shape != self.tokens.shape[:2] or self.mask.dtype != torch.bool:
+            raise ValueError(f"expected tokens (B, L, D) and a bool mask (B, L), got tokens {tuple(self.tokens.shape)} "
+                             f"and mask {tuple(self.mask.shape)} {self.mask.dtype}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Conditioning:
+        """Move to `device`; `dtype` casts the tokens only (the mask stays bool)."""
+        return Conditioning(self.tokens.to(device=device, dtype=dtype), self.mask.to(device=device))
+
+    @staticmethod
+    def cat(items: Sequence[Conditioning]) -> Conditioning:
+        """Concatenate along the batch, padding shorter sequences with zero tokens and False mask entries."""
+        length = max(c.tokens.shape[1] for c in items)
+        tokens = [nn.functional.pad(c.tokens, (0, 0, 0, length - c.tokens.shape[1])) for c in items]
+        masks = [nn.functional.pad(c.mask, (0, length - c.mask.shape[1]), value=False) for c in items]
+        return Conditioning(torch.cat(tokens), torch.cat(masks))
+
+
+class FrozenEncoder(nn.Module):
+    """Base of pretrained text encoders: always in eval mode, no gradients; subclasses run under `torch.no_grad`.
+
+    Subclasses set `dim` and implement `forward(prompts) -> Conditioning` and `settings()`.
+    """
+
+    dim: int
+
+    def freeze(self) -> None:
+        """Eval mode (dropout off) and `requires_grad=False` on every parameter."""
+        self.eval()
+        self.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> FrozenEncoder:
+        """Stay in eval mode whatever a parent module asks (a frozen encoder never trains)."""
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def unconditional(self, batch_size: int) -> Conditioning:
+        """The null condition ∅ for classifier-free guidance: the empty prompt, `batch_size` times."""
+        empty = self([""])
+        return Conditioning(empty.tokens.repeat(batch_size, 1, 1), empty.mask.repeat(batch_size, 1))
+
+    def settings(self) -> dict[str, Any]:
+        """Everything besides the weights that changes the output (for `identity`)."""
+        raise NotImplementedError
+
+    def identity(self) -> str:
+        """A hash of class, settings and weights: two encoders with the same identity encode alike."""
+        digest = hashlib.sha256(type(self).__name__.encode())
+        digest.update(json.dumps(self.settings(), sort_keys=True, default=str).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+def check_prompts(prompts: Sequence[str]) -> list[str]:
+    """A list of prompt strings; a bare string is an error (it would be read as one prompt per character)."""
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"expected a list of prompt strings, got {type(prompts).__name__}"
+                        + (" (wrap a single prompt in a list)" if isinstance(prompts, str) else ""))
+    return list(prompts)

