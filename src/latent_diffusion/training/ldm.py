@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from latent_diffusion.conditioning.cache import CachedEncoder
 from latent_diffusion.config import ConfigError, LDMRunConfig, load_config, save_config
 from latent_diffusion.data import open_dataset
 from latent_diffusion.diffusion.guidance import drop_condition, network_kwargs
@@ -72,6 +73,8 @@ def train_ldm(cfg: LDMRunConfig, data: str | os.PathLike, out: str | os.PathLike
     cfg = prepare_run_folder(cfg, out)
     autoencoder, ae_cfg = load_autoencoder(out / AUTOENCODER_DIR, dev)
     conditioner = build_conditioner(cfg.conditioning, dev, cfg.unet.context_dim)
+    if cfg.conditioning.cache and conditioner.trainable is None:
+        conditioner.encoder = CachedEncoder(conditioner.encoder, out / "cache" / "text")
     if cfg.unet.context_dim is not None and conditioner.dim != cfg.unet.context_dim:
         raise ConfigError(f"unet.context_dim = {cfg.unet.context_dim}: the {cfg.conditioning.encoder} encoder "
                           f"gives {conditioner.dim}-wide tokens")
