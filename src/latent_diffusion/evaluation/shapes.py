@@ -50,13 +50,21 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
 
 
 def classify_blob(pixels: np.ndarray) -> tuple[str, str, int, int]:
-    """(shape, size, row, col) of a blob from its fill ratio, bounding box and centroid."""
-    ys, xs = pixels[:, 0], pixels[:, 1]
-    height, width = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    """(shape, size, row, col) of a blob from its outline, bounding box and centroid.
+
+    A triangle is much narrower a quarter from its top than a quarter from its bottom; of the symmetric shapes a
+    square fills its bounding box (> 0.88), a circle about π/4 of it. Robust to the soft edges of generated images.
+    """
+    ys, xs = pixels[:, 0] - pixels[:, 0].min(), pixels[:, 1] - pixels[:, 1].min()
+    height, width = ys.max() + 1, xs.max() + 1
+    mask = np.zeros((height, width), dtype=bool)
+    mask[ys, xs] = True
+    quarter = height // 4
+    taper = mask[quarter].sum() / max(1, mask[height - 1 - quarter].sum())
     fill = len(pixels) / (height * width)
-    shape = "square" if fill > 0.9 else "circle" if fill > 0.66 else "triangle"
+    shape = "triangle" if taper < 0.7 else "square" if fill > 0.88 else "circle"
     size = "small" if max(height, width) < (SIZES["small"] + SIZES["large"]) / 2 else "large"
-    cy, cx = ys.mean() + 0.5, xs.mean() + 0.5
+    cy, cx = pixels[:, 0].mean() + 0.5, pixels[:, 1].mean() + 0.5
     cell = IMAGE_SIZE / 3
     return shape, size, min(2, int(cy // cell)), min(2, int(cx // cell))
 
