@@ -78,8 +78,10 @@ def train_ldm(cfg: LDMRunConfig, data: str | os.PathLike, out: str | os.PathLike
     if cfg.unet.context_dim is not None and conditioner.dim != cfg.unet.context_dim:
         raise ConfigError(f"unet.context_dim = {cfg.unet.context_dim}: the {cfg.conditioning.encoder} encoder "
                           f"gives {conditioner.dim}-wide tokens")
-    dataset = open_dataset(data, cfg.data.resolution, ae_cfg.model.in_channels, "train", cfg.data.random_crop,
-                           cfg.data.flip, tcfg.seed)
+    if cfg.data.flip or cfg.data.random_crop:
+        log.warning("data.flip / data.random_crop are not applied: the latent cache holds each image once, "
+                    "centre-cropped and unflipped")
+    dataset = open_dataset(data, cfg.data.resolution, ae_cfg.model.in_channels, "train", seed=tcfg.seed)
     cache = encode_dataset(autoencoder, dataset, out / "cache", batch_size=64, progress=progress)
     if len(cache) < tcfg.batch_size:
         raise ValueError(f"training.batch_size = {tcfg.batch_size} but {data} holds only {len(cache)} images")
