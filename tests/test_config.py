@@ -4,17 +4,23 @@ from pathlib import Path
 
 import pytest
 
-from latent_diffusion.config import (AutoencoderConfig, AutoencoderRunConfig, ConfigError, from_dict, load_config,
-                                     save_config)
+from latent_diffusion.config import (AutoencoderConfig, AutoencoderRunConfig, ConfigError, LDMRunConfig, from_dict,
+                                     load_config, save_config)
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+ROOT = Path(__file__).parents[1]
 
 
 def test_shipped_configs_load():
-    assert CONFIGS, "no configs found"
-    for path in CONFIGS:
+    autoencoders = sorted((ROOT / "configs" / "autoencoder").glob("*.yaml"))
+    ldms = sorted((ROOT / "configs" / "ldm").glob("*.yaml"))
+    assert autoencoders and ldms, "no configs found"
+    for path in autoencoders:
         cfg = load_config(path, AutoencoderRunConfig)
         assert cfg.data.resolution % cfg.model.downsample_factor == 0
+    for path in ldms:
+        cfg = load_config(path, LDMRunConfig)
+        ae = load_config(ROOT / cfg.autoencoder / "config.yaml", AutoencoderRunConfig)
+        assert ae.model.latent_scale is not None and cfg.unet.in_channels == ae.model.embed_dim
 
 
 def test_unknown_key_is_named_with_a_suggestion():
