@@ -28,7 +28,8 @@ def test_rendered_scene_follows_spec(seed, index):
     assert 1 <= len(scene.objects) <= 2
     background = np.array(BACKGROUNDS[scene.background])
     colours = {tuple(c) for c in pixels.reshape(-1, 3)}
-    assert colours <= {tuple(background)} | {COLOURS[o.colour] for o in scene.objects}, "no anti-aliasing, no stray colours"
+    allowed = {tuple(background)} | {COLOURS[o.colour] for o in scene.objects}
+    assert colours <= allowed, "no anti-aliasing, no stray colours"
     assert len({(o.row, o.col) for o in scene.objects}) == len(scene.objects), "objects share a cell"
     union = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=int)
     for obj in scene.objects:

@@ -139,9 +139,9 @@ class Pipeline:
             raise ValueError(f"num_images = {num_images}: expected at least 1")
 
     @torch.no_grad()
-    def generate_tensors(self, prompt: str | Sequence[str], negative_prompt: str | None = None, steps: int | None = None,
-                         guidance_scale: float | None = None, sampler: str | None = None, seed: int = 0,
-                         num_images: int = 1, height: int | None = None, width: int | None = None,
+    def generate_tensors(self, prompt: str | Sequence[str], negative_prompt: str | None = None,
+                         steps: int | None = None, guidance_scale: float | None = None, sampler: str | None = None,
+                         seed: int = 0, num_images: int = 1, height: int | None = None, width: int | None = None,
                          guidance_rescale: float = 0.0, progress: bool = True) -> torch.Tensor:
         """Images (N, C, H, W) in [-1, 1]; the same arguments and seed always give the same images.
 

@@ -153,7 +153,7 @@ class UNetModel(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C_in, h, w), t (B,) (may be fractional), context (B, L, D), context_mask (B, L) bool → (B, C_out, h, w)."""
+        """x (B, C_in, h, w), t (B,) (may be fractional), context (B, L, D), mask (B, L) bool → (B, C_out, h, w)."""
         self.check_inputs(x, t, context, class_labels)
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))  # (B, 4·ch)
         if class_labels is not None:

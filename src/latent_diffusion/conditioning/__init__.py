@@ -15,4 +15,5 @@ from latent_diffusion.conditioning.registry import ENCODERS, build_encoder
 from latent_diffusion.conditioning.tokenizer import ClipTokenizer
 
 __all__ = ["ENCODERS", "CachedEncoder", "ClassEmbedder", "ClipTextConfig", "ClipTextEncoder", "ClipTextTransformer",
-           "ClipTokenizer", "Conditioning", "FrozenEncoder", "MiniLMEncoder", "build_encoder", "load_clip_text_state_dict"]
+           "ClipTokenizer", "Conditioning", "FrozenEncoder", "MiniLMEncoder", "build_encoder",
+           "load_clip_text_state_dict"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -123,9 +124,10 @@ def train_ldm(cfg: LDMRunConfig, data: str | os.PathLike, out: str | os.PathLike
                                      cfg.diffusion.p_uncond)
             t = torch.randint(0, alphas_cumprod.shape[0], (z0.shape[0],), device=dev)
             unet.train()
+            network = functools.partial(unet, **network_kwargs(cond))
             with autocast(dev, tcfg.precision):
-                loss = diffusion_loss(lambda x, tt: unet(x, tt, **network_kwargs(cond)), z0, t, torch.randn_like(z0),
-                                      alphas_cumprod, cfg.diffusion.prediction_type, cfg.diffusion.min_snr_gamma)
+                loss = diffusion_loss(network, z0, t, torch.randn_like(z0), alphas_cumprod,
+                                      cfg.diffusion.prediction_type, cfg.diffusion.min_snr_gamma)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite diffusion loss at step {step} (learning rate too high?)")
             optimizer.zero_grad(set_to_none=True)
