@@ -54,7 +54,7 @@ def test_tiny_ldm_loss_falls_and_run_folder_is_a_model(ldm_run):
     losses = _losses(ldm_run)
     assert len(losses) == 8 and losses[-1] < 0.7 * losses[0]
     for name in ("config.yaml", "unet.safetensors", "autoencoder/autoencoder.safetensors", "cache/latents.safetensors",
-                 "checkpoints/last.safetensors"):
+                 "checkpoints/last.safetensors", "samples/samples_0000040.png"):
         assert (ldm_run / name).is_file(), name
 
 

@@ -22,7 +22,7 @@ from latent_diffusion.config import AutoencoderRunConfig, ConditioningConfig, Di
 from latent_diffusion.diffusion.denoiser import Denoiser
 from latent_diffusion.diffusion.guidance import guided_model
 from latent_diffusion.diffusion.schedule import NoiseSchedule, make_schedule
-from latent_diffusion.images import make_grid, save_image, tensor_to_pil
+from latent_diffusion.images import make_grid, pil_to_tensor, save_image, tensor_to_pil
 from latent_diffusion.io.autoencoder import load_autoencoder
 from latent_diffusion.io.checkpoint import CheckpointError, load_module_weights, load_weights
 from latent_diffusion.runtime import autocast, check_precision, resolve_device
@@ -185,6 +185,4 @@ class Pipeline:
         if len(images) == 1:
             save_image(images[0], path)
             return
-        from latent_diffusion.images import pil_to_tensor
-
         save_image(make_grid([torch.stack([pil_to_tensor(im) for im in images])]), path)

@@ -102,6 +102,11 @@ def train_ldm(cfg: LDMRunConfig, data: str | os.PathLike, out: str | os.PathLike
         log.info("resuming %s from step %d", out, step)
 
     alphas_cumprod = build_schedule(cfg.diffusion).alphas_cumprod.to(dev)
+
+    def pipeline_now() -> Pipeline:
+        """The model as it stands, from the modules in memory (no reload from disk)."""
+        return Pipeline(cfg, sampling_unet(unet, ema).eval(), autoencoder, ae_cfg, conditioner, dev, tcfg.precision)
+
     latent_scale = ae_cfg.model.latent_scale
     last: dict = {}
     bar = tqdm(total=tcfg.max_steps, initial=step, desc="ldm", disable=not progress, dynamic_ncols=True)
@@ -115,7 +120,7 @@ def train_ldm(cfg: LDMRunConfig, data: str | os.PathLike, out: str | os.PathLike
                 log.info("training.max_minutes = %s reached at step %d", tcfg.max_minutes, step)
                 _save(out, unet, ema, conditioner, modules, optimizer, step)
                 if cfg.sampling.prompts:
-                    write_sample_grid(out, cfg, step, dev)
+                    write_sample_grid(out, step, pipeline_now())
                 break
             lr = learning_rate(tcfg, step)
             set_learning_rate(optimizer, lr)
@@ -150,7 +155,7 @@ def train_ldm(cfg: LDMRunConfig, data: str | os.PathLike, out: str | os.PathLike
             if step % tcfg.checkpoint_every == 0 or step == tcfg.max_steps:
                 _save(out, unet, ema, conditioner, modules, optimizer, step)
             if cfg.sampling.prompts and (step % tcfg.image_every == 0 or step == tcfg.max_steps):
-                write_sample_grid(out, cfg, step, dev)
+                write_sample_grid(out, step, pipeline_now())
     except KeyboardInterrupt:
         log.warning("interrupted at step %d: saving a checkpoint", step)
         _save(out, unet, ema, conditioner, modules, optimizer, step)
@@ -160,26 +165,29 @@ def train_ldm(cfg: LDMRunConfig, data: str | os.PathLike, out: str | os.PathLike
     return last
 
 
+def sampling_unet(unet: UNetModel, ema: EMA | None) -> UNetModel:
+    """The weights to sample from: an EMA-averaged copy when training keeps an EMA, else the UNet itself."""
+    if ema is None:
+        return unet
+    averaged = UNetModel(unet.config).to(next(unet.parameters()).device)
+    ema.copy_to(averaged)
+    return averaged
+
+
 def _save(out: Path, unet: UNetModel, ema: EMA | None, conditioner: Conditioner, modules, optimizer,
           step: int) -> None:
     save_training_state(out / STATE_FILE, modules, {"optimizer": optimizer}, step)
     if conditioner.trainable is not None:
         save_weights(conditioner.trainable.state_dict(), out / CONDITIONER_FILE)
-    weights = unet.state_dict()
-    if ema is not None:
-        averaged = UNetModel(unet.config)
-        ema.copy_to(averaged)
-        weights = averaged.state_dict()
-    save_weights(weights, out / UNET_FILE, metadata={"step": str(step), "ema": str(ema is not None)})
+    save_weights(sampling_unet(unet, ema).state_dict(), out / UNET_FILE,
+                 metadata={"step": str(step), "ema": str(ema is not None)})
 
 
 @torch.no_grad()
-def write_sample_grid(out: Path, cfg: LDMRunConfig, step: int, dev: torch.device) -> None:
-    """One row per sampling prompt, from the (EMA) weights just saved, at the configured sampler and guidance."""
-    pipe = Pipeline.from_pretrained(out, device=dev)
-    s = cfg.sampling
+def write_sample_grid(out: Path, step: int, pipe: Pipeline) -> None:
+    """One row per sampling prompt, at the configured sampler and guidance."""
+    s = pipe.config.sampling
     rows = [pipe.generate_tensors(prompt, num_images=4, steps=s.steps, guidance_scale=s.guidance_scale,
                                   sampler=s.sampler, seed=s.seed, progress=False) for prompt in s.prompts]
     scale = max(1, 128 // rows[0].shape[-1])
     save_image(make_grid(rows, scale=scale), out / "samples" / f"samples_{step:07d}.png")
-
