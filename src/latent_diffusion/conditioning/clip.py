@@ -8,8 +8,7 @@ so weights load with no renaming.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,39 +16,10 @@ from torch import nn
 
 from latent_diffusion.conditioning.base import Conditioning, FrozenEncoder, check_prompts
 from latent_diffusion.conditioning.tokenizer import ClipTokenizer
-from latent_diffusion.config import ConfigError, from_dict
+from latent_diffusion.config import ClipTextConfig, ConfigError, from_dict
 from latent_diffusion.io.checkpoint import CheckpointError, load_module_weights, load_weights
 
 SD1_TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
-
-
-@dataclass(frozen=True)
-class ClipTextConfig:
-    """Architecture of CLIP's text transformer; the defaults are CLIP ViT-L/14 as in Stable Diffusion 1.x.
-
-    :param layer: "last" returns the final layer's states; "penultimate" skips the last layer (SD 2.x style).
-        Either way the final LayerNorm is applied, as Stable Diffusion does.
-    :param eos_token_id: the end token; the pooled output is taken at its first position.
-    """
-
-    vocab_size: int = 49408
-    width: int = 768
-    layers: int = 12
-    heads: int = 12
-    mlp_width: int = 3072
-    max_positions: int = 77
-    hidden_act: Literal["quick_gelu", "gelu"] = "quick_gelu"
-    layer_norm_eps: float = 1e-5
-    layer: Literal["last", "penultimate"] = "last"
-    eos_token_id: int = 49407
-
-    def __post_init__(self) -> None:
-        if self.width % self.heads:
-            raise ConfigError(f"clip.width = {self.width}: expected a multiple of clip.heads = {self.heads}")
-        if self.layer == "penultimate" and self.layers < 2:
-            raise ConfigError(f"clip.layer = 'penultimate' needs clip.layers >= 2, got {self.layers}")
-        if not 0 <= self.eos_token_id < self.vocab_size:
-            raise ConfigError(f"clip.eos_token_id = {self.eos_token_id}: expected an id below vocab_size")
 
 
 class ClipAttention(nn.Module):
@@ -171,7 +141,8 @@ class ClipTextEncoder(FrozenEncoder):
         super().__init__()
         config = from_dict(ClipTextConfig, config, "clip") if isinstance(config, dict) else config
         self.config = config or ClipTextConfig()
-        self.tokenizer = tokenizer or ClipTokenizer.from_bpe_file(context_length=self.config.max_positions)
+        self.tokenizer = tokenizer or ClipTokenizer.from_bpe_file(context_length=self.config.max_positions,
+                                                                  pad_id=self.config.pad_token_id)
         if self.tokenizer.context_length > self.config.max_positions:
             raise ConfigError(f"tokenizer context_length {self.tokenizer.context_length} exceeds the text "
                               f"transformer's max_positions {self.config.max_positions}")

@@ -58,9 +58,11 @@ class ClipTokenizer:
     :param vocab: token string -> id (49408 entries for CLIP).
     :param merges: BPE merges in priority order (the first merges first).
     :param context_length: sequence length of the text encoder (77 for CLIP).
+    :param pad_id: the padding id; None pads with the end token (OpenAI CLIP, SD 1.x), OpenCLIP (SD 2.x) pads with 0.
     """
 
-    def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]], context_length: int = 77):
+    def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]], context_length: int = 77,
+                 pad_id: int | None = None):
         for special in (START_TOKEN, END_TOKEN):
             if special not in vocab:
                 raise ValueError(f"the vocabulary has no {special} token")
@@ -71,6 +73,7 @@ class ClipTokenizer:
         self.context_length = context_length
         self.start_id = self.vocab[START_TOKEN]
         self.end_id = self.vocab[END_TOKEN]
+        self.pad_id = self.end_id if pad_id is None else pad_id
         self._ranks = {pair: rank for rank, pair in enumerate(self.merges)}
         self._byte_encoder = bytes_to_unicode()
         self._byte_decoder = {c: b for b, c in self._byte_encoder.items()}
@@ -78,17 +81,19 @@ class ClipTokenizer:
         self._cache: dict[str, list[str]] = {START_TOKEN: [START_TOKEN], END_TOKEN: [END_TOKEN]}
 
     @classmethod
-    def from_bpe_file(cls, path: str | os.PathLike = DEFAULT_BPE_PATH, context_length: int = 77) -> ClipTokenizer:
+    def from_bpe_file(cls, path: str | os.PathLike = DEFAULT_BPE_PATH, context_length: int = 77,
+                      pad_id: int | None = None) -> ClipTokenizer:
         """Build CLIP's 49408-token vocabulary from OpenAI's gzipped merges file (`bpe_simple_vocab_16e6.txt.gz`)."""
         with gzip.open(path, "rt", encoding="utf-8") as f:
             lines = f.read().split("\n")
         merges = [tuple(line.split()) for line in lines[1:NUM_MERGES + 1]]
         symbols = list(bytes_to_unicode().values())
         tokens = symbols + [s + END_OF_WORD for s in symbols] + ["".join(m) for m in merges] + [START_TOKEN, END_TOKEN]
-        return cls({token: i for i, token in enumerate(tokens)}, merges, context_length)
+        return cls({token: i for i, token in enumerate(tokens)}, merges, context_length, pad_id)
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike, context_length: int = 77) -> ClipTokenizer:
+    def from_folder(cls, folder: str | os.PathLike, context_length: int = 77,
+                    pad_id: int | None = None) -> ClipTokenizer:
         """Load a Hugging Face / diffusers tokenizer folder holding `vocab.json` and `merges.txt`."""
         folder = Path(folder)
         for name in ("vocab.json", "merges.txt"):
@@ -97,7 +102,7 @@ class ClipTokenizer:
         vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
         lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
         merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
-        return cls(vocab, merges, context_length)
+        return cls(vocab, merges, context_length, pad_id)
 
     def save_folder(self, folder: str | os.PathLike) -> None:
         """Write `vocab.json` and `merges.txt` (the Hugging Face / diffusers layout)."""
@@ -128,7 +133,7 @@ class ClipTokenizer:
         return text.decode("utf-8", errors="replace").strip()
 
     def __call__(self, prompts: str | Sequence[str]) -> torch.Tensor:
-        """Token ids (B, context_length): start, BPE tokens, end, then end tokens as padding; over-long prompts cut."""
+        """Token ids (B, context_length): start, BPE tokens, end, then `pad_id` as padding; over-long prompts cut."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         room = self.context_length - 2
         rows = []
@@ -141,7 +146,7 @@ class ClipTokenizer:
                               stacklevel=2)
                 ids = ids[:room]
             row = [self.start_id] + ids + [self.end_id]
-            rows.append(row + [self.end_id] * (self.context_length - len(row)))
+            rows.append(row + [self.pad_id] * (self.context_length - len(row)))
         return torch.tensor(rows, dtype=torch.long).reshape(len(rows), self.context_length)
 
     def _bpe(self, word: str) -> list[str]:

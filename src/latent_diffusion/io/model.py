@@ -1,0 +1,172 @@
+"""A whole text-to-image model in memory (`ModelParts`), and the three on-disk formats it moves between.
+
+Every reader returns `ModelParts` with tensors in our (CompVis-layout) naming, every writer takes one:
+
+- **native**: a model folder as `ldm train` writes it (`config.yaml`, `unet.safetensors`, `autoencoder/`,
+  `text_encoder.safetensors` for CLIP models, `conditioner.safetensors` for class-conditional ones);
+- **original**: one Stable Diffusion checkpoint file (`.safetensors` or `.ckpt`; CompVis/Stability key layout);
+- **diffusers**: a diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`).
+
+`load_model(path)` tells the formats apart; `save_model(parts, path, fmt)` writes any of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from latent_diffusion.conditioning.tokenizer import ClipTokenizer
+from latent_diffusion.config import (AutoencoderConfig, AutoencoderRunConfig, ConditioningConfig, DataConfig,
+                                     DiffusionConfig, LDMRunConfig, SamplingConfig, UNetConfig, load_config,
+                                     save_config)
+from latent_diffusion.io.checkpoint import CheckpointError, load_weights, save_weights
+
+Format = Literal["native", "original", "diffusers"]
+FORMATS: tuple[str, ...] = ("native", "original", "diffusers")
+
+CONFIG_FILE = "config.yaml"
+UNET_FILE = "unet.safetensors"
+TEXT_ENCODER_FILE = "text_encoder.safetensors"
+CONDITIONER_FILE = "conditioner.safetensors"
+AUTOENCODER_DIR = "autoencoder"
+AE_CONFIG_FILE = "config.yaml"
+AE_WEIGHTS_FILE = "autoencoder.safetensors"
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclass
+class ModelParts:
+    """Configs and weights (our names) of UNet, autoencoder and condition encoder, plus the diffusion settings.
+
+    :param text_encoder: `ClipTextTransformer` weights for `conditioning.encoder == "clip"`, else None.
+    :param conditioner: `ClassEmbedder` weights for `conditioning.encoder == "class"`, else None.
+    :param tokenizer: a tokenizer read from the source (a diffusers `tokenizer/` folder); None: the bundled one.
+    :param resolution: the image size the model was trained at (SD 1.x: 512, SD 2.x v-prediction: 768).
+    """
+
+    unet_config: UNetConfig
+    unet: dict[str, torch.Tensor]
+    autoencoder_config: AutoencoderConfig
+    autoencoder: dict[str, torch.Tensor]
+    conditioning: ConditioningConfig
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    text_encoder: dict[str, torch.Tensor] | None = None
+    conditioner: dict[str, torch.Tensor] | None = None
+    tokenizer: ClipTokenizer | None = None
+    resolution: int = 512
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self) -> None:
+        if self.autoencoder_config.latent_scale is None:
+            raise CheckpointError("the autoencoder has no latent_scale: run `ldm eval-autoencoder` on it first")
+        if self.conditioning.encoder == "clip" and self.text_encoder is None and self.conditioning.path is None:
+            raise CheckpointError("a CLIP-conditioned model needs its text encoder weights")
+
+    def run_config(self) -> LDMRunConfig:
+        """The `LDMRunConfig` this model would have been trained with (what a native folder's config.yaml holds)."""
+        return LDMRunConfig(autoencoder=AUTOENCODER_DIR, unet=self.unet_config, conditioning=self.conditioning,
+                            diffusion=self.diffusion, data=DataConfig(resolution=self.resolution),
+                            sampling=self.sampling)
+
+    def to(self, dtype: torch.dtype) -> ModelParts:
+        """The same model with every floating-point tensor cast to `dtype` (e.g. fp16 for storage)."""
+        def cast(tensors):
+            return None if tensors is None else {k: v.to(dtype) if v.is_floating_point() else v
+                                                 for k, v in tensors.items()}
+        return dataclasses.replace(self, unet=cast(self.unet), autoencoder=cast(self.autoencoder),
+                                   text_encoder=cast(self.text_encoder), conditioner=cast(self.conditioner))
+
+
+def read_native(folder: str | os.PathLike) -> ModelParts:
+    """A model folder written by `ldm train` or `save_model(..., "native")`."""
+    folder = Path(folder)
+    for path in (folder / CONFIG_FILE, folder / UNET_FILE, folder / AUTOENCODER_DIR / AE_CONFIG_FILE):
+        if not path.is_file():
+            raise CheckpointError(f"{folder} is not a model folder: {path.relative_to(folder)} is missing "
+                                  f"(expected {CONFIG_FILE}, {UNET_FILE} and {AUTOENCODER_DIR}/, as `ldm train` "
+                                  "writes them)")
+    cfg = load_config(folder / CONFIG_FILE, LDMRunConfig)
+    ae_cfg = load_config(folder / AUTOENCODER_DIR / AE_CONFIG_FILE, AutoencoderRunConfig)
+    optional = {name: load_weights(folder / name) if (folder / name).is_file() else None
+                for name in (TEXT_ENCODER_FILE, CONDITIONER_FILE)}
+    tokenizer = None
+    if (folder / TOKENIZER_DIR).is_dir():
+        tokenizer = ClipTokenizer.from_folder(folder / TOKENIZER_DIR, cfg.conditioning.clip.max_positions,
+                                              cfg.conditioning.clip.pad_token_id)
+    return ModelParts(unet_config=cfg.unet, unet=load_weights(folder / UNET_FILE), autoencoder_config=ae_cfg.model,
+                      autoencoder=load_weights(folder / AUTOENCODER_DIR / AE_WEIGHTS_FILE),
+                      conditioning=cfg.conditioning, diffusion=cfg.diffusion,
+                      text_encoder=optional[TEXT_ENCODER_FILE], conditioner=optional[CONDITIONER_FILE],
+                      tokenizer=tokenizer, resolution=cfg.data.resolution, sampling=cfg.sampling)
+
+
+def write_native(parts: ModelParts, folder: str | os.PathLike) -> None:
+    """Write `parts` as a model folder (every file atomically)."""
+    folder = Path(folder)
+    (folder / AUTOENCODER_DIR).mkdir(parents=True, exist_ok=True)
+    save_weights(parts.unet, folder / UNET_FILE)
+    save_weights(parts.autoencoder, folder / AUTOENCODER_DIR / AE_WEIGHTS_FILE)
+    save_config(AutoencoderRunConfig(model=parts.autoencoder_config,
+                                     data=DataConfig(resolution=parts.resolution)),
+                folder / AUTOENCODER_DIR / AE_CONFIG_FILE)
+    for name, tensors in ((TEXT_ENCODER_FILE, parts.text_encoder), (CONDITIONER_FILE, parts.conditioner)):
+        if tensors is not None:
+            save_weights(tensors, folder / name)
+    if parts.tokenizer is not None:
+        parts.tokenizer.save_folder(folder / TOKENIZER_DIR)
+    save_config(parts.run_config(), folder / CONFIG_FILE)
+
+
+def detect_format(path: str | os.PathLike) -> Format:
+    """Which of the three formats `path` holds, from its files alone (nothing is loaded)."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+            return "original"
+        raise CheckpointError(f"{path}: unknown checkpoint file type {path.suffix!r}; expected a Stable Diffusion "
+                              "checkpoint (.safetensors or .ckpt), a model folder or a diffusers folder")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} does not exist")
+    if (path / CONFIG_FILE).is_file() and (path / UNET_FILE).is_file():
+        return "native"
+    if (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file():
+        return "diffusers"
+    raise CheckpointError(f"{path} is not a model folder ({CONFIG_FILE} + {UNET_FILE}, as `ldm train` writes) "
+                          "nor a diffusers folder (model_index.json, unet/, vae/ ...); it holds: "
+                          f"{', '.join(sorted(p.name for p in path.iterdir())[:10]) or 'nothing'}")
+
+
+def load_model(path: str | os.PathLike, fmt: Format | None = None, **options) -> ModelParts:
+    """Read a model in any format (detected when `fmt` is None); `options` go to the format's reader, e.g.
+    `prediction_type="v_prediction"` or `config="v2-inference-v.yaml"` for an original checkpoint."""
+    fmt = fmt or detect_format(path)
+    if fmt == "native":
+        if options:
+            raise TypeError(f"a native model folder takes no reader options, got {sorted(options)}")
+        return read_native(path)
+    if fmt == "original":
+        from latent_diffusion.io.original_format import read_original
+        return read_original(path, **options)
+    if fmt == "diffusers":
+        from latent_diffusion.io.diffusers_format import read_diffusers
+        return read_diffusers(path, **options)
+    raise ValueError(f"unknown model format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def save_model(parts: ModelParts, path: str | os.PathLike, fmt: Format) -> None:
+    """Write `parts` in format `fmt` (original: one file at `path`; native and diffusers: a folder)."""
+    if fmt == "native":
+        write_native(parts, path)
+    elif fmt == "original":
+        from latent_diffusion.io.original_format import write_original
+        write_original(parts, path)
+    elif fmt == "diffusers":
+        from latent_diffusion.io.diffusers_format import write_diffusers
+        write_diffusers(parts, path)
+    else:
+        raise ValueError(f"unknown model format {fmt!r}; expected one of {', '.join(FORMATS)}")
