@@ -53,12 +53,29 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from latent_diffusion.pipeline import Pipeline
 
-    pipe = Pipeline.from_pretrained(args.model, device=args.device, precision=args.precision)
+    from PIL import Image
+
+    options = {"prediction_type": args.prediction_type} if args.prediction_type else {}
+    pipe = Pipeline.from_pretrained(args.model, device=args.device, precision=args.precision, **options)
+    spatial = {name: Image.open(path) for name, path in (("image", args.image), ("mask", args.mask)) if path}
     images = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
                   sampler=args.sampler, seed=args.seed, num_images=args.num_images, height=args.height,
-                  width=args.width, guidance_rescale=args.guidance_rescale)
+                  width=args.width, guidance_rescale=args.guidance_rescale, **spatial)
     pipe.save(images, args.output)
     print(f"wrote {args.output}")
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    import torch
+
+    from latent_diffusion.io.model import load_model, save_model
+
+    options = {"prediction_type": args.prediction_type} if args.prediction_type else {}
+    parts = load_model(args.source, **options)
+    if args.dtype:
+        parts = parts.to({"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype])
+    save_model(parts, args.dest, args.to)
+    print(f"wrote {args.dest} ({args.to})")
 
 
 def cmd_eval_adherence(args: argparse.Namespace) -> None:
@@ -126,7 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="text to image with a trained model")
     p.add_argument("prompt", help="what to draw")
     p.add_argument("-o", "--output", default="out.png", help="PNG to write (a grid for several images)")
-    p.add_argument("--model", required=True, help="model folder (a run folder of `ldm train`)")
+    p.add_argument("--model", required=True, help="a model folder (`ldm train`), a Stable Diffusion checkpoint "
+                                                  "(.safetensors / .ckpt) or a diffusers folder")
+    p.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
+                   help="for a Stable Diffusion checkpoint without its YAML: what the UNet predicts")
     p.add_argument("--negative", default=None, help="negative prompt (replaces the empty prompt in guidance)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale w (default: the model's)")
@@ -138,7 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: training size)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--image", default=None, help="input image of a model with a spatial condition (the "
+                                                 "low-resolution image, or the image to inpaint)")
+    p.add_argument("--mask", default=None, help="inpainting mask image: white = region to generate")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("convert", help="convert a model between formats: native, original (a single "
+                                       "Stable Diffusion checkpoint file), diffusers (a folder)")
+    p.add_argument("source", help="model folder, .safetensors / .ckpt checkpoint, or diffusers folder")
+    p.add_argument("dest", help="where to write (a .safetensors file for --to original, else a folder)")
+    p.add_argument("--to", required=True, choices=["native", "original", "diffusers"], help="output format")
+    p.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
+                   help="for a checkpoint without its YAML: what the UNet predicts")
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="store weights as (default: "
+                                                                                  "as read)")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("eval-adherence", help="caption adherence of a shapes model on held-out captions")
     p.add_argument("model", help="model folder")

@@ -228,6 +228,9 @@ class ConditioningConfig:
         (a model folder's own `text_encoder.safetensors` is used when this is unset).
     :param cache: keep each caption's text tokens on disk during training (frozen encoders only).
     :param clip: the CLIP text transformer's architecture (encoder "clip" only).
+    :param spatial: a spatial condition concatenated to z_t: "low_res" (the image at the latent grid's size:
+        super-resolution) or "inpaint" (mask + masked-image latents, SD inpainting's layout); the UNet's
+        concat_channels must match (image channels, or 1 + latent channels).
     """
 
     encoder: Literal["minilm", "clip", "class"] = "minilm"
@@ -236,6 +239,7 @@ class ConditioningConfig:
     path: str | None = None
     cache: bool = False
     clip: ClipTextConfig = field(default_factory=ClipTextConfig)
+    spatial: Literal["none", "low_res", "inpaint"] = "none"
 
 
 @dataclass(frozen=True)

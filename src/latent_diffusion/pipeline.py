@@ -20,6 +20,7 @@ from latent_diffusion.autoencoder import AutoencoderKL
 from latent_diffusion.conditioning.base import Conditioning
 from latent_diffusion.conditioning.registry import build_encoder
 from latent_diffusion.conditioning.clip import load_clip_text_state_dict
+from latent_diffusion.conditioning.spatial import check_spatial, spatial_condition, with_spatial
 from latent_diffusion.config import AutoencoderRunConfig, ConditioningConfig, DataConfig, DiffusionConfig, LDMRunConfig
 from latent_diffusion.diffusion.denoiser import Denoiser
 from latent_diffusion.diffusion.guidance import guided_model
@@ -124,6 +125,8 @@ class Pipeline:
                 raise CheckpointError("a class-conditional model needs its class embedder weights "
                                       f"({CONDITIONER_FILE})")
             load_module_weights(conditioner.trainable, parts.conditioner, "class embedder weights")
+        check_spatial(cfg.conditioning.spatial, cfg.unet.concat_channels, parts.autoencoder_config.in_channels,
+                      parts.autoencoder_config.embed_dim)
         ae_cfg = AutoencoderRunConfig(model=parts.autoencoder_config, data=DataConfig(resolution=parts.resolution))
         return cls(cfg, unet.to(dev).eval(), autoencoder.to(dev).eval(), ae_cfg, conditioner, dev,
                    precision)
@@ -148,6 +151,28 @@ class Pipeline:
         accepted = inspect.signature(sample).parameters
         return {k: v for k, v in options.items() if v is not None and k in accepted}
 
+    def spatial_input(self, image, mask, num_images: int, latent_size: tuple[int, int]) -> torch.Tensor | None:
+        """The spatial condition of a generation request (None for plain text-to-image models)."""
+        kind = self.config.conditioning.spatial
+        if kind == "none":
+            if image is not None or mask is not None:
+                raise ValueError("this model has no spatial condition: it takes no image or mask")
+            return None
+        if image is None or (kind == "inpaint" and mask is None):
+            wanted = "an image and a mask (image=, mask=)" if kind == "inpaint" else "an image (image=)"
+            raise ValueError(f"this model is conditioned on {wanted}: conditioning.spatial = '{kind}'")
+        f, channels = self.ae_config.model.downsample_factor, self.ae_config.model.in_channels
+        size = (latent_size[0] * f, latent_size[1] * f)
+        if isinstance(image, Image.Image):
+            image = image.convert("L" if channels == 1 else "RGB")
+        if isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[1] != channels:
+            raise ValueError(f"image has {image.shape[1]} channels: this model's images have {channels}")
+        images = _batch(image, num_images, size if kind == "inpaint" else None, "image").to(self.device)
+        masks = _batch(mask, num_images, size, "mask", is_mask=True).to(self.device) if kind == "inpaint" else None
+        with autocast(self.device, self.precision):
+            spatial = spatial_condition(kind, images, latent_size, self.autoencoder, self.latent_scale, masks)
+        return spatial.float()
+
     def _check(self, steps: int, guidance_scale: float, sampler: str, num_images: int) -> None:
         if steps < 1:
             raise ValueError(f"steps = {steps}: expected at least 1")
@@ -162,10 +187,15 @@ class Pipeline:
     def generate_tensors(self, prompt: str | Sequence[str], negative_prompt: str | None = None,
                          steps: int | None = None, guidance_scale: float | None = None, sampler: str | None = None,
                          seed: int = 0, num_images: int = 1, height: int | None = None, width: int | None = None,
-                         guidance_rescale: float = 0.0, progress: bool = True) -> torch.Tensor:
+                         guidance_rescale: float = 0.0, progress: bool = True,
+                         image: torch.Tensor | Image.Image | None = None,
+                         mask: torch.Tensor | Image.Image | None = None) -> torch.Tensor:
         """Images (N, C, H, W) in [-1, 1]; the same arguments and seed always give the same images.
 
-        `prompt` is one prompt (drawn `num_images` times) or a list of prompts (one image each).
+        `prompt` is one prompt (drawn `num_images` times) or a list of prompts (one image each). A model with a
+        spatial condition takes `image` (low_res: the low-resolution image; inpaint: the image to fill in) and,
+        for inpainting, `mask` (white / 1 = region to generate): PIL images or tensors (1 or N, C, H, W) in [-1, 1]
+        (masks in [0, 1]).
         """
         s = self.config.sampling
         steps = s.steps if steps is None else steps
@@ -183,7 +213,8 @@ class Pipeline:
             with autocast(self.device, self.precision):
                 return self.unet(x, t, **kwargs).float()
 
-        model = guided_model(network, cond, uncond, guidance_scale, guidance_rescale)
+        spatial = self.spatial_input(image, mask, num_images, (h, w))
+        model = guided_model(with_spatial(network, spatial), cond, uncond, guidance_scale, guidance_rescale)
         denoiser = Denoiser(model, self.schedule, self.config.diffusion.prediction_type)
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn((num_images, self.ae_config.model.embed_dim, h, w), generator=generator)
@@ -207,3 +238,20 @@ class Pipeline:
             save_image(images[0], path)
             return
         save_image(make_grid([torch.stack([pil_to_tensor(im) for im in images])]), path)
+
+
+def _batch(value: torch.Tensor | Image.Image, count: int, size: tuple[int, int] | None, name: str,
+           is_mask: bool = False) -> torch.Tensor:
+    """A PIL image or a (1 or N, C, H, W) tensor as an (N, C, H, W) batch, resized to `size` when given."""
+    if isinstance(value, Image.Image):
+        value = value.convert("L") if is_mask else value
+        value = pil_to_tensor(value)[None]
+        value = (value + 1) / 2 if is_mask else value
+    if not isinstance(value, torch.Tensor) or value.ndim != 4 or value.shape[0] not in (1, count):
+        raise ValueError(f"{name}: expected a PIL image or a tensor of shape (1 or {count}, C, H, W), got "
+                         f"{type(value).__name__}{tuple(value.shape) if isinstance(value, torch.Tensor) else ''}")
+    value = value.float().expand(count, -1, -1, -1)
+    if size is not None and tuple(value.shape[-2:]) != size:
+        value = torch.nn.functional.interpolate(value, size=size, mode="nearest" if is_mask else "bilinear",
+                                                antialias=not is_mask)
+    return value

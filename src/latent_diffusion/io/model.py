@@ -147,7 +147,8 @@ def load_model(path: str | os.PathLike, fmt: Format | None = None, **options) ->
     fmt = fmt or detect_format(path)
     if fmt == "native":
         if options:
-            raise TypeError(f"a native model folder takes no reader options, got {sorted(options)}")
+            raise ValueError(f"a native model folder takes no reader options (got {sorted(options)}): its "
+                             "config.yaml says it all")
         return read_native(path)
     if fmt == "original":
         from latent_diffusion.io.original_format import read_original

@@ -21,10 +21,14 @@ CACHE_FILE = "latents.safetensors"
 
 
 class LatentCache:
-    """Posterior means/stds of every image, with its caption and label; fresh z ~ q(z|x) drawn per use."""
+    """Posterior means/stds of every image, with its caption and label; fresh z ~ q(z|x) drawn per use.
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, captions: list[str], labels: list[int]):
-        self.mean, self.std, self.captions, self.labels = mean, std, captions, labels
+    `images` (uint8, N×C×H×W) is kept too when training needs the pixels (spatial conditions).
+    """
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, captions: list[str], labels: list[int],
+                 images: torch.Tensor | None = None):
+        self.mean, self.std, self.captions, self.labels, self.images = mean, std, captions, labels, images
 
     def __len__(self) -> int:
         return self.mean.shape[0]
@@ -33,6 +37,12 @@ class LatentCache:
         """z = μ + σ·ε for the given images (unscaled latents)."""
         mean, std = self.mean[indices], self.std[indices]
         return mean + std * torch.randn(mean.shape, generator=generator)
+
+    def pixels(self, indices: torch.Tensor) -> torch.Tensor:
+        """The images in [-1, 1] (float); only for a cache encoded with `keep_images`."""
+        if self.images is None:
+            raise RuntimeError("this latent cache keeps no images (encode it with keep_images=True)")
+        return self.images[indices].float() / 127.5 - 1
 
     def items(self, indices: torch.Tensor) -> list[dict]:
         return [{"caption": self.captions[i], "label": self.labels[i]} for i in indices.tolist()]
@@ -48,9 +58,9 @@ class LatentCache:
             epoch, skip = epoch + 1, 0
 
 
-def fingerprint(autoencoder: AutoencoderKL, dataset: Dataset) -> str:
+def fingerprint(autoencoder: AutoencoderKL, dataset: Dataset, keep_images: bool = False) -> str:
     """Identity of (autoencoder weights, dataset contents): a changed input invalidates the cache."""
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(b"images" if keep_images else b"")
     for key, value in sorted(autoencoder.state_dict().items()):
         digest.update(key.encode())
         digest.update(value.detach().float().cpu().numpy().tobytes())
@@ -65,29 +75,33 @@ def fingerprint(autoencoder: AutoencoderKL, dataset: Dataset) -> str:
 
 @torch.no_grad()
 def encode_dataset(autoencoder: AutoencoderKL, dataset: Dataset, cache_dir: Path, batch_size: int = 64,
-                   progress: bool = True) -> LatentCache:
+                   progress: bool = True, keep_images: bool = False) -> LatentCache:
     """Load the cache in `cache_dir` if it matches, else encode `dataset` and write it (atomically)."""
     path = Path(cache_dir) / CACHE_FILE
-    key = fingerprint(autoencoder, dataset)
+    key = fingerprint(autoencoder, dataset, keep_images)
     if path.is_file():
         try:
             meta = read_metadata(path)
             if meta.get("fingerprint") == key:
                 tensors = load_weights(path)
                 return LatentCache(tensors["mean"], tensors["std"], json.loads(meta["captions"]),
-                                   json.loads(meta["labels"]))
+                                   json.loads(meta["labels"]), tensors.get("images"))
             log.info("latent cache %s is stale (autoencoder or data changed): re-encoding", path)
         except CheckpointError as exc:
             log.warning("latent cache unreadable, re-encoding: %s", exc)
     device = next(autoencoder.parameters()).device
-    means, stds, captions, labels = [], [], [], []
+    means, stds, captions, labels, images = [], [], [], [], []
     for batch in tqdm(DataLoader(dataset, batch_size=batch_size), desc="encode latents", disable=not progress):
         posterior = autoencoder.encode(batch["image"].to(device))
         means.append(posterior.mean.float().cpu())
         stds.append(posterior.std.float().cpu())
+        if keep_images:
+            images.append(((batch["image"] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
         captions += list(batch["caption"])
         labels += batch["label"].tolist() if "label" in batch else [-1] * len(batch["image"])
-    cache = LatentCache(torch.cat(means), torch.cat(stds), captions, labels)
-    save_weights({"mean": cache.mean, "std": cache.std}, path,
+    cache = LatentCache(torch.cat(means), torch.cat(stds), captions, labels,
+                        torch.cat(images) if keep_images else None)
+    tensors = {"mean": cache.mean, "std": cache.std, **({"images": cache.images} if keep_images else {})}
+    save_weights(tensors, path,
                  metadata={"fingerprint": key, "captions": json.dumps(captions), "labels": json.dumps(labels)})
     return cache

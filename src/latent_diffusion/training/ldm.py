@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from latent_diffusion.autoencoder import AutoencoderKL
 from latent_diffusion.conditioning.cache import CachedEncoder
+from latent_diffusion.conditioning.spatial import check_spatial, low_res_condition, random_masks, spatial_condition, with_spatial
 from latent_diffusion.config import ConfigError, LDMRunConfig, load_config, save_config
 from latent_diffusion.data import open_dataset
 from latent_diffusion.diffusion.guidance import drop_condition, network_kwargs
@@ -25,7 +27,7 @@ from latent_diffusion.pipeline import (AUTOENCODER_DIR, CONDITIONER_FILE, CONFIG
 from latent_diffusion.runtime import autocast, check_precision, resolve_device
 from latent_diffusion.training.common import append_jsonl, learning_rate, set_learning_rate
 from latent_diffusion.training.ema import EMA
-from latent_diffusion.training.latent_cache import encode_dataset
+from latent_diffusion.training.latent_cache import LatentCache, encode_dataset
 from latent_diffusion.unet import UNetModel
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,8 @@ def prepare_run_folder(cfg: LDMRunConfig, out: Path) -> LDMRunConfig:
     if cfg.unet.in_channels != latent_channels:
         raise ConfigError(f"unet.in_channels = {cfg.unet.in_channels}: expected {latent_channels} "
                           f"(autoencoder embed_dim {ae_cfg.model.embed_dim} + concat_channels)")
+    check_spatial(cfg.conditioning.spatial, cfg.unet.concat_channels, ae_cfg.model.in_channels,
+                  ae_cfg.model.embed_dim)
     if cfg.data.resolution % (ae_cfg.model.downsample_factor * cfg.unet.downsample_factor):
         raise ConfigError(f"data.resolution = {cfg.data.resolution}: expected a multiple of "
                           f"{ae_cfg.model.downsample_factor * cfg.unet.downsample_factor} (autoencoder f × UNet "
@@ -83,7 +87,9 @@ def train_ldm(cfg: LDMRunConfig, data: str | os.PathLike, out: str | os.PathLike
         log.warning("data.flip / data.random_crop are not applied: the latent cache holds each image once, "
                     "centre-cropped and unflipped")
     dataset = open_dataset(data, cfg.data.resolution, ae_cfg.model.in_channels, "train", seed=tcfg.seed)
-    cache = encode_dataset(autoencoder, dataset, out / "cache", batch_size=64, progress=progress)
+    spatial_kind = cfg.conditioning.spatial
+    cache = encode_dataset(autoencoder, dataset, out / "cache", batch_size=64, progress=progress,
+                           keep_images=spatial_kind != "none")
     if len(cache) < tcfg.batch_size:
         raise ValueError(f"training.batch_size = {tcfg.batch_size} but {data} holds only {len(cache)} images")
     save_config(cfg, out / CONFIG_FILE)
@@ -120,16 +126,17 @@ def train_ldm(cfg: LDMRunConfig, data: str | os.PathLike, out: str | os.PathLike
                 log.info("training.max_minutes = %s reached at step %d", tcfg.max_minutes, step)
                 _save(out, unet, ema, conditioner, modules, optimizer, step)
                 if cfg.sampling.prompts:
-                    write_sample_grid(out, step, pipeline_now())
+                    write_sample_grid(out, step, pipeline_now(), sample_inputs(spatial_kind, cache))
                 break
             lr = learning_rate(tcfg, step)
             set_learning_rate(optimizer, lr)
             z0 = cache.sample(indices).to(dev) * latent_scale
             cond, _ = drop_condition(conditioner.encode_items(cache.items(indices)), conditioner.unconditional(1),
                                      cfg.diffusion.p_uncond)
+            spatial = spatial_batch(spatial_kind, cache, indices, z0.shape[-2:], autoencoder, latent_scale, dev)
             t = torch.randint(0, alphas_cumprod.shape[0], (z0.shape[0],), device=dev)
             unet.train()
-            network = functools.partial(unet, **network_kwargs(cond))
+            network = with_spatial(functools.partial(unet, **network_kwargs(cond)), spatial)
             with autocast(dev, tcfg.precision):
                 loss = diffusion_loss(network, z0, t, torch.randn_like(z0), alphas_cumprod,
                                       cfg.diffusion.prediction_type, cfg.diffusion.min_snr_gamma)
@@ -155,7 +162,7 @@ def train_ldm(cfg: LDMRunConfig, data: str | os.PathLike, out: str | os.PathLike
             if step % tcfg.checkpoint_every == 0 or step == tcfg.max_steps:
                 _save(out, unet, ema, conditioner, modules, optimizer, step)
             if cfg.sampling.prompts and (step % tcfg.image_every == 0 or step == tcfg.max_steps):
-                write_sample_grid(out, step, pipeline_now())
+                write_sample_grid(out, step, pipeline_now(), sample_inputs(spatial_kind, cache))
     except KeyboardInterrupt:
         log.warning("interrupted at step %d: saving a checkpoint", step)
         _save(out, unet, ema, conditioner, modules, optimizer, step)
@@ -163,6 +170,29 @@ def train_ldm(cfg: LDMRunConfig, data: str | os.PathLike, out: str | os.PathLike
     finally:
         bar.close()
     return last
+
+
+def spatial_batch(kind: str, cache: LatentCache, indices: torch.Tensor, latent_size: tuple[int, int],
+                  autoencoder: AutoencoderKL, latent_scale: float, device: torch.device) -> torch.Tensor | None:
+    """The spatial condition of a training batch (random masks for inpainting), or None."""
+    if kind == "none":
+        return None
+    images = cache.pixels(indices).to(device)
+    masks = random_masks(len(indices), *images.shape[-2:]).to(device) if kind == "inpaint" else None
+    return spatial_condition(kind, images, latent_size, autoencoder, latent_scale, masks)
+
+
+def sample_inputs(kind: str, cache: LatentCache, count: int = 4) -> dict[str, torch.Tensor]:
+    """Fixed inputs for a spatial model's sample grids: the first training images (and a centre mask)."""
+    if kind == "none":
+        return {}
+    images = cache.pixels(torch.arange(min(count, len(cache))))
+    if kind == "low_res":
+        return {"image": images}
+    h, w = images.shape[-2:]
+    mask = torch.zeros(images.shape[0], 1, h, w)
+    mask[:, :, h // 4:h - h // 4, w // 4:w - w // 4] = 1.0
+    return {"image": images, "mask": mask}
 
 
 def sampling_unet(unet: UNetModel, ema: EMA | None) -> UNetModel:
@@ -184,10 +214,16 @@ def _save(out: Path, unet: UNetModel, ema: EMA | None, conditioner: Conditioner,
 
 
 @torch.no_grad()
-def write_sample_grid(out: Path, step: int, pipe: Pipeline) -> None:
-    """One row per sampling prompt, at the configured sampler and guidance."""
-    s = pipe.config.sampling
-    rows = [pipe.generate_tensors(prompt, num_images=4, steps=s.steps, guidance_scale=s.guidance_scale,
-                                  sampler=s.sampler, seed=s.seed, progress=False) for prompt in s.prompts]
+def write_sample_grid(out: Path, step: int, pipe: Pipeline, inputs: dict[str, torch.Tensor] | None = None) -> None:
+    """One row per sampling prompt, at the configured sampler and guidance; a spatial model's `inputs`
+    (images, masks) condition every row and are shown as the first row."""
+    s, inputs = pipe.config.sampling, inputs or {}
+    count = inputs["image"].shape[0] if inputs else 4
+    rows = [pipe.generate_tensors(prompt, num_images=count, steps=s.steps, guidance_scale=s.guidance_scale,
+                                  sampler=s.sampler, seed=s.seed, progress=False, **inputs) for prompt in s.prompts]
+    if inputs:
+        shown = inputs["image"] * (1 - inputs["mask"]) if "mask" in inputs else \
+            low_res_condition(inputs["image"], pipe.latent_size(None, None))
+        rows.insert(0, torch.nn.functional.interpolate(shown, size=rows[0].shape[-2:], mode="nearest"))
     scale = max(1, 128 // rows[0].shape[-1])
     save_image(make_grid(rows, scale=scale), out / "samples" / f"samples_{step:07d}.png")
