@@ -152,7 +152,15 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation and bookkeeping of a training run."""
+    """Optimisation and bookkeeping of a training run.
+
+    :param batch_size: the global batch, the same at every world size (see `micro_batch_size`).
+    :param micro_batch_size: images per forward pass on one process; the rest of the per-process batch
+        (batch_size / world size) is gradient accumulation. None: no accumulation.
+    :param strategy: "ddp" replicates the model on every process; "fsdp" shards it (for UNets too large to
+        replicate).
+    :param max_bad_steps: a non-finite loss skips its step; this many in a row stop the run.
+    """
 
     batch_size: int = 16
     learning_rate: float = 4.5e-6
@@ -170,6 +178,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     ema_decay: float | None = None
     max_minutes: float | None = None
+    micro_batch_size: int | None = None
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    max_bad_steps: int = 5
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from torch.utils.data import Dataset
 
 from latent_diffusion.data.fashion_mnist import FashionMNIST, is_fashion_mnist_dir
 from latent_diffusion.data.imagefolder import ImageFolder
+from latent_diffusion.data.webdataset import TarShards, is_shard_folder
 
 FASHION_MNIST = "fashion-mnist"
 
@@ -17,7 +18,8 @@ def open_dataset(spec: str | os.PathLike, resolution: int, channels: int, split:
                  random_crop: bool = False, flip: bool = False, seed: int = 0) -> Dataset:
     """A dataset from a command-line spec.
 
-    `spec` is an image folder, a folder holding Fashion-MNIST's IDX files, or `fashion-mnist`
+    `spec` is an image folder, a folder of WebDataset tar shards, a folder holding Fashion-MNIST's IDX files, or
+    `fashion-mnist`
     (the Debian package's copy). `split` picks Fashion-MNIST's train/test split.
     """
     if channels not in (1, 3):
@@ -31,7 +33,9 @@ def open_dataset(spec: str | os.PathLike, resolution: int, channels: int, split:
                                 f"IDX folder, or '{FASHION_MNIST}')")
     if is_fashion_mnist_dir(path):
         return FashionMNIST(path, split, resolution, channels, flip, seed)
+    if is_shard_folder(path):
+        return TarShards(path, resolution, channels, random_crop, flip, seed)
     return ImageFolder(path, resolution, channels, random_crop, flip, seed)
 
 
-__all__ = ["FashionMNIST", "ImageFolder", "open_dataset"]
+__all__ = ["FashionMNIST", "ImageFolder", "TarShards", "open_dataset"]

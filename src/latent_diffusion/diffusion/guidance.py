@@ -55,10 +55,16 @@ def drop_condition(cond: Conditioning, null: Conditioning, p_uncond: float,
     """
     if not 0.0 <= p_uncond <= 1.0:
         raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
+    drop = torch.rand(cond.batch_size, generator=generator).lt(p_uncond)
+    return apply_drop(cond, null, drop), drop.to(cond.tokens.device)
+
+
+def apply_drop(cond: Conditioning, null: Conditioning, drop: torch.Tensor) -> Conditioning:
+    """Each sample's condition, or ∅ where `drop` (B,) is True; `null` holds one entry (batch 1)."""
     n = cond.batch_size
-    drop = torch.rand(n, generator=generator).lt(p_uncond).to(cond.tokens.device)
+    drop = drop.to(cond.tokens.device)
     null = Conditioning(null.tokens.expand(n, -1, -1).to(cond.tokens.dtype), null.mask.expand(n, -1))
     both = Conditioning.cat([cond, null])
     tokens = torch.where(drop[:, None, None], both.tokens[n:], both.tokens[:n])
     mask = torch.where(drop[:, None], both.mask[n:], both.mask[:n])
-    return Conditioning(tokens, mask), drop
+    return Conditioning(tokens, mask)

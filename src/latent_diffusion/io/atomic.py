@@ -10,8 +10,12 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`."""
+def atomic_path(path: str | os.PathLike, keep_previous: str | os.PathLike | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`.
+
+    With `keep_previous`, the file being replaced is first hard-linked there (atomically), so the last good
+    version survives until the new one is complete, and `path` itself never goes missing.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -22,6 +26,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+        if keep_previous is not None and path.is_file():
+            _link_over(path, Path(keep_previous))
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
@@ -37,6 +43,18 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[Path], object])
     """Call `writer(tmp_path)` and move the result onto `path` atomically."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+def _link_over(source: Path, target: Path) -> None:
+    """Make `target` a hard link to `source`, replacing `target` atomically."""
+    link = target.with_name(f".{target.name}.link.tmp")
+    link.unlink(missing_ok=True)
+    try:
+        os.link(source, link)
+    except OSError:  # a file system without hard links: copy instead
+        import shutil
+        shutil.copyfile(source, link)
+    os.replace(link, target)
 
 
 def _umask() -> int:

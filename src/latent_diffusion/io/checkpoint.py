@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from latent_diffusion.io.atomic import atomic_path
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -67,28 +70,43 @@ def load_module_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor
     module.load_state_dict(tensors)
 
 
+def previous_path(path: str | os.PathLike) -> Path:
+    """Where the checkpoint before `path` is kept (`last.safetensors` → `previous.safetensors`)."""
+    path = Path(path)
+    return path.with_name("previous" + "".join(path.suffixes))
+
+
 def save_training_state(path: str | os.PathLike, modules: dict[str, torch.nn.Module],
                         optimizers: dict[str, torch.optim.Optimizer], step: int,
-                        extra: dict[str, Any] | None = None) -> None:
-    """Save modules, optimizers, step and RNG states in one safetensors file (atomic)."""
+                        extra: dict[str, Any] | None = None,
+                        state_dicts: dict[str, dict[str, torch.Tensor]] | None = None,
+                        generators: dict[str, torch.Generator] | None = None) -> None:
+    """Save modules, optimizers, step and RNG states in one safetensors file, atomically; the file it replaces
+    is kept as `previous_path(path)` until the new one is complete. `state_dicts` overrides a module's
+    `state_dict()` (e.g. gathered from FSDP shards)."""
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {"step": step, "extra": extra or {}, "optimizers": {}}
     for name, module in modules.items():
-        for key, value in module.state_dict().items():
+        for key, value in (state_dicts or {}).get(name, module.state_dict()).items():
             tensors[f"{name}.{key}"] = value
     for name, optimizer in optimizers.items():
         opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
         tensors.update({f"optim.{name}.{k}": v for k, v in opt_tensors.items()})
         meta["optimizers"][name] = opt_meta
     tensors["rng.torch"] = torch.get_rng_state()
+    for name, generator in (generators or {}).items():
+        tensors[f"rng.generator.{name}"] = generator.get_state()
     if torch.cuda.is_available():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = state
-    save_weights(tensors, path, metadata={"training_state": json.dumps(meta)})
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    with atomic_path(path, keep_previous=previous_path(path)) as tmp:
+        save_file(tensors, str(tmp), metadata={"training_state": json.dumps(meta)})
 
 
 def load_training_state(path: str | os.PathLike, modules: dict[str, torch.nn.Module],
-                        optimizers: dict[str, torch.optim.Optimizer], restore_rng: bool = True) -> dict[str, Any]:
+                        optimizers: dict[str, torch.optim.Optimizer], restore_rng: bool = True,
+                        generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
     """Restore what `save_training_state` wrote; returns {'step': int, 'extra': dict}."""
     metadata = read_metadata(path)
     if "training_state" not in metadata:
@@ -103,6 +121,9 @@ def load_training_state(path: str | os.PathLike, modules: dict[str, torch.nn.Mod
         prefix = f"optim.{name}."
         opt_tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, meta["optimizers"][name]))
+    for name, generator in (generators or {}).items():
+        if f"rng.generator.{name}" in tensors:
+            generator.set_state(tensors[f"rng.generator.{name}"])
     if restore_rng:
         torch.set_rng_state(tensors["rng.torch"])
         if torch.cuda.is_available():
@@ -110,6 +131,34 @@ def load_training_state(path: str | os.PathLike, modules: dict[str, torch.nn.Mod
             if len(states) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(states)
     return {"step": int(meta["step"]), "extra": meta["extra"]}
+
+
+def resume_training_state(path: str | os.PathLike, modules: dict[str, torch.nn.Module],
+                          optimizers: dict[str, torch.optim.Optimizer],
+                          generators: dict[str, torch.Generator] | None = None) -> dict[str, Any] | None:
+    """Restore the newest readable checkpoint: `path`, or, when it is corrupt or partial, the previous one (a
+    warning names the bad file); None when there is none. A checkpoint that doesn't fit the model is an error."""
+    candidates = [Path(path), previous_path(path)]
+    for candidate in candidates:  # temporary files of saves that a crash interrupted
+        for torn in candidate.parent.glob(f".{candidate.name}.*.tmp"):
+            torn.unlink(missing_ok=True)
+    errors = []
+    for candidate in candidates:
+        if not candidate.is_file():
+            continue
+        try:
+            metadata = read_metadata(candidate)
+            if "training_state" not in metadata:
+                raise CheckpointError(f"{candidate} holds no training state")
+            load_weights(candidate)  # reads every tensor: a torn file fails here, before any module is touched
+        except CheckpointError as exc:
+            log.warning("checkpoint %s is unreadable (%s): trying the previous one", candidate, exc)
+            errors.append(str(exc))
+            continue
+        return load_training_state(candidate, modules, optimizers, generators=generators)
+    if errors:
+        raise CheckpointError("no readable checkpoint: " + "; ".join(errors))
+    return None
 
 
 def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -9,6 +9,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from latent_diffusion.autoencoder import AutoencoderKL
@@ -17,9 +19,11 @@ from latent_diffusion.config import AutoencoderRunConfig, ConfigError, TrainConf
 from latent_diffusion.data import open_dataset
 from latent_diffusion.images import make_grid, save_image
 from latent_diffusion.io.autoencoder import CONFIG_FILE, WEIGHTS_FILE
-from latent_diffusion.io.checkpoint import load_training_state, save_training_state, save_weights
+from latent_diffusion.io.checkpoint import resume_training_state, save_training_state, save_weights
 from latent_diffusion.runtime import autocast, check_precision, resolve_device
-from latent_diffusion.training.common import append_jsonl, infinite_batches, learning_rate, set_learning_rate
+from latent_diffusion.training.common import append_jsonl, learning_rate, set_learning_rate
+from latent_diffusion.training.distributed import DistributedContext, RankBatches, micro_batches, no_sync, wrap
+from latent_diffusion.training.faults import NonFiniteGuard, StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -64,95 +68,160 @@ def check_resumable(stored: AutoencoderRunConfig, given: AutoencoderRunConfig, r
                               f"use a new --out folder or the stored {run_dir / CONFIG_FILE}")
 
 
+class _DiscriminatorObjective(nn.Module):
+    """The discriminator's loss as a module, so DDP can reduce the discriminator's gradients."""
+
+    def __init__(self, loss_fn: AutoencoderLoss):
+        super().__init__()
+        self.loss_fn = loss_fn
+
+    def forward(self, x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn.discriminator_loss(x, x_rec)
+
+
+@dataclass
+class _Run:
+    """Everything a training step needs."""
+
+    cfg: AutoencoderRunConfig
+    ctx: DistributedContext
+    model: AutoencoderKL
+    trained: nn.Module
+    loss_fn: AutoencoderLoss
+    disc_objective: nn.Module
+    opt_ae: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    guard: NonFiniteGuard
+
+    @property
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model, "discriminator": self.loss_fn.discriminator}
+
+    @property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"opt_ae": self.opt_ae, "opt_disc": self.opt_d}
+
+
 def train_autoencoder(cfg: AutoencoderRunConfig, data: str | os.PathLike, out: str | os.PathLike,
                       device: str = "auto", progress: bool = True) -> dict:
-    """Train (or resume) an autoencoder on `data` in run folder `out`; returns the last logged losses."""
-    paths = RunPaths(Path(out))
-    dev = resolve_device(device)
-    tcfg = cfg.training
-    check_precision(tcfg.precision, dev)
+    """Train (or resume) an autoencoder on `data` in run folder `out`; returns the last logged losses.
+
+    Runs unchanged under `torchrun`; SIGTERM/SIGINT save a checkpoint and return; a NaN/inf loss skips its step.
+    (Under DDP the adaptive GAN weight is computed from each process's own micro-batch.)
+    """
+    paths, tcfg = RunPaths(Path(out)), cfg.training
+    ctx = DistributedContext.from_env(resolve_device(device))
+    check_precision(tcfg.precision, ctx.device)
+    _, accumulation = micro_batches(tcfg, ctx.world_size)
     if paths.config.is_file():
         check_resumable(load_config(paths.config), cfg, paths.root)
     dataset = open_dataset(data, cfg.data.resolution, cfg.model.in_channels, "train",
                            cfg.data.random_crop, cfg.data.flip, tcfg.seed)
     if len(dataset) < tcfg.batch_size:
         raise ValueError(f"training.batch_size = {tcfg.batch_size} but {data} holds only {len(dataset)} images")
+    run = _build_run(cfg, ctx)
+    step = 0
+    state = resume_training_state(paths.state, run.modules, run.optimizers)
+    if state is not None:
+        step = state["step"]
+        run.scaler.load_state_dict(state["extra"].get("scaler", {}))
+        log.info("resuming %s from step %d", paths.root, step)
+    if ctx.is_main:
+        paths.root.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, paths.config)
+    fixed = torch.stack([dataset[i]["image"] for i in range(min(8, len(dataset)))]).to(ctx.device)
+    loader = DataLoader(dataset, batch_sampler=RankBatches(len(dataset), tcfg, ctx, accumulation, step),
+                        num_workers=tcfg.num_workers,
+                        generator=torch.Generator().manual_seed(tcfg.seed + step))  # not the global RNG
+    with StopSignals() as signals:
+        return _train_loop(run, paths, loader, accumulation, fixed, step, signals, progress)
 
+
+def _build_run(cfg: AutoencoderRunConfig, ctx: DistributedContext) -> _Run:
+    dev, tcfg = ctx.device, cfg.training
     torch.manual_seed(tcfg.seed)
     model = AutoencoderKL(cfg.model).to(dev)
     loss_fn = AutoencoderLoss(cfg.loss, cfg.model.out_channels).to(dev)
     opt_ae = torch.optim.Adam(model.parameters(), lr=tcfg.learning_rate, betas=tcfg.adam_betas)
     opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=cfg.loss.disc_lr or tcfg.learning_rate,
                              betas=tcfg.adam_betas)
-    scaler = torch.amp.GradScaler(dev.type, enabled=tcfg.precision == "fp16")
-    modules = {"model": model, "discriminator": loss_fn.discriminator}
-    optimizers = {"opt_ae": opt_ae, "opt_disc": opt_d}
+    return _Run(cfg, ctx, model, wrap(model, ctx), loss_fn, wrap(_DiscriminatorObjective(loss_fn), ctx), opt_ae,
+                opt_d, torch.amp.GradScaler(dev.type, enabled=tcfg.precision == "fp16"),
+                NonFiniteGuard(tcfg.max_bad_steps, "autoencoder"))
 
-    step = 0
-    if paths.state.is_file():
-        step = load_training_state(paths.state, modules, optimizers)["step"]
-        log.info("resuming %s from step %d", paths.root, step)
-    paths.root.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, paths.config)
 
-    fixed = torch.stack([dataset[i]["image"] for i in range(min(8, len(dataset)))]).to(dev)
-    batches = infinite_batches(dataset, tcfg, step)
+def _train_loop(run: _Run, paths: RunPaths, loader: DataLoader, accumulation: int, fixed: torch.Tensor, step: int,
+                signals: StopSignals, progress: bool) -> dict:
+    cfg, tcfg, ctx = run.cfg, run.cfg.training, run.ctx
     last: dict = {}
-    bar = tqdm(total=tcfg.max_steps, initial=step, desc="autoencoder", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=tcfg.max_steps, initial=step, desc="autoencoder", disable=not (progress and ctx.is_main),
+               dynamic_ncols=True)
     timer, seen = time.perf_counter(), 0
+    micro: list[torch.Tensor] = []
     try:
-        while step < tcfg.max_steps:
-            x = next(batches)["image"].to(dev, non_blocking=True)
+        for batch in loader:
+            micro.append(batch["image"].to(ctx.device, non_blocking=True))
+            if len(micro) < accumulation:
+                continue
+            if ctx.any(signals.requested is not None):
+                _save(run, paths, step)
+                last = {**last, "step": step, "stopped": signals.requested or "signal"}
+                break
             lr = learning_rate(tcfg, step)
-            set_learning_rate(opt_ae, lr)
-            set_learning_rate(opt_d, cfg.loss.disc_lr or lr)
-            terms, d_loss = _train_step(model, loss_fn, opt_ae, opt_d, scaler, x, step, dev, tcfg)
+            set_learning_rate(run.opt_ae, lr)
+            set_learning_rate(run.opt_d, cfg.loss.disc_lr or lr)
+            terms, d_loss = _train_step(run, micro, step)
             step += 1
-            seen += x.shape[0]
+            seen += sum(len(x) for x in micro) * ctx.world_size
+            micro = []
             bar.update(1)
-            if step % tcfg.log_every == 0 or step == tcfg.max_steps:
-                elapsed = time.perf_counter() - timer
-                last = _log_line(step, lr, terms, d_loss, seen / elapsed)
-                append_jsonl(paths.log, last)
+            if (step % tcfg.log_every == 0 or step == tcfg.max_steps) and terms is not None:
+                last = _log_line(step, lr, terms, d_loss, seen / (time.perf_counter() - timer))
+                last["skipped_steps"] = run.guard.skipped
+                if ctx.is_main:
+                    append_jsonl(paths.log, last)
                 bar.set_postfix(l1=f"{last['l1']:.4f}", kl=f"{last['kl']:.0f}")
                 timer, seen = time.perf_counter(), 0
-            if step % tcfg.image_every == 0 or step == tcfg.max_steps:
-                write_reconstruction_grid(model, fixed, paths.recon_grid(step), dev, tcfg.precision)
+            if (step % tcfg.image_every == 0 or step == tcfg.max_steps) and ctx.is_main:
+                write_reconstruction_grid(run.model, fixed, paths.recon_grid(step), ctx.device, tcfg.precision)
             if step % tcfg.checkpoint_every == 0 or step == tcfg.max_steps:
-                _save(paths, cfg, model, modules, optimizers, step)
-    except KeyboardInterrupt:
-        log.warning("interrupted at step %d: saving a checkpoint", step)
-        _save(paths, cfg, model, modules, optimizers, step)
-        raise
+                _save(run, paths, step)
     finally:
         bar.close()
     return last
 
 
-def _train_step(model: AutoencoderKL, loss_fn: AutoencoderLoss, opt_ae, opt_d, scaler, x: torch.Tensor, step: int,
-                dev: torch.device, tcfg: TrainConfig) -> tuple[LossTerms, torch.Tensor | None]:
-    model.train()
-    loss_fn.train()
-    with autocast(dev, tcfg.precision):
-        x_rec, posterior = model(x)
-    terms = loss_fn.generator_loss(x, x_rec, posterior, step, model.decoder.last_layer)
-    if not torch.isfinite(terms.total):
-        raise FloatingPointError(f"non-finite autoencoder loss at step {step}: {terms.total.item()} "
-                                 "(learning rate too high, or fp16 overflow?)")
-    opt_ae.zero_grad(set_to_none=True)
-    scaler.scale(terms.total).backward()
+def _train_step(run: _Run, micro: list[torch.Tensor], step: int) -> tuple[LossTerms | None, torch.Tensor | None]:
+    """Generator update over the micro-batches, then (once active) the discriminator's; None terms if skipped."""
+    run.model.train()
+    run.loss_fn.train()
+    dev, tcfg, n = run.ctx.device, run.cfg.training, len(micro)
+    terms, reconstructions = None, []
+    for i, x in enumerate(micro):
+        with no_sync(run.trained, last=i == n - 1), autocast(dev, tcfg.precision):
+            x_rec, posterior = run.trained(x)
+            terms = run.loss_fn.generator_loss(x, x_rec, posterior, step, run.model.decoder.last_layer)
+            run.scaler.scale(terms.total / n).backward()
+        reconstructions.append(x_rec.detach())
+    bad = run.ctx.any(not torch.isfinite(terms.total).item())
+    if not run.guard.ok(not bad, step, terms.total.item()):
+        run.opt_ae.zero_grad(set_to_none=True)
+        return None, None
     if tcfg.grad_clip:
-        scaler.unscale_(opt_ae)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-    scaler.step(opt_ae)
+        run.scaler.unscale_(run.opt_ae)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), tcfg.grad_clip)
+    run.scaler.step(run.opt_ae)
+    run.opt_ae.zero_grad(set_to_none=True)
     d_loss = None
-    if loss_fn.disc_active(step):
-        with autocast(dev, tcfg.precision):
-            d_loss = loss_fn.discriminator_loss(x, x_rec)
-        opt_d.zero_grad(set_to_none=True)
-        scaler.scale(d_loss).backward()
-        scaler.step(opt_d)
-    scaler.update()
+    if run.loss_fn.disc_active(step):
+        run.opt_d.zero_grad(set_to_none=True)
+        for i, (x, x_rec) in enumerate(zip(micro, reconstructions)):
+            with no_sync(run.disc_objective, last=i == n - 1), autocast(dev, tcfg.precision):
+                d_loss = run.disc_objective(x, x_rec)
+                run.scaler.scale(d_loss / n).backward()
+        run.scaler.step(run.opt_d)
+    run.scaler.update()
     return terms, d_loss
 
 
@@ -176,7 +245,11 @@ def _log_line(step: int, lr: float, terms: LossTerms, d_loss, images_per_s: floa
     return line
 
 
-def _save(paths: RunPaths, cfg: AutoencoderRunConfig, model: AutoencoderKL, modules, optimizers, step: int) -> None:
-    save_training_state(paths.state, modules, optimizers, step)
-    save_weights(model.state_dict(), paths.weights, metadata={"step": str(step), "format": "latent_diffusion.ae"})
-    save_config(cfg, paths.config)
+def _save(run: _Run, paths: RunPaths, step: int) -> None:
+    """Rank 0 writes the training state, the weights and the config; every rank waits for it."""
+    if run.ctx.is_main:
+        save_training_state(paths.state, run.modules, run.optimizers, step, extra={"scaler": run.scaler.state_dict()})
+        save_weights(run.model.state_dict(), paths.weights, metadata={"step": str(step),
+                                                                      "format": "latent_diffusion.ae"})
+        save_config(run.cfg, paths.config)
+    run.ctx.barrier()

@@ -1,4 +1,4 @@
-"""Pieces shared by the training loops: learning-rate schedule, resumable batch order, JSONL logs."""
+"""Pieces shared by the training loops: learning-rate schedule, JSONL logs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from latent_diffusion.config import TrainConfig
 
@@ -20,20 +19,6 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     progress = min(1.0, (step - cfg.lr_warmup_steps) / span)
     low = cfg.learning_rate * cfg.lr_min_ratio
     return low + 0.5 * (cfg.learning_rate - low) * (1 + math.cos(math.pi * progress))
-
-
-def infinite_batches(dataset: Dataset, cfg: TrainConfig, start_step: int):
-    """Shuffled batches forever; epoch e uses seed + e, so a resumed run sees the same order."""
-    batches_per_epoch = len(dataset) // cfg.batch_size
-    epoch, skip = divmod(start_step, batches_per_epoch)
-    while True:
-        generator = torch.Generator().manual_seed(cfg.seed + epoch)
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                            num_workers=cfg.num_workers, generator=generator, persistent_workers=False)
-        for i, batch in enumerate(loader):
-            if i >= skip:
-                yield batch
-        epoch, skip = epoch + 1, 0
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from latent_diffusion.autoencoder import AutoencoderKL
@@ -47,16 +47,6 @@ class LatentCache:
     def items(self, indices: torch.Tensor) -> list[dict]:
         return [{"caption": self.captions[i], "label": self.labels[i]} for i in indices.tolist()]
 
-    def batches(self, batch_size: int, seed: int, start_step: int = 0) -> Iterator[torch.Tensor]:
-        """Index batches forever; epoch e is a permutation seeded by seed + e, so a resumed run continues."""
-        per_epoch = len(self) // batch_size
-        epoch, skip = divmod(start_step, per_epoch)
-        while True:
-            order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed + epoch))
-            for b in range(skip, per_epoch):
-                yield order[b * batch_size:(b + 1) * batch_size]
-            epoch, skip = epoch + 1, 0
-
 
 def fingerprint(autoencoder: AutoencoderKL, dataset: Dataset, keep_images: bool = False) -> str:
     """Identity of (autoencoder weights, dataset contents): a changed input invalidates the cache."""
@@ -73,22 +63,63 @@ def fingerprint(autoencoder: AutoencoderKL, dataset: Dataset, keep_images: bool 
     return digest.hexdigest()
 
 
+def shard_paths(cache_dir: Path, world_size: int) -> list[Path]:
+    """The cache files: one for a single process, one per rank-shard of the dataset under torchrun."""
+    if world_size == 1:
+        return [Path(cache_dir) / CACHE_FILE]
+    return [Path(cache_dir) / f"latents-{r:05d}-of-{world_size:05d}.safetensors" for r in range(world_size)]
+
+
+def _read_cache(path: Path, key: str) -> LatentCache | None:
+    """The cache stored in `path` if it is readable and was made from the same inputs, else None."""
+    if not path.is_file():
+        return None
+    try:
+        meta = read_metadata(path)
+        if meta.get("fingerprint") != key:
+            log.info("latent cache %s is stale (autoencoder or data changed): re-encoding", path)
+            return None
+        tensors = load_weights(path)
+    except CheckpointError as exc:
+        log.warning("latent cache unreadable, re-encoding: %s", exc)
+        return None
+    return LatentCache(tensors["mean"], tensors["std"], json.loads(meta["captions"]), json.loads(meta["labels"]),
+                       tensors.get("images"))
+
+
+def _join(parts: list[LatentCache]) -> LatentCache:
+    images = [p.images for p in parts]
+    return LatentCache(torch.cat([p.mean for p in parts]), torch.cat([p.std for p in parts]),
+                       [c for p in parts for c in p.captions], [label for p in parts for label in p.labels],
+                       None if images[0] is None else torch.cat(images))
+
+
 @torch.no_grad()
 def encode_dataset(autoencoder: AutoencoderKL, dataset: Dataset, cache_dir: Path, batch_size: int = 64,
-                   progress: bool = True, keep_images: bool = False) -> LatentCache:
-    """Load the cache in `cache_dir` if it matches, else encode `dataset` and write it (atomically)."""
-    path = Path(cache_dir) / CACHE_FILE
+                   progress: bool = True, keep_images: bool = False, ctx=None) -> LatentCache:
+    """Load the cache in `cache_dir` if it matches, else encode `dataset` and write it (atomically).
+
+    Under torchrun (`ctx` a `DistributedContext`) each rank encodes its contiguous shard of the dataset into its
+    own file once; then every rank reads all shards.
+    """
+    world, rank = (ctx.world_size, ctx.rank) if ctx is not None else (1, 0)
     key = fingerprint(autoencoder, dataset, keep_images)
-    if path.is_file():
-        try:
-            meta = read_metadata(path)
-            if meta.get("fingerprint") == key:
-                tensors = load_weights(path)
-                return LatentCache(tensors["mean"], tensors["std"], json.loads(meta["captions"]),
-                                   json.loads(meta["labels"]), tensors.get("images"))
-            log.info("latent cache %s is stale (autoencoder or data changed): re-encoding", path)
-        except CheckpointError as exc:
-            log.warning("latent cache unreadable, re-encoding: %s", exc)
+    paths = shard_paths(cache_dir, world)
+    n = len(dataset)
+    mine = paths[rank]
+    if _read_cache(mine, key) is None:
+        shard = Subset(dataset, range(rank * n // world, (rank + 1) * n // world))
+        _encode(autoencoder, shard, mine, key, batch_size, progress, keep_images)
+    if ctx is not None:
+        ctx.barrier()
+    parts = [_read_cache(path, key) for path in paths]
+    if any(part is None for part in parts):
+        raise CheckpointError(f"latent cache shards in {cache_dir} are missing or unreadable after encoding")
+    return parts[0] if world == 1 else _join(parts)
+
+
+def _encode(autoencoder: AutoencoderKL, dataset: Dataset, path: Path, key: str, batch_size: int, progress: bool,
+            keep_images: bool) -> None:
     device = next(autoencoder.parameters()).device
     means, stds, captions, labels, images = [], [], [], [], []
     for batch in tqdm(DataLoader(dataset, batch_size=batch_size), desc="encode latents", disable=not progress):
@@ -99,9 +130,7 @@ def encode_dataset(autoencoder: AutoencoderKL, dataset: Dataset, cache_dir: Path
             images.append(((batch["image"] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
         captions += list(batch["caption"])
         labels += batch["label"].tolist() if "label" in batch else [-1] * len(batch["image"])
-    cache = LatentCache(torch.cat(means), torch.cat(stds), captions, labels,
-                        torch.cat(images) if keep_images else None)
-    tensors = {"mean": cache.mean, "std": cache.std, **({"images": cache.images} if keep_images else {})}
-    save_weights(tensors, path,
-                 metadata={"fingerprint": key, "captions": json.dumps(captions), "labels": json.dumps(labels)})
-    return cache
+    tensors = {"mean": torch.cat(means), "std": torch.cat(stds), **({"images": torch.cat(images)} if keep_images
+                                                                     else {})}
+    save_weights(tensors, path, metadata={"fingerprint": key, "captions": json.dumps(captions),
+                                          "labels": json.dumps(labels)})

@@ -4,29 +4,38 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from latent_diffusion.autoencoder import AutoencoderKL
+from latent_diffusion.conditioning.base import Conditioning
 from latent_diffusion.conditioning.cache import CachedEncoder
-from latent_diffusion.conditioning.spatial import check_spatial, low_res_condition, random_masks, spatial_condition, with_spatial
-from latent_diffusion.config import ConfigError, LDMRunConfig, load_config, save_config
+from latent_diffusion.conditioning.spatial import (check_spatial, low_res_condition, random_masks, spatial_condition,
+                                                   with_spatial)
+from latent_diffusion.config import AutoencoderRunConfig, ConfigError, LDMRunConfig, load_config, save_config
 from latent_diffusion.data import open_dataset
-from latent_diffusion.diffusion.guidance import drop_condition, network_kwargs
+from latent_diffusion.diffusion.guidance import apply_drop, network_kwargs
 from latent_diffusion.diffusion.objective import diffusion_loss
 from latent_diffusion.images import make_grid, save_image
 from latent_diffusion.io.autoencoder import CONFIG_FILE as AE_CONFIG, WEIGHTS_FILE as AE_WEIGHTS, load_autoencoder
-from latent_diffusion.io.checkpoint import load_training_state, save_training_state, save_weights
+from latent_diffusion.io.checkpoint import resume_training_state, save_training_state, save_weights
 from latent_diffusion.pipeline import (AUTOENCODER_DIR, CONDITIONER_FILE, CONFIG_FILE, UNET_FILE, Conditioner,
                                        Pipeline, build_conditioner, build_schedule)
 from latent_diffusion.runtime import autocast, check_precision, resolve_device
 from latent_diffusion.training.common import append_jsonl, learning_rate, set_learning_rate
+from latent_diffusion.training.distributed import (DistributedContext, index_batches, micro_batches, no_sync,
+                                                   rank_chunks, wrap)
 from latent_diffusion.training.ema import EMA
+from latent_diffusion.training.faults import NonFiniteGuard, StopSignals
 from latent_diffusion.training.latent_cache import LatentCache, encode_dataset
 from latent_diffusion.unet import UNetModel
 
@@ -70,12 +79,75 @@ def prepare_run_folder(cfg: LDMRunConfig, out: Path) -> LDMRunConfig:
     return cfg
 
 
+class TrainedNetwork(nn.Module):
+    """What the optimiser trains, as one module (so DDP/FSDP reduce every gradient): the UNet, and the class
+    embedder of a class-conditional model (its labels are embedded, and dropped for CFG, inside forward)."""
+
+    def __init__(self, unet: UNetModel, embedder: nn.Module | None = None):
+        super().__init__()
+        self.unet, self.embedder = unet, embedder
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None,
+                labels: list[int] | None = None, drop: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embedder is not None:
+            cond = apply_drop(self.embedder(labels), self.embedder.unconditional(1), drop)
+        return self.unet(x, t, **network_kwargs(cond))
+
+
+@dataclass
+class _Run:
+    """Everything a training step needs."""
+
+    cfg: LDMRunConfig
+    ctx: DistributedContext
+    unet: UNetModel
+    model: nn.Module
+    ema: EMA | None
+    conditioner: Conditioner
+    autoencoder: AutoencoderKL
+    cache: LatentCache
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    rng: torch.Generator
+    accumulation: int
+    guard: NonFiniteGuard
+    alphas_cumprod: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.alphas_cumprod = build_schedule(self.cfg.diffusion).alphas_cumprod.to(self.ctx.device)
+
+
 def train_ldm(cfg: LDMRunConfig, data: str | os.PathLike, out: str | os.PathLike, device: str = "auto",
               progress: bool = True) -> dict:
-    """Train (or resume) the UNet of a latent diffusion model in run folder `out`; returns the last log line."""
-    out, dev, tcfg = Path(out), resolve_device(device), cfg.training
-    check_precision(tcfg.precision, dev)
-    cfg = prepare_run_folder(cfg, out)
+    """Train (or resume) the UNet of a latent diffusion model in run folder `out`; returns the last log line.
+
+    Runs unchanged under `torchrun` (one process per device). SIGTERM/SIGINT save a checkpoint and return
+    (the line then has "stopped"); a NaN/inf loss skips its step.
+    """
+    out, tcfg = Path(out), cfg.training
+    ctx = DistributedContext.from_env(resolve_device(device))
+    check_precision(tcfg.precision, ctx.device)
+    _, accumulation = micro_batches(tcfg, ctx.world_size)
+    if ctx.is_main:
+        cfg = prepare_run_folder(cfg, out)
+    ctx.barrier()
+    run = _build_run(cfg, data, out, ctx, accumulation, progress)
+    if ctx.is_main:
+        save_config(cfg, out / CONFIG_FILE)
+    step = 0
+    state = resume_training_state(out / STATE_FILE, _modules(run), {"optimizer": run.optimizer},
+                                  {"batches": run.rng})
+    if state is not None:
+        step = state["step"]
+        run.scaler.load_state_dict(state["extra"].get("scaler", {}))
+        log.info("resuming %s from step %d", out, step)
+    with StopSignals() as signals:
+        return _train_loop(run, out, step, signals, progress)
+
+
+def _build_run(cfg: LDMRunConfig, data, out: Path, ctx: DistributedContext, accumulation: int,
+               progress: bool) -> _Run:
+    dev, tcfg = ctx.device, cfg.training
     autoencoder, ae_cfg = load_autoencoder(out / AUTOENCODER_DIR, dev)
     conditioner = build_conditioner(cfg.conditioning, dev, cfg.unet.context_dim)
     if cfg.conditioning.cache and conditioner.trainable is None:
@@ -87,99 +159,147 @@ def train_ldm(cfg: LDMRunConfig, data: str | os.PathLike, out: str | os.PathLike
         log.warning("data.flip / data.random_crop are not applied: the latent cache holds each image once, "
                     "centre-cropped and unflipped")
     dataset = open_dataset(data, cfg.data.resolution, ae_cfg.model.in_channels, "train", seed=tcfg.seed)
-    spatial_kind = cfg.conditioning.spatial
-    cache = encode_dataset(autoencoder, dataset, out / "cache", batch_size=64, progress=progress,
-                           keep_images=spatial_kind != "none")
+    cache = encode_dataset(autoencoder, dataset, out / "cache", batch_size=64, progress=progress and ctx.is_main,
+                           keep_images=cfg.conditioning.spatial != "none", ctx=ctx)
     if len(cache) < tcfg.batch_size:
         raise ValueError(f"training.batch_size = {tcfg.batch_size} but {data} holds only {len(cache)} images")
-    save_config(cfg, out / CONFIG_FILE)
-
     torch.manual_seed(tcfg.seed)
     unet = UNetModel(cfg.unet).to(dev)
+    model = wrap(TrainedNetwork(unet, conditioner.trainable), ctx, tcfg.strategy)
     ema = EMA(unet, tcfg.ema_decay).to(dev) if tcfg.ema_decay else None
-    trained = torch.nn.ModuleDict({"unet": unet, **({"conditioner": conditioner.trainable}
-                                                     if conditioner.trainable is not None else {})})
-    optimizer = torch.optim.AdamW(trained.parameters(), lr=tcfg.learning_rate, betas=tcfg.adam_betas,
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.learning_rate, betas=tcfg.adam_betas,
                                   weight_decay=tcfg.weight_decay)
-    modules = {**trained, **({"ema": ema} if ema else {})}
-    step = 0
-    if (out / STATE_FILE).is_file():
-        step = load_training_state(out / STATE_FILE, modules, {"optimizer": optimizer})["step"]
-        log.info("resuming %s from step %d", out, step)
+    return _Run(cfg, ctx, unet, model, ema, conditioner, autoencoder, cache, optimizer,
+                torch.amp.GradScaler(dev.type, enabled=tcfg.precision == "fp16"),
+                torch.Generator().manual_seed(tcfg.seed), accumulation,
+                NonFiniteGuard(tcfg.max_bad_steps, "diffusion"))
 
-    alphas_cumprod = build_schedule(cfg.diffusion).alphas_cumprod.to(dev)
 
-    def pipeline_now() -> Pipeline:
-        """The model as it stands, from the modules in memory (no reload from disk)."""
-        return Pipeline(cfg, sampling_unet(unet, ema).eval(), autoencoder, ae_cfg, conditioner, dev, tcfg.precision)
+def _modules(run: _Run) -> dict[str, nn.Module]:
+    trainable = run.conditioner.trainable
+    return {"unet": run.unet, **({"conditioner": trainable} if trainable is not None else {}),
+            **({"ema": run.ema} if run.ema is not None else {})}
 
-    latent_scale = ae_cfg.model.latent_scale
+
+def _train_loop(run: _Run, out: Path, step: int, signals: StopSignals, progress: bool) -> dict:
+    tcfg, ctx = run.cfg.training, run.ctx
     last: dict = {}
-    bar = tqdm(total=tcfg.max_steps, initial=step, desc="ldm", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=tcfg.max_steps, initial=step, desc="ldm", disable=not (progress and ctx.is_main),
+               dynamic_ncols=True)
     timer, seen, losses = time.perf_counter(), 0, []
     deadline = time.perf_counter() + 60 * tcfg.max_minutes if tcfg.max_minutes else float("inf")
     try:
-        for indices in cache.batches(tcfg.batch_size, tcfg.seed, step):
-            if step >= tcfg.max_steps:
-                break
-            if time.perf_counter() > deadline:
-                log.info("training.max_minutes = %s reached at step %d", tcfg.max_minutes, step)
-                _save(out, unet, ema, conditioner, modules, optimizer, step)
-                if cfg.sampling.prompts:
-                    write_sample_grid(out, step, pipeline_now(), sample_inputs(spatial_kind, cache))
+        for indices in index_batches(len(run.cache), tcfg.batch_size, tcfg.seed, step):
+            stop = ctx.any(signals.requested is not None or time.perf_counter() > deadline)
+            if step >= tcfg.max_steps or stop:
+                if stop:
+                    log.info("stopping at step %d (%s)", step, signals.requested or "training.max_minutes reached")
+                    _checkpoint(run, out, step, samples=True)
+                    last = {**last, "step": step, "stopped": signals.requested or "max_minutes"}
                 break
             lr = learning_rate(tcfg, step)
-            set_learning_rate(optimizer, lr)
-            z0 = cache.sample(indices).to(dev) * latent_scale
-            cond, _ = drop_condition(conditioner.encode_items(cache.items(indices)), conditioner.unconditional(1),
-                                     cfg.diffusion.p_uncond)
-            spatial = spatial_batch(spatial_kind, cache, indices, z0.shape[-2:], autoencoder, latent_scale, dev)
-            t = torch.randint(0, alphas_cumprod.shape[0], (z0.shape[0],), device=dev)
-            unet.train()
-            network = with_spatial(functools.partial(unet, **network_kwargs(cond)), spatial)
-            with autocast(dev, tcfg.precision):
-                loss = diffusion_loss(network, z0, t, torch.randn_like(z0), alphas_cumprod,
-                                      cfg.diffusion.prediction_type, cfg.diffusion.min_snr_gamma)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite diffusion loss at step {step} (learning rate too high?)")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if tcfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(trained.parameters(), tcfg.grad_clip)
-            optimizer.step()
-            if ema is not None:
-                ema.update(unet)
+            set_learning_rate(run.optimizer, lr)
+            loss = _train_step(run, indices, step)
             step += 1
-            seen += z0.shape[0]
-            losses.append(loss.item())
+            seen += len(indices)
+            losses.append(loss)
             bar.update(1)
             if step % tcfg.log_every == 0 or step == tcfg.max_steps:
-                last = {"step": step, "lr": lr, "loss": sum(losses) / len(losses),
-                        "images_per_s": round(seen / (time.perf_counter() - timer), 2)}
-                append_jsonl(out / LOG_FILE, last)
+                finite = [v for v in losses if math.isfinite(v)]
+                last = {"step": step, "lr": lr, "loss": sum(finite) / max(1, len(finite)),
+                        "images_per_s": round(seen / (time.perf_counter() - timer), 2),
+                        "skipped_steps": run.guard.skipped}
+                if ctx.is_main:
+                    append_jsonl(out / LOG_FILE, last)
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
                 timer, seen, losses = time.perf_counter(), 0, []
             if step % tcfg.checkpoint_every == 0 or step == tcfg.max_steps:
-                _save(out, unet, ema, conditioner, modules, optimizer, step)
-            if cfg.sampling.prompts and (step % tcfg.image_every == 0 or step == tcfg.max_steps):
-                write_sample_grid(out, step, pipeline_now(), sample_inputs(spatial_kind, cache))
-    except KeyboardInterrupt:
-        log.warning("interrupted at step %d: saving a checkpoint", step)
-        _save(out, unet, ema, conditioner, modules, optimizer, step)
-        raise
+                _checkpoint(run, out, step)
+            if run.cfg.sampling.prompts and (step % tcfg.image_every == 0 or step == tcfg.max_steps) \
+                    and ctx.is_main:
+                write_sample_grid(out, step, _pipeline_now(run), sample_inputs(run.cfg.conditioning.spatial,
+                                                                                run.cache))
     finally:
         bar.close()
     return last
 
 
-def spatial_batch(kind: str, cache: LatentCache, indices: torch.Tensor, latent_size: tuple[int, int],
-                  autoencoder: AutoencoderKL, latent_scale: float, device: torch.device) -> torch.Tensor | None:
-    """The spatial condition of a training batch (random masks for inpainting), or None."""
-    if kind == "none":
-        return None
-    images = cache.pixels(indices).to(device)
-    masks = random_masks(len(indices), *images.shape[-2:]).to(device) if kind == "inpaint" else None
-    return spatial_condition(kind, images, latent_size, autoencoder, latent_scale, masks)
+def _train_step(run: _Run, indices: torch.Tensor, step: int) -> float:
+    """One optimiser step on a global batch: this rank's micro-batches, then the all-reduced update.
+    Returns the loss of this rank's share (NaN for a skipped step)."""
+    cfg, ctx, dev = run.cfg, run.ctx, run.ctx.device
+    n = len(indices)
+    # All randomness of the global batch, drawn identically on every rank (world-size independent).
+    z0 = run.cache.sample(indices, run.rng) * run.autoencoder.config.latent_scale
+    drop = torch.rand(n, generator=run.rng) < cfg.diffusion.p_uncond
+    t = torch.randint(0, run.alphas_cumprod.shape[0], (n,), generator=run.rng)
+    noise = torch.randn(z0.shape, generator=run.rng)
+    masks = (random_masks(n, *run.cache.images.shape[-2:], run.rng) if cfg.conditioning.spatial == "inpaint"
+             else None)
+    run.model.train()
+    total = 0.0
+    chunks = rank_chunks(n, ctx, run.accumulation)
+    for i, part in enumerate(chunks):
+        network = _network(run, indices[part], drop[part], masks[part] if masks is not None else None,
+                           z0.shape[-2:])
+        with no_sync(run.model, last=i == len(chunks) - 1), autocast(dev, cfg.training.precision):
+            loss = diffusion_loss(network, z0[part].to(dev), t[part].to(dev), noise[part].to(dev),
+                                  run.alphas_cumprod, cfg.diffusion.prediction_type, cfg.diffusion.min_snr_gamma)
+            run.scaler.scale(loss / run.accumulation).backward()
+        total += loss.item() / run.accumulation
+    bad = ctx.any(not math.isfinite(total))
+    if not run.guard.ok(not bad, step, total):
+        run.optimizer.zero_grad(set_to_none=True)
+        return float("nan")
+    if cfg.training.grad_clip:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.training.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update(run.unet)
+    return total
+
+
+def _network(run: _Run, indices: torch.Tensor, drop: torch.Tensor, masks: torch.Tensor | None,
+             latent_size) -> Callable:
+    """network(x_t, t) for one micro-batch: its condition (dropped where `drop`) and spatial condition bound."""
+    dev, conditioner = run.ctx.device, run.conditioner
+    items = run.cache.items(indices)
+    if conditioner.trainable is not None:
+        kwargs = {"labels": [item["label"] for item in items], "drop": drop}
+    else:
+        kwargs = {"cond": apply_drop(conditioner.encode_items(items), conditioner.unconditional(1), drop)}
+    spatial = None
+    if run.cfg.conditioning.spatial != "none":
+        images = run.cache.pixels(indices).to(dev)
+        spatial = spatial_condition(run.cfg.conditioning.spatial, images, latent_size, run.autoencoder,
+                                    run.autoencoder.config.latent_scale,
+                                    masks.to(dev) if masks is not None else None)
+    return with_spatial(functools.partial(run.model, **kwargs), spatial)
+
+
+def _checkpoint(run: _Run, out: Path, step: int, samples: bool = False) -> None:
+    """Rank 0 writes the training state and the sampling weights; every rank waits for it."""
+    if run.ctx.is_main:
+        save_training_state(out / STATE_FILE, _modules(run), {"optimizer": run.optimizer}, step,
+                            extra={"scaler": run.scaler.state_dict()}, generators={"batches": run.rng})
+        if run.conditioner.trainable is not None:
+            save_weights(run.conditioner.trainable.state_dict(), out / CONDITIONER_FILE)
+        save_weights(sampling_unet(run.unet, run.ema).state_dict(), out / UNET_FILE,
+                     metadata={"step": str(step), "ema": str(run.ema is not None)})
+        if samples and run.cfg.sampling.prompts:
+            write_sample_grid(out, step, _pipeline_now(run), sample_inputs(run.cfg.conditioning.spatial,
+                                                                            run.cache))
+    run.ctx.barrier()
+
+
+def _pipeline_now(run: _Run) -> Pipeline:
+    """The model as it stands, from the modules in memory (no reload from disk)."""
+    ae_cfg = AutoencoderRunConfig(model=run.autoencoder.config, data=run.cfg.data)
+    return Pipeline(run.cfg, sampling_unet(run.unet, run.ema).eval(), run.autoencoder, ae_cfg, run.conditioner,
+                    run.ctx.device, run.cfg.training.precision)
 
 
 def sample_inputs(kind: str, cache: LatentCache, count: int = 4) -> dict[str, torch.Tensor]:
@@ -202,15 +322,6 @@ def sampling_unet(unet: UNetModel, ema: EMA | None) -> UNetModel:
     averaged = UNetModel(unet.config).to(next(unet.parameters()).device)
     ema.copy_to(averaged)
     return averaged
-
-
-def _save(out: Path, unet: UNetModel, ema: EMA | None, conditioner: Conditioner, modules, optimizer,
-          step: int) -> None:
-    save_training_state(out / STATE_FILE, modules, {"optimizer": optimizer}, step)
-    if conditioner.trainable is not None:
-        save_weights(conditioner.trainable.state_dict(), out / CONDITIONER_FILE)
-    save_weights(sampling_unet(unet, ema).state_dict(), out / UNET_FILE,
-                 metadata={"step": str(step), "ema": str(ema is not None)})
 
 
 @torch.no_grad()
