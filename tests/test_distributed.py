@@ -66,3 +66,29 @@ def test_two_process_torchrun_equals_one_process(tmp_path, shapes_folder, autoen
     assert not torch.equal(reference["unet.out.2.weight"], torch.zeros_like(reference["unet.out.2.weight"]))
     shards = sorted(p.name for p in (ddp / "cache").glob("latents-*.safetensors"))
     assert shards == ["latents-00000-of-00002.safetensors", "latents-00001-of-00002.safetensors"]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    from latent_diffusion.config import UNetConfig
+    from latent_diffusion.unet import UNetModel
+
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        unet = UNetModel(UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+                                    num_heads=2, context_dim=8, norm_groups=8, gradient_checkpointing=checkpointing))
+        torch.nn.init.normal_(unet.out[2].weight, std=0.02)  # the zero-initialised output would hide differences
+        x, context = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.ones(2, 3, 8)
+        unet(x, torch.tensor([10.0, 500.0]), context=context).pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in unet.named_parameters()})
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+    assert grads[0]["input_blocks.0.0.weight"].abs().sum() > 0
+
+
+def test_bf16_autocast_training_runs_on_the_cpu(tmp_path, shapes_folder, autoencoder_run):
+    run = tmp_path / "bf16"
+    config = _config(tmp_path, autoencoder_run, "bf16", precision="bf16")
+    assert main(["train", "--config", str(config), "--data", str(shapes_folder), "--out", str(run),
+                 "--device", "cpu"]) == 0
+    weights = _unet_weights(run)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in weights.values())

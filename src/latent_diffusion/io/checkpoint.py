@@ -83,7 +83,7 @@ def save_training_state(path: str | os.PathLike, modules: dict[str, torch.nn.Mod
                         generators: dict[str, torch.Generator] | None = None) -> None:
     """Save modules, optimizers, step and RNG states in one safetensors file, atomically; the file it replaces
     is kept as `previous_path(path)` until the new one is complete. `state_dicts` overrides a module's
-    `state_dict()` (e.g. gathered from FSDP shards)."""
+    `state_dict()`."""
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {"step": step, "extra": extra or {}, "optimizers": {}}
     for name, module in modules.items():

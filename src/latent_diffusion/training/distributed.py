@@ -1,4 +1,4 @@
-"""Data-parallel training on PyTorch's own engine: `torchrun` environment, DDP/FSDP wrapping, global batches.
+"""Data-parallel training on PyTorch's own engine: `torchrun` environment, DDP wrapping, global batches.
 
 The global batch (`training.batch_size`) is the same at every world size: each step draws one global batch of
 indices and its randomness (timesteps, noise, condition dropout) identically on every rank, each rank takes its
@@ -97,15 +97,10 @@ def rank_chunks(n: int, ctx: DistributedContext, accumulation: int) -> list[slic
     return [slice(start + i * micro, start + (i + 1) * micro) for i in range(accumulation)]
 
 
-def wrap(model: nn.Module, ctx: DistributedContext, strategy: str = "ddp") -> nn.Module:
-    """The model as trained: itself (one process), DistributedDataParallel, or FSDP-sharded in place."""
+def wrap(model: nn.Module, ctx: DistributedContext) -> nn.Module:
+    """The model as trained: itself (one process), or DistributedDataParallel."""
     if not ctx.enabled:
         return model
-    if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-        for block in [m for m in model.modules() if type(m).__name__ in ("ResBlock", "SpatialTransformer")]:
-            fully_shard(block)
-        return fully_shard(model)
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
@@ -115,14 +110,6 @@ def no_sync(model: nn.Module, last: bool):
     if not last and isinstance(model, nn.parallel.DistributedDataParallel):
         return model.no_sync()
     return contextlib.nullcontext()
-
-
-def full_state_dict(model: nn.Module, ctx: DistributedContext) -> dict[str, torch.Tensor]:
-    """The whole model's weights on every rank (gathered from the shards under FSDP)."""
-    if ctx.enabled and not isinstance(model, nn.parallel.DistributedDataParallel):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return model.state_dict()
 
 
 def index_batches(num_items: int, batch_size: int, seed: int, start_step: int = 0) -> Iterator[torch.Tensor]:

@@ -80,7 +80,7 @@ def prepare_run_folder(cfg: LDMRunConfig, out: Path) -> LDMRunConfig:
 
 
 class TrainedNetwork(nn.Module):
-    """What the optimiser trains, as one module (so DDP/FSDP reduce every gradient): the UNet, and the class
+    """What the optimiser trains, as one module (so DDP reduces every gradient): the UNet, and the class
     embedder of a class-conditional model (its labels are embedded, and dropped for CFG, inside forward)."""
 
     def __init__(self, unet: UNetModel, embedder: nn.Module | None = None):
@@ -165,7 +165,7 @@ def _build_run(cfg: LDMRunConfig, data, out: Path, ctx: DistributedContext, accu
         raise ValueError(f"training.batch_size = {tcfg.batch_size} but {data} holds only {len(cache)} images")
     torch.manual_seed(tcfg.seed)
     unet = UNetModel(cfg.unet).to(dev)
-    model = wrap(TrainedNetwork(unet, conditioner.trainable), ctx, tcfg.strategy)
+    model = wrap(TrainedNetwork(unet, conditioner.trainable), ctx)
     ema = EMA(unet, tcfg.ema_decay).to(dev) if tcfg.ema_decay else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.learning_rate, betas=tcfg.adam_betas,
                                   weight_decay=tcfg.weight_decay)
