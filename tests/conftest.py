@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from latent_diffusion.config import (AutoencoderConfig, AutoencoderLossConfig, AutoencoderRunConfig, DataConfig,
-                                     TrainConfig)
+from latent_diffusion.config import (AutoencoderConfig, AutoencoderLossConfig, AutoencoderRunConfig,
+                                     ConditioningConfig, DataConfig, LDMRunConfig, SamplingConfig, TrainConfig,
+                                     UNetConfig)
 from latent_diffusion.data.shapes import write_shapes_folder
-
+from latent_diffusion.evaluation.autoencoder import evaluate_autoencoder_run
+from latent_diffusion.training.autoencoder import train_autoencoder
 
 
 def tiny_autoencoder_config(ch_mult=(1, 2), resolution=16, **kw) -> AutoencoderConfig:
@@ -31,3 +33,26 @@ def tiny_run_config(max_steps: int = 4, **training) -> AutoencoderRunConfig:
 def shapes_folder(tmp_path_factory):
     """24 captioned shape images."""
     return write_shapes_folder(tmp_path_factory.mktemp("shapes"), 24, seed=3, progress=False)
+
+
+@pytest.fixture(scope="session")
+def autoencoder_run(tmp_path_factory, shapes_folder):
+    """A tiny trained autoencoder run with its latent scale (the first stage of the tiny LDMs)."""
+    run = tmp_path_factory.mktemp("ae")
+    train_autoencoder(tiny_run_config(max_steps=2), shapes_folder, run, device="cpu", progress=False)
+    evaluate_autoencoder_run(run, shapes_folder, device="cpu", progress=False)
+    return run
+
+
+def tiny_ldm_config(autoencoder_run, max_steps=40, **training) -> LDMRunConfig:
+    """A tiny text-conditional LDM (MiniLM tokens, UNet widths 16/32) on 32×32 shapes."""
+    train = dict(batch_size=8, learning_rate=2e-3, max_steps=max_steps, log_every=5, image_every=1000,
+                 checkpoint_every=20, ema_decay=0.9, lr_warmup_steps=0)
+    train.update(training)
+    return LDMRunConfig(
+        autoencoder=str(autoencoder_run),
+        unet=UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+                        num_heads=2, context_dim=384, norm_groups=8),
+        conditioning=ConditioningConfig(encoder="minilm", max_length=32),
+        data=DataConfig(resolution=32), training=TrainConfig(**train),
+        sampling=SamplingConfig(prompts=("a small red circle in the center",), steps=3, sampler="ddim"))

@@ -13,7 +13,7 @@ from latent_diffusion.config import ConfigError, SamplingConfig, TrainConfig, sa
 from latent_diffusion.io.checkpoint import load_weights
 from latent_diffusion.training.distributed import DistributedContext, micro_batches, rank_chunks
 
-from test_ldm import autoencoder_run, tiny_ldm_config  # noqa: F401  (module fixture reused)
+from conftest import tiny_ldm_config
 
 
 def _config(tmp_path, autoencoder_run, name, **training):
@@ -75,8 +75,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        unet = UNetModel(UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
-                                    num_heads=2, context_dim=8, norm_groups=8, gradient_checkpointing=checkpointing))
+        unet = UNetModel(UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                                    attention_resolutions=(2,), num_heads=2, context_dim=8, norm_groups=8,
+                                    gradient_checkpointing=checkpointing))
         torch.nn.init.normal_(unet.out[2].weight, std=0.02)  # the zero-initialised output would hide differences
         x, context = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.ones(2, 3, 8)
         unet(x, torch.tensor([10.0, 500.0]), context=context).pow(2).mean().backward()

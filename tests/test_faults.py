@@ -19,7 +19,7 @@ from latent_diffusion.io import checkpoint
 from latent_diffusion.io.checkpoint import load_training_state, load_weights, read_metadata
 from latent_diffusion.training.ldm import train_ldm
 
-from test_ldm import autoencoder_run, tiny_ldm_config  # noqa: F401  (module fixture reused)
+from conftest import tiny_ldm_config
 
 
 def _config(autoencoder_run, **training):

@@ -7,36 +7,11 @@ import pytest
 import torch
 
 from latent_diffusion.cli import main
-from latent_diffusion.config import (ConditioningConfig, DataConfig, LDMRunConfig, SamplingConfig, TrainConfig,
-                                     UNetConfig)
-from latent_diffusion.evaluation.autoencoder import evaluate_autoencoder_run
 from latent_diffusion.io.checkpoint import CheckpointError
 from latent_diffusion.pipeline import Pipeline
-from latent_diffusion.training.autoencoder import train_autoencoder
 from latent_diffusion.training.ldm import train_ldm
 
-from conftest import tiny_run_config
-
-
-@pytest.fixture(scope="module")
-def autoencoder_run(tmp_path_factory, shapes_folder):
-    run = tmp_path_factory.mktemp("ae")
-    train_autoencoder(tiny_run_config(max_steps=2), shapes_folder, run, device="cpu", progress=False)
-    evaluate_autoencoder_run(run, shapes_folder, device="cpu", progress=False)
-    return run
-
-
-def tiny_ldm_config(autoencoder_run, max_steps=40, **training) -> LDMRunConfig:
-    train = dict(batch_size=8, learning_rate=2e-3, max_steps=max_steps, log_every=5, image_every=1000,
-                 checkpoint_every=20, ema_decay=0.9, lr_warmup_steps=0)
-    train.update(training)
-    return LDMRunConfig(
-        autoencoder=str(autoencoder_run),
-        unet=UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
-                        num_heads=2, context_dim=384, norm_groups=8),
-        conditioning=ConditioningConfig(encoder="minilm", max_length=32),
-        data=DataConfig(resolution=32), training=TrainConfig(**train),
-        sampling=SamplingConfig(prompts=("a small red circle in the center",), steps=3, sampler="ddim"))
+from conftest import tiny_ldm_config
 
 
 @pytest.fixture(scope="module")

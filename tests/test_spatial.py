@@ -16,8 +16,7 @@ from latent_diffusion.images import tensor_to_pil
 from latent_diffusion.pipeline import Pipeline
 from latent_diffusion.training.ldm import train_ldm
 
-from conftest import tiny_autoencoder_config
-from test_ldm import autoencoder_run, tiny_ldm_config  # noqa: F401  (module fixture reused)
+from conftest import tiny_autoencoder_config, tiny_ldm_config
 
 
 def test_random_masks_are_binary_rectangles_with_full_and_empty_cases():
@@ -38,7 +37,8 @@ def test_inpaint_condition_is_mask_then_latents_of_the_masked_image():
     masks[:, :, :8] = 1.0
     cond = inpaint_condition(ae, images, masks, latent_scale=0.5)
     assert cond.shape == (2, 5, 8, 8)
-    assert torch.equal(cond[:, :1, :4], torch.ones(2, 1, 4, 8)) and torch.equal(cond[:, :1, 4:], torch.zeros(2, 1, 4, 8))
+    assert torch.equal(cond[:, :1, :4], torch.ones(2, 1, 4, 8))
+    assert torch.equal(cond[:, :1, 4:], torch.zeros(2, 1, 4, 8))
     expected = ae.encode(images * (1 - masks)).mode() * 0.5
     torch.testing.assert_close(cond[:, 1:], expected)
     with pytest.raises(ValueError, match=r"mask of shape \(2, 1, 8, 8\): expected \(B, 1, 16, 16\)"):

@@ -36,6 +36,15 @@ def check_spatial(kind: SpatialKind, concat_channels: int, image_channels: int, 
                           f"{expected} channels (image channels {image_channels}, latent channels {latent_channels})")
 
 
+def infer_spatial(concat_channels: int, image_channels: int, latent_channels: int) -> SpatialKind:
+    """The spatial condition a UNet with `concat_channels` extra input channels was trained with."""
+    for kind in SPATIAL_KINDS:
+        if spatial_channels(kind, image_channels, latent_channels) == concat_channels:
+            return kind
+    raise ConfigError(f"a UNet with {concat_channels} concatenated input channels: no known spatial condition "
+                      f"(inpaint: {1 + latent_channels}, low_res: {image_channels})")
+
+
 def low_res_condition(images: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
     """Images (B, C, H, W) in [-1, 1] resized (area average) to the latent grid: (B, C, h, w)."""
     return F.interpolate(images, size=latent_size, mode="area")

@@ -19,6 +19,8 @@ from pathlib import Path
 import regex
 import torch
 
+from latent_diffusion.io.atomic import atomic_write_bytes
+
 # OpenAI's CLIP vocabulary (MIT), as shipped in the open_clip_torch wheel (MIT); see conditioning/__init__.py.
 DEFAULT_BPE_PATH = Path(__file__).resolve().parent / "bpe_simple_vocab_16e6.txt.gz"
 START_TOKEN = "<|startoftext|>"
@@ -108,9 +110,9 @@ class ClipTokenizer:
         """Write `vocab.json` and `merges.txt` (the Hugging Face / diffusers layout)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "vocab.json").write_text(json.dumps(self.vocab, ensure_ascii=False), encoding="utf-8")
+        atomic_write_bytes(folder / "vocab.json", json.dumps(self.vocab, ensure_ascii=False).encode("utf-8"))
         merges = "\n".join(f"{a} {b}" for a, b in self.merges)
-        (folder / "merges.txt").write_text(f"#version: 0.2\n{merges}\n", encoding="utf-8")
+        atomic_write_bytes(folder / "merges.txt", f"#version: 0.2\n{merges}\n".encode())
 
     def encode(self, text: str) -> list[int]:
         """BPE token ids of `text`, without start/end tokens and without truncation."""

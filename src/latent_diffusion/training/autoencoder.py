@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from latent_diffusion.autoencoder import AutoencoderKL
 from latent_diffusion.autoencoder.losses import AutoencoderLoss, LossTerms
-from latent_diffusion.config import AutoencoderRunConfig, ConfigError, TrainConfig, load_config, save_config
+from latent_diffusion.config import AutoencoderRunConfig, ConfigError, load_config, save_config
 from latent_diffusion.data import open_dataset
 from latent_diffusion.images import make_grid, save_image
 from latent_diffusion.io.autoencoder import CONFIG_FILE, WEIGHTS_FILE

@@ -1,0 +1,282 @@
+"""Diffusers folders (`StableDiffusionPipeline.save_pretrained`'s layout) to and from `ModelParts`.
+
+A folder holds `model_index.json`, `unet/`, `vae/` (config.json + diffusion_pytorch_model.safetensors),
+`text_encoder/` (a transformers CLIPTextModel: config.json + model.safetensors), `tokenizer/` (vocab.json,
+merges.txt, tokenizer_config.json, special_tokens_map.json) and `scheduler/scheduler_config.json`. Weights and
+configs are renamed by the explicit maps of `keymaps` and `diffusers_config`. What diffusers has no field for
+(training settings such as `p_uncond`, the sampling defaults of `ldm generate`) is kept in model_index.json under
+`_latent_diffusion`, which diffusers ignores, so a folder we write reads back exactly.
+
+The scheduler written is DDIM (PNDM for the 'plms' sampler) with our timestep grid settings; note that diffusers'
+Stable Diffusion pipelines override `steps_offset` to 1 and `clip_sample` to False whatever the file says.
+
+The tokenizer is part of the model (SD 2.x pads with "!", SD 1.x with the end token): a folder without
+`tokenizer/` is an error rather than a silent fall-back to the bundled CLIP vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from latent_diffusion.conditioning.clip import ClipTextEncoder
+from latent_diffusion.conditioning.tokenizer import END_TOKEN, START_TOKEN, ClipTokenizer
+from latent_diffusion.config import (ClipTextConfig, ConditioningConfig, ConfigError, DiffusionConfig, SamplingConfig,
+                                     UNetConfig, from_dict, to_dict)
+from latent_diffusion.io.atomic import atomic_write_bytes
+from latent_diffusion.io.checkpoint import CheckpointError, load_weights, save_weights
+from latent_diffusion.io.diffusers_config import (DIFFUSERS_VERSION, clip_config_from_transformers,
+                                                  clip_config_to_transformers, scheduler_class,
+                                                  scheduler_config_from_diffusers, scheduler_config_to_diffusers,
+                                                  unet_config_from_diffusers, unet_config_to_diffusers,
+                                                  vae_config_from_diffusers, vae_config_to_diffusers)
+from latent_diffusion.io.keymaps import (clip_state_from_transformers, clip_state_to_transformers,
+                                         drop_last_clip_layer, unet_state_from_diffusers, unet_state_to_diffusers,
+                                         vae_state_from_diffusers, vae_state_to_diffusers)
+from latent_diffusion.io.model import ModelParts
+
+MODEL_INDEX = "model_index.json"
+SCHEDULER_FILE = "scheduler/scheduler_config.json"
+TOKENIZER_FILES = ("vocab.json", "merges.txt")  # what the reader needs; the pad token comes from the configs below
+PAD_TOKEN_FILES = ("special_tokens_map.json", "tokenizer_config.json")
+# (safetensors name, PyTorch pickle name) of each component's weights, without the ".safetensors" / ".bin"
+WEIGHT_FILES = {"unet": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
+                "vae": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
+                "text_encoder": ("model", "pytorch_model")}
+METADATA_KEY = "_latent_diffusion"
+# Settings diffusers has no field for, per config section (kept in model_index.json under METADATA_KEY).
+EXTRA_FIELDS = {"diffusion": ("min_snr_gamma", "p_uncond"),
+                "sampling": ("prompts", "sampler", "steps", "guidance_scale", "seed"),
+                "conditioning": ("max_length", "cache")}
+PIPELINES = {"none": "StableDiffusionPipeline", "inpaint": "StableDiffusionInpaintPipeline"}
+KNOWN_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "safety_checker", "feature_extractor",
+                    "image_encoder")
+
+
+# --- writing -----------------------------------------------------------------------------------------------------
+
+def write_diffusers(parts: ModelParts, folder: str | os.PathLike) -> None:
+    """Write `parts` as a diffusers Stable Diffusion folder (all converted first, then every file atomically, and
+    model_index.json last)."""
+    folder = Path(folder)
+    _check_writable(parts)
+    clip, text_weights = drop_last_clip_layer(parts.conditioning.clip, _text_encoder_weights(parts))
+    tokenizer = parts.tokenizer or ClipTokenizer.from_bpe_file(context_length=clip.max_positions,
+                                                               pad_id=clip.pad_token_id)
+    _check_tokenizer(tokenizer, clip)
+    latent_size = parts.resolution // parts.autoencoder_config.downsample_factor
+    components = {
+        "unet": (unet_config_to_diffusers(parts.unet_config, latent_size),
+                 unet_state_to_diffusers(parts.unet_config, parts.unet), "diffusion_pytorch_model.safetensors"),
+        "vae": (vae_config_to_diffusers(parts.autoencoder_config),
+                vae_state_to_diffusers(parts.autoencoder_config, parts.autoencoder),
+                "diffusion_pytorch_model.safetensors"),
+        "text_encoder": (clip_config_to_transformers(clip, tokenizer.start_id),
+                         clip_state_to_transformers(clip, text_weights), "model.safetensors")}
+    scheduler = scheduler_config_to_diffusers(parts.diffusion, parts.sampling)
+    for name, (config, tensors, weights) in components.items():
+        save_weights(tensors, folder / name / weights, metadata={"format": "pt"})
+        write_json(config, folder / name / "config.json")
+    write_tokenizer(tokenizer, folder / "tokenizer")
+    write_json(scheduler, folder / SCHEDULER_FILE)
+    write_json(model_index(parts), folder / MODEL_INDEX)
+
+
+def _check_writable(parts: ModelParts) -> None:
+    if parts.conditioning.encoder != "clip":
+        raise ConfigError(f"conditioning.encoder = {parts.conditioning.encoder!r}: a diffusers Stable Diffusion "
+                          "folder needs a CLIP text encoder")
+    spatial = parts.conditioning.spatial
+    if spatial not in PIPELINES:
+        raise ConfigError(f"conditioning.spatial = {spatial!r} has no diffusers Stable Diffusion pipeline "
+                          f"(supported: {', '.join(PIPELINES)})")
+
+
+def _text_encoder_weights(parts: ModelParts) -> dict[str, torch.Tensor]:
+    """The CLIP weights of `parts`, or those at `conditioning.path` (a CLIPTextModel or SD 1.x checkpoint)."""
+    if parts.text_encoder is not None:
+        return parts.text_encoder
+    encoder = ClipTextEncoder(parts.conditioning.clip, weights=parts.conditioning.path)
+    return encoder.transformer.state_dict()
+
+
+def _check_tokenizer(tokenizer: ClipTokenizer, clip: ClipTextConfig) -> None:
+    pad = clip.eos_token_id if clip.pad_token_id is None else clip.pad_token_id
+    if tokenizer.pad_id != pad or tokenizer.end_id != clip.eos_token_id:
+        raise ConfigError(f"the tokenizer pads with id {tokenizer.pad_id} and ends with {tokenizer.end_id}, but "
+                          f"clip.pad_token_id = {clip.pad_token_id} and clip.eos_token_id = {clip.eos_token_id}")
+    if tokenizer.context_length != clip.max_positions:
+        raise ConfigError(f"tokenizer context_length {tokenizer.context_length} != clip.max_positions "
+                          f"{clip.max_positions}")
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    """Write `data` as indented JSON, atomically."""
+    atomic_write_bytes(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def write_tokenizer(tokenizer: ClipTokenizer, folder: Path) -> None:
+    """vocab.json and merges.txt, plus the configs transformers' `CLIPTokenizer` reads (pad token included)."""
+    tokenizer.save_folder(folder)
+    pad = next(token for token, i in tokenizer.vocab.items() if i == tokenizer.pad_id)
+    special = {"bos_token": START_TOKEN, "eos_token": END_TOKEN, "unk_token": END_TOKEN, "pad_token": pad}
+    write_json(special, folder / PAD_TOKEN_FILES[0])
+    write_json({"tokenizer_class": "CLIPTokenizer", "model_max_length": tokenizer.context_length,
+                "do_lower_case": True, "errors": "replace", "add_prefix_space": False, **special},
+               folder / PAD_TOKEN_FILES[1])
+
+
+def model_index(parts: ModelParts) -> dict[str, Any]:
+    """model_index.json: the pipeline's components, and our settings diffusers has no field for."""
+    sections = {"diffusion": parts.diffusion, "sampling": parts.sampling, "conditioning": parts.conditioning}
+    extra = {name: {k: v for k, v in to_dict(sections[name]).items() if k in fields}
+             for name, fields in EXTRA_FIELDS.items()}
+    return {"_class_name": PIPELINES[parts.conditioning.spatial],
+            "_diffusers_version": DIFFUSERS_VERSION, METADATA_KEY: extra,
+            "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
+            "safety_checker": [None, None],
+            "scheduler": ["diffusers", scheduler_class(parts.diffusion, parts.sampling.sampler)],
+            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+
+
+# --- reading -----------------------------------------------------------------------------------------------------
+
+def read_diffusers(folder: str | os.PathLike, prediction_type: str | None = None) -> ModelParts:
+    """A diffusers Stable Diffusion 1.x/2.x folder as `ModelParts`; `prediction_type` overrides the scheduler's."""
+    folder = Path(folder)
+    extra = _read_index(folder).get(METADATA_KEY, {})
+    unet_cfg, latent_size = unet_config_from_diffusers(*_read_config(folder / "unet" / "config.json"))
+    vae_cfg = vae_config_from_diffusers(*_read_config(folder / "vae" / "config.json"))
+    text_config, text_path = _read_config(folder / "text_encoder" / "config.json")
+    tokenizer = read_tokenizer(folder / "tokenizer", text_config.get("max_position_embeddings", 77))
+    clip = clip_config_from_transformers(text_config, tokenizer.end_id,
+                                         None if tokenizer.pad_id == tokenizer.end_id else tokenizer.pad_id, text_path)
+    diffusion, sampling = _read_scheduler(folder / SCHEDULER_FILE, extra, prediction_type)
+    return ModelParts(
+        unet_config=unet_cfg, autoencoder_config=vae_cfg,
+        unet=unet_state_from_diffusers(unet_cfg, *_read_weights(folder, "unet")),
+        autoencoder=vae_state_from_diffusers(vae_cfg, *_read_weights(folder, "vae")),
+        text_encoder=clip_state_from_transformers(clip, *_read_weights(folder, "text_encoder")),
+        conditioning=_conditioning(unet_cfg, clip, extra), diffusion=diffusion, sampling=sampling,
+        tokenizer=tokenizer, **({} if latent_size is None else {"resolution": latent_size * vae_cfg.downsample_factor}))
+
+
+def _read_config(path: Path) -> tuple[dict[str, Any], str]:
+    return read_json(path), str(path)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`, with a clear error for a missing or malformed file."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: a diffusers Stable Diffusion folder holds model_index.json, "
+                              "unet/, vae/, text_encoder/, tokenizer/ and scheduler/, each with its config")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_index(folder: Path) -> dict[str, Any]:
+    """model_index.json (optional), checked for components this reader cannot load (e.g. SDXL's text_encoder_2)."""
+    if not (folder / MODEL_INDEX).is_file():
+        return {}
+    index = read_json(folder / MODEL_INDEX)
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list):
+            continue
+        if name not in KNOWN_COMPONENTS and value != [None, None]:
+            raise ConfigError(f"{folder / MODEL_INDEX}: component {name} = {value} is not supported (Stable "
+                              f"Diffusion 1.x/2.x folders have {', '.join(KNOWN_COMPONENTS[:5])})")
+    text_encoder = index.get("text_encoder", ["transformers", "CLIPTextModel"])
+    if text_encoder[1:] != ["CLIPTextModel"]:
+        raise ConfigError(f"{folder / MODEL_INDEX}: text_encoder = {text_encoder} is not supported (expected "
+                          "transformers' CLIPTextModel)")
+    return index
+
+
+def read_tokenizer(folder: Path, context_length: int = 77) -> ClipTokenizer:
+    """The CLIP tokenizer of a `tokenizer/` folder, padding with its configured pad token (default: the end token)."""
+    for name in TOKENIZER_FILES:
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder / name} is missing: a diffusers folder needs its CLIP tokenizer "
+                                  "(tokenizer/vocab.json and tokenizer/merges.txt, as CLIPTokenizer.save_pretrained "
+                                  "writes them)")
+    tokenizer = ClipTokenizer.from_folder(folder, context_length)
+    pad = _pad_token(folder)
+    if pad is None:
+        return tokenizer
+    if pad not in tokenizer.vocab:
+        raise CheckpointError(f"{folder}: the pad token {pad!r} is not in vocab.json")
+    return ClipTokenizer(tokenizer.vocab, tokenizer.merges, context_length, tokenizer.vocab[pad])
+
+
+def _pad_token(folder: Path) -> str | None:
+    for name in PAD_TOKEN_FILES:
+        if (folder / name).is_file():
+            pad = read_json(folder / name).get("pad_token")
+            if pad is not None:
+                return pad["content"] if isinstance(pad, dict) else pad
+    return None
+
+
+def _read_scheduler(path: Path, extra: dict[str, Any], prediction_type: str | None
+                    ) -> tuple[DiffusionConfig, SamplingConfig]:
+    """The forward process and grid settings of scheduler_config.json, plus our settings from model_index.json."""
+    config = read_json(path)
+    diffusion, sampling = scheduler_config_from_diffusers(config, str(path))
+    if prediction_type is not None:
+        diffusion["prediction_type"] = prediction_type
+    diffusion = from_dict(DiffusionConfig, {**extra.get("diffusion", {}), **diffusion}, "diffusion")
+    ours = extra.get("sampling", {})
+    # the sampler we wrote, unless the scheduler was changed since; else the scheduler's own sampler
+    if "sampler" in ours and scheduler_class(diffusion, ours["sampler"]) == config.get("_class_name"):
+        sampling["sampler"] = ours["sampler"]
+    if sampling["sampler"] is None:
+        del sampling["sampler"]
+    return diffusion, from_dict(SamplingConfig, {**ours, **sampling}, "sampling")
+
+
+def _conditioning(unet_cfg: UNetConfig, clip: ClipTextConfig, extra: dict[str, Any]) -> ConditioningConfig:
+    conditioning = from_dict(ConditioningConfig, extra.get("conditioning", {}), "conditioning")
+    conditioning = dataclasses.replace(conditioning, encoder="clip", clip=clip)
+    if unet_cfg.concat_channels == 0:
+        return conditioning
+    if unet_cfg.concat_channels != unet_cfg.out_channels + 1:
+        raise ConfigError(f"unet in_channels = {unet_cfg.in_channels} with out_channels = {unet_cfg.out_channels}: "
+                          "only plain (in = out) and inpainting (in = 2·out + 1) UNets are supported")
+    return dataclasses.replace(conditioning, spatial="inpaint")
+
+
+def _read_weights(folder: Path, component: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights of `folder/component` (safetensors, else a PyTorch .bin, else fp16 variants) and their path."""
+    stem, bin_stem = WEIGHT_FILES[component]
+    names = [f"{stem}.safetensors", f"{bin_stem}.bin", f"{stem}.fp16.safetensors", f"{bin_stem}.fp16.bin"]
+    for name in names:
+        path = folder / component / name
+        if path.is_file():
+            return (load_weights(path) if path.suffix == ".safetensors" else _load_bin(path)), str(path)
+    present = sorted(p.name for p in (folder / component).iterdir()) if (folder / component).is_dir() else []
+    raise CheckpointError(f"{folder / component}: no weights file; expected one of {', '.join(names)} (sharded "
+                          f"weights are not supported); found: {', '.join(present) or 'nothing'}")
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A PyTorch pickle of tensors, read with `weights_only=True` (no code runs)."""
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc} (truncated or not a PyTorch file?)") from exc
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise CheckpointError(f"{path}: expected a dictionary of tensors")
+    return tensors
