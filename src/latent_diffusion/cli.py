@@ -7,10 +7,12 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from latent_diffusion.config import ConfigError
 from latent_diffusion.io.checkpoint import CheckpointError
 
+BUNDLED_MODEL = Path(__file__).resolve().parents[2] / "models" / "ldm-shapes"
 USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError)
 
 
@@ -34,10 +36,11 @@ def cmd_eval_autoencoder(args: argparse.Namespace) -> None:
     from latent_diffusion.evaluation.autoencoder import evaluate_autoencoder_run
 
     figures = evaluate_autoencoder_run(args.run, args.data, args.split, args.num_images, args.batch_size,
-                                       args.device, write_scale=not args.no_write_scale)
+                                       args.device, write_scale=not args.no_write_scale, features=args.features)
     print(f"PSNR {figures['psnr']:.2f} dB   SSIM {figures['ssim']:.4f}   "
           f"latent {figures['latent_shape']} mean {figures['latent_mean']:.4f} std {figures['latent_std']:.4f}   "
-          f"latent_scale {figures['latent_scale']:.5f}   ({figures['num_images']} images)")
+          f"latent_scale {figures['latent_scale']:.5f}   ({figures['num_images']} images)"
+          + (f"   rFID {figures['rfid']:.2f}" if "rfid" in figures else ""))
     print(json.dumps(figures))
 
 
@@ -56,13 +59,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from PIL import Image
 
     options = {"prediction_type": args.prediction_type} if args.prediction_type else {}
-    pipe = Pipeline.from_pretrained(args.model, device=args.device, precision=args.precision, **options)
+    pipe = Pipeline.from_pretrained(args.model or bundled_model(), device=args.device, precision=args.precision,
+                                    **options)
     spatial = {name: Image.open(path) for name, path in (("image", args.image), ("mask", args.mask)) if path}
     images = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
                   sampler=args.sampler, seed=args.seed, num_images=args.num_images, height=args.height,
                   width=args.width, guidance_rescale=args.guidance_rescale, **spatial)
     pipe.save(images, args.output)
     print(f"wrote {args.output}")
+
+
+def bundled_model() -> str:
+    """The text-to-image model that ships with the source tree (`models/ldm-shapes`)."""
+    path = BUNDLED_MODEL
+    if not path.is_dir():
+        raise FileNotFoundError(f"no --model given, and the bundled model is not at {path} (it ships with the "
+                                "source checkout): pass --model PATH")
+    return str(path)
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -82,6 +95,7 @@ def cmd_eval_adherence(args: argparse.Namespace) -> None:
     import torch
 
     from latent_diffusion.data.imagefolder import ImageFolder
+    from latent_diffusion.evaluation.plot import line_plot
     from latent_diffusion.evaluation.shapes import evaluate_model_adherence
     from latent_diffusion.images import make_grid, pil_to_tensor, save_image
     from latent_diffusion.io.atomic import atomic_write_bytes
@@ -97,9 +111,57 @@ def cmd_eval_adherence(args: argparse.Namespace) -> None:
         save_image(make_grid([torch.stack([pil_to_tensor(im) for im in ims[r * 10:(r + 1) * 10]])
                               for r in range(min(4, len(ims) // 10))], scale=2), f"{out}/samples_w{scale}.png")
     atomic_write_bytes(f"{out}/adherence.json", (json.dumps(figures, indent=2) + "\n").encode())
+    scales = [float(w) for w in figures["by_guidance"]]
+    line_plot({name: (scales, [f[name] for f in figures["by_guidance"].values()])
+               for name in ("all", "colour", "shape", "size", "position")}, f"{out}/adherence.png",
+              f"caption adherence ({len(captions)} held-out captions)", "guidance scale w", "share of objects")
     for scale, f in figures["by_guidance"].items():
         print(f"w={scale}: all attributes {f['all']:.1%}   colour {f['colour']:.1%}  shape {f['shape']:.1%}  "
               f"size {f['size']:.1%}  position {f['position']:.1%}   ({f['objects']} objects)")
+
+
+def cmd_train_features(args: argparse.Namespace) -> None:
+    import torch
+
+    from latent_diffusion.data import open_dataset
+    from latent_diffusion.evaluation.features import FeatureNetConfig, extract, save_feature_net, train_feature_net
+
+    cfg = FeatureNetConfig(in_channels=args.channels, num_classes=args.num_classes, resolution=args.resolution)
+    train = open_dataset(args.data, args.resolution, args.channels, "train")
+    model = train_feature_net(train, cfg, epochs=args.epochs, seed=args.seed)
+    test = open_dataset(args.data, args.resolution, args.channels, "test")
+    images = torch.stack([test[i]["image"] for i in range(len(test))])
+    labels = torch.tensor([test[i]["label"] for i in range(len(test))])
+    accuracy = float((extract(model, images)[1] == labels).float().mean())
+    save_feature_net(model, args.out, {"data": args.data, "epochs": args.epochs, "test_accuracy": accuracy})
+    print(f"test accuracy {accuracy:.2%} ({len(test)} images); wrote {args.out}")
+
+
+def cmd_eval_fid(args: argparse.Namespace) -> None:
+    from latent_diffusion.data import open_dataset
+    from latent_diffusion.evaluation.features import load_feature_net
+    from latent_diffusion.evaluation.generative import evaluate_samples, reference_features
+    from latent_diffusion.evaluation.plot import line_plot
+    from latent_diffusion.io.atomic import atomic_write_bytes
+    from latent_diffusion.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(args.model, device=args.device, precision=args.precision)
+    features = load_feature_net(args.features)
+    channels = pipe.ae_config.model.in_channels
+    reference = reference_features(features, open_dataset(args.data, pipe.config.data.resolution, channels, "test"))
+    figures = evaluate_samples(pipe, features, reference, args.num, args.guidance, args.steps, args.sampler,
+                               features.config.num_classes, args.seed)
+    out = Path(args.out or f"{args.model}/fid")
+    atomic_write_bytes(out / "fid.json", (json.dumps(figures, indent=2) + "\n").encode())
+    scales = [float(w) for w in figures["by_guidance"]]
+    by = figures["by_guidance"].values()
+    line_plot({"FID": (scales, [f["fid"] for f in by])}, out / "fid.png", "domain-feature FID against guidance",
+              "guidance scale w", "FID")
+    line_plot({"class accuracy": (scales, [f["class_accuracy"] for f in by])}, out / "accuracy.png",
+              "class accuracy of conditional samples", "guidance scale w", "accuracy")
+    for w, f in figures["by_guidance"].items():
+        print(f"w={w}: FID {f['fid']:.2f}  KID {f['kid']:.4f} ± {f['kid_std']:.4f}  class accuracy "
+              f"{f['class_accuracy']:.1%}  diversity {f['diversity']:.3f}")
 
 
 def _add_training_arguments(p: argparse.ArgumentParser, configs: str) -> None:
@@ -134,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-write-scale", action="store_true", help="don't write latent_scale into the run config")
+    p.add_argument("--features", default=None, help="feature network folder (`ldm train-features`): adds rFID")
     p.set_defaults(func=cmd_eval_autoencoder)
 
     p = sub.add_parser("train", help="train (or resume) the latent diffusion UNet")
@@ -143,8 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="text to image with a trained model")
     p.add_argument("prompt", help="what to draw")
     p.add_argument("-o", "--output", default="out.png", help="PNG to write (a grid for several images)")
-    p.add_argument("--model", required=True, help="a model folder (`ldm train`), a Stable Diffusion checkpoint "
-                                                  "(.safetensors / .ckpt) or a diffusers folder")
+    p.add_argument("--model", default=None, help="a model folder (`ldm train`), a Stable Diffusion checkpoint "
+                                                 "(.safetensors / .ckpt) or a diffusers folder (default: the shapes "
+                                                 "model that ships in models/ldm-shapes)")
     p.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
                    help="for a Stable Diffusion checkpoint without its YAML: what the UNet predicts")
     p.add_argument("--negative", default=None, help="negative prompt (replaces the empty prompt in guidance)")
@@ -173,6 +237,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="store weights as (default: "
                                                                                   "as read)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("train-features", help="train the domain feature network used by FID/KID and accuracy")
+    p.add_argument("--data", required=True, help="labelled data with train/test splits ('fashion-mnist')")
+    p.add_argument("--out", required=True, help="folder to write (features.json, features.safetensors)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_features)
+
+    p = sub.add_parser("eval-fid", help="FID, KID, class accuracy and diversity of a model's samples per guidance")
+    p.add_argument("model", help="model folder (class- or caption-conditional on the data's classes)")
+    p.add_argument("--data", required=True, help="reference data (its test split), e.g. 'fashion-mnist'")
+    p.add_argument("--features", required=True, help="feature network folder (`ldm train-features`)")
+    p.add_argument("--num", type=int, default=1000, help="samples per guidance scale")
+    p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0])
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--sampler", default="dpmpp_2m")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output folder (default: MODEL/fid)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.set_defaults(func=cmd_eval_fid)
 
     p = sub.add_parser("eval-adherence", help="caption adherence of a shapes model on held-out captions")
     p.add_argument("model", help="model folder")

@@ -14,6 +14,8 @@ from tqdm import tqdm
 from latent_diffusion.autoencoder import AutoencoderKL
 from latent_diffusion.config import save_config
 from latent_diffusion.data import open_dataset
+from latent_diffusion.evaluation.features import FeatureNet, extract, load_feature_net
+from latent_diffusion.evaluation.fid import fid
 from latent_diffusion.evaluation.metrics import psnr, ssim
 from latent_diffusion.io.atomic import atomic_write_bytes
 from latent_diffusion.io.autoencoder import CONFIG_FILE, load_autoencoder
@@ -22,13 +24,15 @@ from latent_diffusion.runtime import resolve_device
 
 @torch.no_grad()
 def evaluate_reconstruction(model: AutoencoderKL, dataset: Dataset, num_images: int | None = None,
-                            batch_size: int = 64, seed: int = 0, progress: bool = True) -> dict:
-    """PSNR/SSIM of mode() reconstructions, and statistics of posterior samples z ~ q(z|x)."""
+                            batch_size: int = 64, seed: int = 0, progress: bool = True,
+                            features: FeatureNet | None = None) -> dict:
+    """PSNR/SSIM of mode() reconstructions, statistics of posterior samples z ~ q(z|x), and with a feature
+    network the reconstruction FID (rFID: reconstructions against their originals)."""
     if num_images is not None and num_images < len(dataset):
         dataset = Subset(dataset, range(num_images))
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    psnrs, ssims, latents = [], [], []
+    psnrs, ssims, latents, real, fake = [], [], [], [], []
     for batch in tqdm(DataLoader(dataset, batch_size=batch_size), desc="eval", disable=not progress):
         x = batch["image"].to(device)
         posterior = model.encode(x)
@@ -36,9 +40,12 @@ def evaluate_reconstruction(model: AutoencoderKL, dataset: Dataset, num_images: 
         psnrs.append(psnr(x, x_rec).cpu())
         ssims.append(ssim(x, x_rec).cpu())
         latents.append(posterior.sample(generator).float().cpu())
+        if features is not None:
+            real.append(extract(features, x.float().cpu())[0])
+            fake.append(extract(features, x_rec.float().cpu())[0])
     z = torch.cat(latents)
     std = z.flatten().std().item()
-    return {
+    figures = {
         "num_images": len(dataset),
         "psnr": torch.cat(psnrs).mean().item(),
         "ssim": torch.cat(ssims).mean().item(),
@@ -48,16 +55,22 @@ def evaluate_reconstruction(model: AutoencoderKL, dataset: Dataset, num_images: 
         "latent_channel_std": z.transpose(0, 1).flatten(1).std(dim=1).tolist(),
         "latent_scale": 1.0 / std,
     }
+    if features is not None:
+        figures["rfid"] = fid(torch.cat(fake), torch.cat(real))
+    return figures
 
 
 def evaluate_autoencoder_run(run_dir: str | os.PathLike, data: str | os.PathLike, split: str = "test",
                              num_images: int | None = None, batch_size: int = 64, device: str = "auto",
-                             write_scale: bool = True, progress: bool = True) -> dict:
+                             write_scale: bool = True, progress: bool = True,
+                             features: str | os.PathLike | None = None) -> dict:
     """Evaluate a run folder on `data`; writes eval.json and (by default) latent_scale into config.yaml."""
     run_dir = Path(run_dir)
     model, cfg = load_autoencoder(run_dir, resolve_device(device))
     dataset = open_dataset(data, cfg.data.resolution, cfg.model.in_channels, split)
-    figures = evaluate_reconstruction(model, dataset, num_images, batch_size, progress=progress)
+    feature_net = load_feature_net(features) if features else None
+    figures = evaluate_reconstruction(model, dataset, num_images, batch_size, progress=progress,
+                                      features=feature_net)
     figures["data"] = str(data)
     atomic_write_bytes(run_dir / "eval.json", (json.dumps(figures, indent=2) + "\n").encode())
     if write_scale:

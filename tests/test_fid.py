@@ -1,0 +1,81 @@
+"""FID and KID against closed forms, the domain feature network, generative evaluation and the PNG plots."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from latent_diffusion.cli import main
+from latent_diffusion.data.shapes import write_shapes_folder
+from latent_diffusion.evaluation.features import (FeatureNet, FeatureNetConfig, extract, load_feature_net,
+                                                  save_feature_net, train_feature_net)
+from latent_diffusion.evaluation.fid import fid, frechet_distance, kid
+from latent_diffusion.evaluation.plot import line_plot
+
+
+def test_frechet_distance_of_gaussians_matches_the_closed_form():
+    # Diagonal covariances: ‖μ₁−μ₂‖² + Σ (√a − √b)².
+    mu1, mu2 = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64), torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
+    a, b = torch.tensor([1.0, 4.0, 9.0], dtype=torch.float64), torch.tensor([4.0, 1.0, 9.0], dtype=torch.float64)
+    expected = 5.0 + ((a.sqrt() - b.sqrt()) ** 2).sum().item()
+    assert frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b)) == pytest.approx(expected, abs=1e-9)
+
+
+def test_fid_and_kid_are_near_zero_for_one_distribution_and_grow_with_a_shift():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4000, 8, generator=gen), torch.randn(4000, 8, generator=gen)
+    assert fid(x, y) < 0.05 and abs(kid(x, y, subsets=20, subset_size=500)[0]) < 0.01
+    shifted = y + torch.tensor([1.0] + [0.0] * 7)
+    assert fid(x, shifted) == pytest.approx(1.0, abs=0.1)
+    assert kid(x, shifted, subsets=20, subset_size=500)[0] > 0.05
+
+
+class _Labelled(torch.utils.data.Dataset):
+    """Two classes a feature net can tell apart: bright squares top-left vs bottom-right."""
+
+    def __init__(self, n=64):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        image = -torch.ones(1, 32, 32)
+        label = i % 2
+        if label == 0:
+            image[:, 4:14, 4:14] = 1.0
+        else:
+            image[:, 18:28, 18:28] = 1.0
+        return {"image": image + 0.05 * torch.randn(1, 32, 32), "label": label}
+
+
+def test_feature_net_learns_classes_and_round_trips_through_its_folder(tmp_path):
+    cfg = FeatureNetConfig(num_classes=2, width=8, feature_dim=16)
+    model = train_feature_net(_Labelled(), cfg, epochs=3, batch_size=16, progress=False)
+    images = torch.stack([_Labelled()[i]["image"] for i in range(16)])
+    features, predicted = extract(model, images)
+    assert features.shape == (16, 16) and (predicted == torch.arange(16) % 2).float().mean() >= 0.9
+    save_feature_net(model, tmp_path / "features", {"test_accuracy": 1.0})
+    again = load_feature_net(tmp_path / "features")
+    assert torch.equal(extract(again, images)[0], features)
+    assert json.loads((tmp_path / "features" / "features.json").read_text())["test_accuracy"] == 1.0
+
+
+def test_line_plot_writes_a_readable_png(tmp_path):
+    line_plot({"FID": ([1, 2, 3, 5], [30.0, 20.0, 18.0, 25.0]), "KID": ([1, 2, 3, 5], [3.0, 2.0, 1.5, 2.5])},
+              tmp_path / "plot.png", "FID against guidance", "w", "FID")
+    image = Image.open(tmp_path / "plot.png")
+    assert image.size == (640, 420) and len(image.getcolors(maxcolors=100000)) > 3
+    with pytest.raises(ValueError, match="nothing to plot"):
+        line_plot({"x": ([1], [float("nan")])}, tmp_path / "empty.png", "t", "x", "y")
+
+
+def test_eval_autoencoder_reports_rfid_with_a_feature_network(tmp_path, autoencoder_run, capsys):
+    net = FeatureNet(FeatureNetConfig(in_channels=3, num_classes=2, width=8, feature_dim=8)).eval()
+    save_feature_net(net, tmp_path / "features")
+    held_out = write_shapes_folder(tmp_path / "held-out", 8, seed=5, progress=False)
+    assert main(["eval-autoencoder", str(autoencoder_run), "--data", str(held_out), "--no-write-scale",
+                 "--features", str(tmp_path / "features")]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["rfid"] >= 0 and figures["num_images"] == 8
