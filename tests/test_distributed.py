@@ -1,4 +1,5 @@
-"""Data-parallel training: 2 gloo processes under torchrun follow the 1-process trajectory; accumulation too."""
+"""Data-parallel training: 2 gloo processes under torchrun (DDP, and FSDP with a resume) follow the 1-process
+trajectory; gradient accumulation too; gradient checkpointing; bf16."""
 
 import os
 import subprocess
@@ -47,7 +48,7 @@ def test_global_batch_is_split_the_same_at_every_world_size():
         micro_batches(TrainConfig(batch_size=8, micro_batch_size=3), 1)
 
 
-def test_two_process_torchrun_equals_one_process(tmp_path, shapes_folder, autoencoder_run):
+def test_two_process_torchrun_ddp_and_fsdp_equal_one_process(tmp_path, shapes_folder, autoencoder_run):
     single, accumulated, ddp = tmp_path / "single", tmp_path / "accumulated", tmp_path / "ddp"
     config = _config(tmp_path, autoencoder_run, "plain")
     assert main(["train", "--config", str(config), "--data", str(shapes_folder), "--out", str(single),
@@ -64,6 +65,15 @@ def test_two_process_torchrun_equals_one_process(tmp_path, shapes_folder, autoen
     assert _max_difference(reference, _unet_weights(accumulated)) < 1e-5
     assert _max_difference(reference, _unet_weights(ddp)) < 1e-5
     assert not torch.equal(reference["unet.out.2.weight"], torch.zeros_like(reference["unet.out.2.weight"]))
+    fsdp_config = _config(tmp_path, autoencoder_run, "fsdp", strategy="fsdp")
+    for max_steps in (2, 4):  # the second run resumes the sharded run from its (whole-tensor) checkpoint
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+             "-m", "latent_diffusion.cli", "train", "--config", str(fsdp_config), "--data", str(shapes_folder),
+             "--out", str(tmp_path / "fsdp"), "--device", "cpu", "--set", f"training.max_steps={max_steps}"],
+            env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert _max_difference(reference, _unet_weights(tmp_path / "fsdp")) < 1e-5
     shards = sorted(p.name for p in (ddp / "cache").glob("latents-*.safetensors"))
     assert shards == ["latents-00000-of-00002.safetensors", "latents-00001-of-00002.safetensors"]
 

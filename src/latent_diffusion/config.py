@@ -157,6 +157,8 @@ class TrainConfig:
     :param batch_size: the global batch, the same at every world size (see `micro_batch_size`).
     :param micro_batch_size: images per forward pass on one process; the rest of the per-process batch
         (batch_size / world size) is gradient accumulation. None: no accumulation.
+    :param strategy: "ddp" replicates the model on every process; "fsdp" shards weights, gradients, optimizer
+        moments and EMA over the processes (for UNets too large to replicate). Checkpoints are the same either way.
     :param max_bad_steps: a non-finite loss skips its step; this many in a row stop the run.
     """
 
@@ -177,6 +179,7 @@ class TrainConfig:
     ema_decay: float | None = None
     max_minutes: float | None = None
     micro_batch_size: int | None = None
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     max_bad_steps: int = 5
 
 

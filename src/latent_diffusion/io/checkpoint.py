@@ -80,17 +80,18 @@ def save_training_state(path: str | os.PathLike, modules: dict[str, torch.nn.Mod
                         optimizers: dict[str, torch.optim.Optimizer], step: int,
                         extra: dict[str, Any] | None = None,
                         state_dicts: dict[str, dict[str, torch.Tensor]] | None = None,
-                        generators: dict[str, torch.Generator] | None = None) -> None:
+                        generators: dict[str, torch.Generator] | None = None,
+                        optimizer_states: dict[str, dict[str, Any]] | None = None) -> None:
     """Save modules, optimizers, step and RNG states in one safetensors file, atomically; the file it replaces
     is kept as `previous_path(path)` until the new one is complete. `state_dicts` overrides a module's
-    `state_dict()`."""
+    `state_dict()` and `optimizer_states` an optimizer's (e.g. gathered from FSDP shards)."""
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {"step": step, "extra": extra or {}, "optimizers": {}}
     for name, module in modules.items():
         for key, value in (state_dicts or {}).get(name, module.state_dict()).items():
             tensors[f"{name}.{key}"] = value
     for name, optimizer in optimizers.items():
-        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        opt_tensors, opt_meta = _flatten_optimizer((optimizer_states or {}).get(name) or optimizer.state_dict())
         tensors.update({f"optim.{name}.{k}": v for k, v in opt_tensors.items()})
         meta["optimizers"][name] = opt_meta
     tensors["rng.torch"] = torch.get_rng_state()
@@ -120,7 +121,8 @@ def load_training_state(path: str | os.PathLike, modules: dict[str, torch.nn.Mod
     for name, optimizer in optimizers.items():
         prefix = f"optim.{name}."
         opt_tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        optimizer.load_state_dict(_unflatten_optimizer(opt_tensors, meta["optimizers"][name]))
+        optimizer.load_state_dict(_like_parameters(optimizer, _unflatten_optimizer(opt_tensors,
+                                                                                   meta["optimizers"][name])))
     for name, generator in (generators or {}).items():
         if f"rng.generator.{name}" in tensors:
             generator.set_state(tensors[f"rng.generator.{name}"])
@@ -155,10 +157,29 @@ def resume_training_state(path: str | os.PathLike, modules: dict[str, torch.nn.M
             log.warning("checkpoint %s is unreadable (%s): trying the previous one", candidate, exc)
             errors.append(str(exc))
             continue
-        return load_training_state(candidate, modules, optimizers, generators=generators)
+        return {**load_training_state(candidate, modules, optimizers, generators=generators), "path": candidate}
     if errors:
         raise CheckpointError("no readable checkpoint: " + "; ".join(errors))
     return None
+
+
+def distribute_like(tensor: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """`tensor` (whole) laid out like `reference`: sharded the same way when `reference` is an FSDP DTensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if isinstance(reference, DTensor) and not isinstance(tensor, DTensor) and tensor.shape == reference.shape:
+        return distribute_tensor(tensor.to(reference.device), reference.device_mesh, reference.placements)
+    return tensor
+
+
+def _like_parameters(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Whole optimizer moments laid out like their parameters (sharded again when those are FSDP DTensors)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, values in state_dict["state"].items():
+        if index < len(params):
+            for key, value in values.items():
+                if isinstance(value, torch.Tensor):
+                    values[key] = distribute_like(value, params[index])
+    return state_dict
 
 
 def _flatten_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -114,6 +114,9 @@ def train_autoencoder(cfg: AutoencoderRunConfig, data: str | os.PathLike, out: s
     ctx = DistributedContext.from_env(resolve_device(device))
     check_precision(tcfg.precision, ctx.device)
     _, accumulation = micro_batches(tcfg, ctx.world_size)
+    if tcfg.strategy != "ddp":
+        raise ConfigError(f"training.strategy = '{tcfg.strategy}': the autoencoder trains with 'ddp' (sharding is "
+                          "for diffusion UNets too large to replicate)")
     if paths.config.is_file():
         check_resumable(load_config(paths.config), cfg, paths.root)
     dataset = open_dataset(data, cfg.data.resolution, cfg.model.in_channels, "train",

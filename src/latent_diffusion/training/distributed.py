@@ -1,4 +1,4 @@
-"""Data-parallel training on PyTorch's own engine: `torchrun` environment, DDP wrapping, global batches.
+"""Data-parallel training on PyTorch's own engine: `torchrun` environment, DDP/FSDP wrapping, global batches.
 
 The global batch (`training.batch_size`) is the same at every world size: each step draws one global batch of
 indices and its randomness (timesteps, noise, condition dropout) identically on every rank, each rank takes its
@@ -97,10 +97,19 @@ def rank_chunks(n: int, ctx: DistributedContext, accumulation: int) -> list[slic
     return [slice(start + i * micro, start + (i + 1) * micro) for i in range(accumulation)]
 
 
-def wrap(model: nn.Module, ctx: DistributedContext) -> nn.Module:
-    """The model as trained: itself (one process), or DistributedDataParallel."""
+SHARDED_BLOCKS = ("ResBlock", "SpatialTransformer")
+
+
+def wrap(model: nn.Module, ctx: DistributedContext, strategy: str = "ddp") -> nn.Module:
+    """The model as trained: itself (one process), DistributedDataParallel, or FSDP: every ResBlock and spatial
+    transformer, then the rest, sharded over the ranks in place (`torch.distributed.fsdp.fully_shard`)."""
     if not ctx.enabled:
         return model
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        for block in [m for m in model.modules() if type(m).__name__ in SHARDED_BLOCKS]:
+            fully_shard(block)
+        return fully_shard(model)
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
@@ -110,6 +119,19 @@ def no_sync(model: nn.Module, last: bool):
     if not last and isinstance(model, nn.parallel.DistributedDataParallel):
         return model.no_sync()
     return contextlib.nullcontext()
+
+
+def gather(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole tensors of a state dict whose entries may be FSDP shards (DTensors). Collective under FSDP: every
+    rank must call it."""
+    from torch.distributed.tensor import DTensor
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v) for k, v in tensors.items()}
+
+
+def gather_optimizer(state: dict) -> dict:
+    """`optimizer.state_dict()` with FSDP-sharded moments gathered (collective under FSDP)."""
+    return {"state": {i: gather(values) for i, values in state["state"].items()},
+            "param_groups": state["param_groups"]}
 
 
 def index_batches(num_items: int, batch_size: int, seed: int, start_step: int = 0) -> Iterator[torch.Tensor]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from latent_diffusion.io.checkpoint import distribute_like
+
 
 class EMA(nn.Module):
     """EMA copy of a model's floating-point parameters; decay warms up as min(d, (1 + n) / (10 + n))."""
@@ -31,6 +33,17 @@ class EMA(nn.Module):
             shadow = getattr(self, f"shadow_{i}")
             shadow.lerp_(model.get_parameter(name).detach().float(), 1.0 - decay)
         self.num_updates += 1
+
+    def averaged(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The averaged weights by parameter name, from this EMA or from its (gathered) `state_dict()`."""
+        state = state if state is not None else self.state_dict()
+        return {name: state[f"shadow_{i}"] for i, name in enumerate(self.names)}
+
+    @torch.no_grad()
+    def shard_like(self, model: nn.Module) -> None:
+        """Lay the shadows out like `model`'s parameters (FSDP shards after `fully_shard(model)`)."""
+        for i, name in enumerate(self.names):
+            setattr(self, f"shadow_{i}", distribute_like(getattr(self, f"shadow_{i}"), model.get_parameter(name)))
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

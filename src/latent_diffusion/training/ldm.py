@@ -27,13 +27,14 @@ from latent_diffusion.diffusion.guidance import apply_drop, network_kwargs
 from latent_diffusion.diffusion.objective import diffusion_loss
 from latent_diffusion.images import make_grid, save_image
 from latent_diffusion.io.autoencoder import CONFIG_FILE as AE_CONFIG, WEIGHTS_FILE as AE_WEIGHTS, load_autoencoder
-from latent_diffusion.io.checkpoint import resume_training_state, save_training_state, save_weights
+from latent_diffusion.io.checkpoint import (load_training_state, resume_training_state, save_training_state,
+                                            save_weights)
 from latent_diffusion.pipeline import (AUTOENCODER_DIR, CONDITIONER_FILE, CONFIG_FILE, UNET_FILE, Conditioner,
                                        Pipeline, build_conditioner, build_schedule)
 from latent_diffusion.runtime import autocast, check_precision, resolve_device
 from latent_diffusion.training.common import append_jsonl, learning_rate, set_learning_rate
-from latent_diffusion.training.distributed import (DistributedContext, index_batches, micro_batches, no_sync,
-                                                   rank_chunks, wrap)
+from latent_diffusion.training.distributed import (DistributedContext, gather, gather_optimizer, index_batches,
+                                                   micro_batches, no_sync, rank_chunks, wrap)
 from latent_diffusion.training.ema import EMA
 from latent_diffusion.training.faults import NonFiniteGuard, StopSignals
 from latent_diffusion.training.latent_cache import LatentCache, encode_dataset
@@ -101,16 +102,16 @@ class _Run:
     cfg: LDMRunConfig
     ctx: DistributedContext
     unet: UNetModel
-    model: nn.Module
     ema: EMA | None
     conditioner: Conditioner
     autoencoder: AutoencoderKL
     cache: LatentCache
-    optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     rng: torch.Generator
     accumulation: int
     guard: NonFiniteGuard
+    model: nn.Module | None = None  # the UNet (+ class embedder) as trained: DDP- or FSDP-wrapped under torchrun
+    optimizer: torch.optim.Optimizer | None = None
     alphas_cumprod: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
@@ -134,10 +135,15 @@ def train_ldm(cfg: LDMRunConfig, data: str | os.PathLike, out: str | os.PathLike
     run = _build_run(cfg, data, out, ctx, accumulation, progress)
     if ctx.is_main:
         save_config(cfg, out / CONFIG_FILE)
+    state = resume_training_state(out / STATE_FILE, _modules(run), {}, {"batches": run.rng})  # whole weights
+    run.model = wrap(TrainedNetwork(run.unet, run.conditioner.trainable), ctx, tcfg.strategy)  # then shard
+    if run.ema is not None:
+        run.ema.shard_like(run.unet)
+    run.optimizer = torch.optim.AdamW(run.model.parameters(), lr=tcfg.learning_rate, betas=tcfg.adam_betas,
+                                      weight_decay=tcfg.weight_decay)
     step = 0
-    state = resume_training_state(out / STATE_FILE, _modules(run), {"optimizer": run.optimizer},
-                                  {"batches": run.rng})
     if state is not None:
+        load_training_state(state["path"], {}, {"optimizer": run.optimizer}, restore_rng=False)
         step = state["step"]
         run.scaler.load_state_dict(state["extra"].get("scaler", {}))
         log.info("resuming %s from step %d", out, step)
@@ -165,14 +171,10 @@ def _build_run(cfg: LDMRunConfig, data, out: Path, ctx: DistributedContext, accu
         raise ValueError(f"training.batch_size = {tcfg.batch_size} but {data} holds only {len(cache)} images")
     torch.manual_seed(tcfg.seed)
     unet = UNetModel(cfg.unet).to(dev)
-    model = wrap(TrainedNetwork(unet, conditioner.trainable), ctx)
     ema = EMA(unet, tcfg.ema_decay).to(dev) if tcfg.ema_decay else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.learning_rate, betas=tcfg.adam_betas,
-                                  weight_decay=tcfg.weight_decay)
-    return _Run(cfg, ctx, unet, model, ema, conditioner, autoencoder, cache, optimizer,
-                torch.amp.GradScaler(dev.type, enabled=tcfg.precision == "fp16"),
-                torch.Generator().manual_seed(tcfg.seed), accumulation,
-                NonFiniteGuard(tcfg.max_bad_steps, "diffusion"))
+    scaler = torch.amp.GradScaler(dev.type, enabled=tcfg.precision == "fp16")
+    return _Run(cfg, ctx, unet, ema, conditioner, autoencoder, cache, scaler, torch.Generator().manual_seed(tcfg.seed),
+                accumulation, NonFiniteGuard(tcfg.max_bad_steps, "diffusion"))
 
 
 def _modules(run: _Run) -> dict[str, nn.Module]:
@@ -215,10 +217,8 @@ def _train_loop(run: _Run, out: Path, step: int, signals: StopSignals, progress:
                 timer, seen, losses = time.perf_counter(), 0, []
             if step % tcfg.checkpoint_every == 0 or step == tcfg.max_steps:
                 _checkpoint(run, out, step)
-            if run.cfg.sampling.prompts and (step % tcfg.image_every == 0 or step == tcfg.max_steps) \
-                    and ctx.is_main:
-                write_sample_grid(out, step, _pipeline_now(run), sample_inputs(run.cfg.conditioning.spatial,
-                                                                                run.cache))
+            if run.cfg.sampling.prompts and (step % tcfg.image_every == 0 or step == tcfg.max_steps):
+                _write_samples(run, out, step, _sampling_weights(run, _gathered_states(run)))
     finally:
         bar.close()
     return last
@@ -280,26 +280,43 @@ def _network(run: _Run, indices: torch.Tensor, drop: torch.Tensor, masks: torch.
     return with_spatial(functools.partial(run.model, **kwargs), spatial)
 
 
+def _gathered_states(run: _Run) -> dict[str, dict[str, torch.Tensor]]:
+    """Whole state dicts of the trained modules (collective under FSDP: every rank calls it)."""
+    return {name: gather(module.state_dict()) for name, module in _modules(run).items()}
+
+
+def _sampling_weights(run: _Run, states: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The UNet weights to sample from: the EMA average when training keeps one, else the weights themselves."""
+    return {**states["unet"], **(run.ema.averaged(states["ema"]) if run.ema is not None else {})}
+
+
 def _checkpoint(run: _Run, out: Path, step: int, samples: bool = False) -> None:
     """Rank 0 writes the training state and the sampling weights; every rank waits for it."""
+    states = _gathered_states(run)
+    optimizer_state = gather_optimizer(run.optimizer.state_dict())
+    weights = _sampling_weights(run, states)
     if run.ctx.is_main:
         save_training_state(out / STATE_FILE, _modules(run), {"optimizer": run.optimizer}, step,
-                            extra={"scaler": run.scaler.state_dict()}, generators={"batches": run.rng})
-        if run.conditioner.trainable is not None:
-            save_weights(run.conditioner.trainable.state_dict(), out / CONDITIONER_FILE)
-        save_weights(sampling_unet(run.unet, run.ema).state_dict(), out / UNET_FILE,
-                     metadata={"step": str(step), "ema": str(run.ema is not None)})
-        if samples and run.cfg.sampling.prompts:
-            write_sample_grid(out, step, _pipeline_now(run), sample_inputs(run.cfg.conditioning.spatial,
-                                                                            run.cache))
+                            extra={"scaler": run.scaler.state_dict()}, state_dicts=states,
+                            optimizer_states={"optimizer": optimizer_state}, generators={"batches": run.rng})
+        if "conditioner" in states:
+            save_weights(states["conditioner"], out / CONDITIONER_FILE)
+        save_weights(weights, out / UNET_FILE, metadata={"step": str(step), "ema": str(run.ema is not None)})
+    if samples and run.cfg.sampling.prompts:
+        _write_samples(run, out, step, weights)
     run.ctx.barrier()
 
 
-def _pipeline_now(run: _Run) -> Pipeline:
-    """The model as it stands, from the modules in memory (no reload from disk)."""
+def _write_samples(run: _Run, out: Path, step: int, weights: dict[str, torch.Tensor]) -> None:
+    """Rank 0 draws the sample grid with `weights`, from the modules in memory (no reload from disk)."""
+    if not run.ctx.is_main:
+        return
+    unet = UNetModel(run.cfg.unet).to(run.ctx.device)
+    unet.load_state_dict(weights)
     ae_cfg = AutoencoderRunConfig(model=run.autoencoder.config, data=run.cfg.data)
-    return Pipeline(run.cfg, sampling_unet(run.unet, run.ema).eval(), run.autoencoder, ae_cfg, run.conditioner,
-                    run.ctx.device, run.cfg.training.precision)
+    pipe = Pipeline(run.cfg, unet.eval(), run.autoencoder, ae_cfg, run.conditioner, run.ctx.device,
+                    run.cfg.training.precision)
+    write_sample_grid(out, step, pipe, sample_inputs(run.cfg.conditioning.spatial, run.cache))
 
 
 def sample_inputs(kind: str, cache: LatentCache, count: int = 4) -> dict[str, torch.Tensor]:
@@ -313,15 +330,6 @@ def sample_inputs(kind: str, cache: LatentCache, count: int = 4) -> dict[str, to
     mask = torch.zeros(images.shape[0], 1, h, w)
     mask[:, :, h // 4:h - h // 4, w // 4:w - w // 4] = 1.0
     return {"image": images, "mask": mask}
-
-
-def sampling_unet(unet: UNetModel, ema: EMA | None) -> UNetModel:
-    """The weights to sample from: an EMA-averaged copy when training keeps an EMA, else the UNet itself."""
-    if ema is None:
-        return unet
-    averaged = UNetModel(unet.config).to(next(unet.parameters()).device)
-    ema.copy_to(averaged)
-    return averaged
 
 
 @torch.no_grad()
