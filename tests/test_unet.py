@@ -110,3 +110,28 @@ def test_parity_with_diffusers_unet(linear):
         expected = theirs(x, t, encoder_hidden_states=context).sample
         got = ours(x, t, context)
     assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_position_embedding_adds_no_parameters_and_tells_places_apart():
+    from latent_diffusion.nn.embeddings import grid_position_embedding
+
+    codes = grid_position_embedding(4, 6, 16)
+    assert codes.shape == (24, 16) and torch.unique(codes, dim=0).shape[0] == 24  # every cell its own code
+    plain, positional = tiny_unet_config(), tiny_unet_config(position_embedding=True)
+    torch.manual_seed(0)
+    a = _randomise(UNetModel(plain)).eval()
+    b = UNetModel(positional).eval()
+    b.load_state_dict(a.state_dict())  # the same parameters: the codes are fixed
+    x, t, context = torch.randn(1, 4, 8, 8), torch.tensor([10.0]), torch.randn(1, 3, plain.context_dim)
+    assert not torch.allclose(a(x, t, context=context), b(x, t, context=context))
+
+
+def test_position_embedding_models_stay_native(tmp_path):
+    from latent_diffusion.config import ConfigError
+    from latent_diffusion.io.model import save_model
+
+    from test_interop_original import TINY_SD1, tiny_parts
+
+    parts = tiny_parts(TINY_SD1, position_embedding=True)
+    with pytest.raises(ConfigError, match="position_embedding = True: the original format has no such option"):
+        save_model(parts, tmp_path / "x.safetensors", "original")

@@ -78,6 +78,8 @@ class UNetConfig:
     :param context_dim: width of the condition tokens for cross-attention (None: no cross-attention).
     :param use_linear_in_transformer: Linear proj_in/proj_out (SD 2.x) instead of 1×1 convolutions.
     :param num_classes: if set, a class-label embedding is added to the timestep embedding.
+    :param position_embedding: fixed 2-D sinusoidal position codes on the spatial transformers' tokens (an
+        addition to the paper's network, no parameters; models with it exist only in the native format).
     """
 
     in_channels: int = 4
@@ -93,6 +95,7 @@ class UNetConfig:
     use_linear_in_transformer: bool = False
     num_classes: int | None = None
     concat_channels: int = 0
+    position_embedding: bool = False
     dropout: float = 0.0
     norm_groups: int = 32
     gradient_checkpointing: bool = False

@@ -133,7 +133,7 @@ class UNetModel(nn.Module):
         else:
             heads, dim_head = ch // cfg.num_head_channels, cfg.num_head_channels
         return SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim, cfg.dropout,
-                                  cfg.use_linear_in_transformer, cfg.norm_groups)
+                                  cfg.use_linear_in_transformer, cfg.norm_groups, cfg.position_embedding)
 
     def check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None,
                      class_labels: torch.Tensor | None) -> None:

@@ -21,9 +21,9 @@ from typing import Literal
 import torch
 
 from latent_diffusion.conditioning.tokenizer import ClipTokenizer
-from latent_diffusion.config import (AutoencoderConfig, AutoencoderRunConfig, ConditioningConfig, DataConfig,
-                                     DiffusionConfig, LDMRunConfig, SamplingConfig, UNetConfig, load_config,
-                                     save_config)
+from latent_diffusion.config import (AutoencoderConfig, AutoencoderRunConfig, ConditioningConfig, ConfigError,
+                                     DataConfig, DiffusionConfig, LDMRunConfig, SamplingConfig, UNetConfig,
+                                     load_config, save_config)
 from latent_diffusion.io.checkpoint import CheckpointError, load_weights, save_weights
 
 Format = Literal["native", "original", "diffusers"]
@@ -161,6 +161,9 @@ def load_model(path: str | os.PathLike, fmt: Format | None = None, **options) ->
 
 def save_model(parts: ModelParts, path: str | os.PathLike, fmt: Format) -> None:
     """Write `parts` in format `fmt` (original: one file at `path`; native and diffusers: a folder)."""
+    if fmt != "native" and parts.unet_config.position_embedding:
+        raise ConfigError(f"unet.position_embedding = True: the {fmt} format has no such option (it is this "
+                          "project's addition); keep the model in the native format")
     if fmt == "native":
         write_native(parts, path)
     elif fmt == "original":

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latent_diffusion.nn.embeddings import grid_position_embedding
+
 
 class CrossAttention(nn.Module):
     """Multi-head attention of queries x over `context` (x itself when None), with an optional key mask."""
@@ -80,13 +82,16 @@ class SpatialTransformer(nn.Module):
     """GroupNorm → proj_in → depth × BasicTransformerBlock over the H·W tokens → proj_out, plus the input.
 
     :param use_linear: Linear projections (SD 2.x) instead of 1×1 convolutions (SD 1.x).
+    :param position_embedding: add fixed 2-D sinusoidal position codes to the tokens after proj_in (not in the
+        paper or SD; no parameters): cross-attention can then bind words like "left" to places directly.
     """
 
     def __init__(self, channels: int, heads: int, dim_head: int, depth: int = 1, context_dim: int | None = None,
-                 dropout: float = 0.0, use_linear: bool = False, norm_groups: int = 32):
+                 dropout: float = 0.0, use_linear: bool = False, norm_groups: int = 32,
+                 position_embedding: bool = False):
         super().__init__()
         inner = heads * dim_head
-        self.use_linear = use_linear
+        self.use_linear, self.position_embedding = use_linear, position_embedding
         self.norm = nn.GroupNorm(norm_groups, channels, eps=1e-6, affine=True)
         self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
@@ -104,6 +109,8 @@ class SpatialTransformer(nn.Module):
         hidden = hidden.flatten(2).transpose(1, 2)  # (B, HW, C)
         if self.use_linear:
             hidden = self.proj_in(hidden)
+        if self.position_embedding:
+            hidden = hidden + grid_position_embedding(h, w, hidden.shape[-1], hidden.device, hidden.dtype)
         for block in self.transformer_blocks:
             hidden = block(hidden, context, mask)
         if self.use_linear:
