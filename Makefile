@@ -1,10 +1,10 @@
-# Fresh machine: `make demo` (set up + train a small autoencoder + reconstruction grid), `make test`.
+# Fresh machine: `make demo` (set up + text-to-image with the bundled shapes model), `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 LDM := $(VENV)/bin/ldm
 DEMO := runs/demo
 
-.PHONY: setup test demo fashion-mnist clean
+.PHONY: setup test demo demo-autoencoder fashion-mnist clean
 
 # torch==2.13.0 first: a CPU build; an unpinned torch would pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -20,7 +20,14 @@ setup: $(VENV)/.installed
 test: setup
 	$(PY) -m pytest -q
 
+PROMPT ?= a large red circle in the top left and a small blue square at the bottom
+
 demo: setup
+	$(LDM) generate "$(PROMPT)" -o demo.png
+	@echo "the picture: demo.png"
+
+# The stage-1 walk-through: captioned shapes, a small f=4 autoencoder (~4 min on 2 cores), a reconstruction grid.
+demo-autoencoder: setup
 	$(LDM) make-shapes $(DEMO)/shapes --count 2000 --seed 0
 	$(LDM) make-shapes $(DEMO)/held-out --count 200 --seed 1
 	$(LDM) train-autoencoder --config configs/autoencoder/demo.yaml --data $(DEMO)/shapes --out $(DEMO)/autoencoder
@@ -32,4 +39,4 @@ fashion-mnist:
 	test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
 
 clean:
-	rm -rf $(VENV) runs/demo
+	rm -rf $(VENV) runs/demo demo.png

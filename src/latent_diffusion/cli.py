@@ -203,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_arguments(p, "configs/ldm/")
     p.set_defaults(func=cmd_train)
 
+    _add_model_commands(sub)
+    _add_evaluation_commands(sub)
+    return parser
+
+
+def _add_model_commands(sub) -> None:
+    """`generate` and `convert`."""
     p = sub.add_parser("generate", help="text to image with a trained model")
     p.add_argument("prompt", help="what to draw")
     p.add_argument("-o", "--output", default="out.png", help="PNG to write (a grid for several images)")
@@ -238,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                                   "as read)")
     p.set_defaults(func=cmd_convert)
 
+
+def _add_evaluation_commands(sub) -> None:
+    """`train-features`, `eval-fid` and `eval-adherence`."""
     p = sub.add_parser("train-features", help="train the domain feature network used by FID/KID and accuracy")
     p.add_argument("--data", required=True, help="labelled data with train/test splits ('fashion-mnist')")
     p.add_argument("--out", required=True, help="folder to write (features.json, features.safetensors)")
@@ -274,7 +284,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.set_defaults(func=cmd_eval_adherence)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
