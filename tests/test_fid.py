@@ -1,17 +1,24 @@
 """FID and KID against closed forms, the domain feature network, generative evaluation and the PNG plots."""
 
+import gzip
 import json
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from latent_diffusion.cli import main
+from latent_diffusion.config import ConditioningConfig, SamplingConfig
 from latent_diffusion.data.shapes import write_shapes_folder
 from latent_diffusion.evaluation.features import (FeatureNet, FeatureNetConfig, extract, load_feature_net,
                                                   save_feature_net, train_feature_net)
 from latent_diffusion.evaluation.fid import fid, frechet_distance, kid
 from latent_diffusion.evaluation.plot import line_plot
+from latent_diffusion.training.ldm import train_ldm
+
+from conftest import tiny_ldm_config
 
 
 def test_frechet_distance_of_gaussians_matches_the_closed_form():
@@ -79,3 +86,33 @@ def test_eval_autoencoder_reports_rfid_with_a_feature_network(tmp_path, autoenco
                  "--features", str(tmp_path / "features")]) == 0
     figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert figures["rfid"] >= 0 and figures["num_images"] == 8
+
+
+def _write_idx(path, array, dims):
+    header = (0x0800 | dims).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype("uint8").tobytes())
+
+
+def test_eval_fid_measures_a_class_conditional_model_per_guidance(tmp_path, autoencoder_run, capsys):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "fashion"
+    data.mkdir()
+    for split, n in (("train", 40), ("t10k", 20)):
+        labels = np.arange(n) % 10
+        images = rng.integers(0, 60, (n, 28, 28)) + (labels[:, None, None] * 20)  # brightness tells the class
+        _write_idx(data / f"{split}-images-idx3-ubyte.gz", images, 3)
+        _write_idx(data / f"{split}-labels-idx1-ubyte.gz", labels, 1)
+    cfg = tiny_ldm_config(autoencoder_run, max_steps=2, checkpoint_every=2)
+    cfg = replace(cfg, conditioning=ConditioningConfig(encoder="class", num_classes=10), sampling=SamplingConfig())
+    run = tmp_path / "run"
+    train_ldm(cfg, data, run, device="cpu", progress=False)
+    save_feature_net(FeatureNet(FeatureNetConfig(in_channels=3, width=8, feature_dim=8)).eval(), tmp_path / "f")
+    assert main(["eval-fid", str(run), "--data", str(data), "--features", str(tmp_path / "f"), "--num", "20",
+                 "--guidance", "1", "3", "--steps", "2", "--device", "cpu"]) == 0
+    figures = json.loads((run / "fid" / "fid.json").read_text())
+    assert figures["reference_images"] == 20 and set(figures["by_guidance"]) == {"1.0", "3.0"}
+    for f in figures["by_guidance"].values():
+        assert f["fid"] >= 0 and 0 <= f["class_accuracy"] <= 1 and f["diversity"] > 0
+    assert (run / "fid" / "fid.png").is_file() and (run / "fid" / "accuracy.png").is_file()
+    assert "w=3.0: FID" in capsys.readouterr().out
