@@ -29,9 +29,9 @@ class EMA(nn.Module):
     def update(self, model: nn.Module) -> None:
         """One EMA step towards `model`'s current parameters."""
         decay = self.current_decay()
-        for i, name in enumerate(self.names):
-            shadow = getattr(self, f"shadow_{i}")
-            shadow.lerp_(model.get_parameter(name).detach().float(), 1.0 - decay)
+        shadows = [getattr(self, f"shadow_{i}") for i in range(len(self.names))]
+        params = [model.get_parameter(name).detach().float() for name in self.names]
+        torch._foreach_lerp_(shadows, params, 1.0 - decay)  # one fused kernel per dtype/device group
         self.num_updates += 1
 
     def averaged(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

@@ -140,7 +140,7 @@ def train_ldm(cfg: LDMRunConfig, data: str | os.PathLike, out: str | os.PathLike
     if run.ema is not None:
         run.ema.shard_like(run.unet)
     run.optimizer = torch.optim.AdamW(run.model.parameters(), lr=tcfg.learning_rate, betas=tcfg.adam_betas,
-                                      weight_decay=tcfg.weight_decay)
+                                      weight_decay=tcfg.weight_decay, fused=tcfg.strategy != "fsdp" or None)
     step = 0
     if state is not None:
         load_training_state(state["path"], {}, {"optimizer": run.optimizer}, restore_rng=False)
