@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,22 @@ def load_weights(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc} (truncated or not a safetensors file?)") from exc
+
+
+def load_pickle(path: str | os.PathLike) -> Any:
+    """A PyTorch pickle (`.ckpt`, `.bin`) read with `torch.load(..., weights_only=True)`: tensors and plain
+    containers only, so a file that would run code is refused (a clear CheckpointError), never executed."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        detail = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0] if lines else "")
+        raise CheckpointError(f"refused to load {path}: its pickle asks for more than tensors and plain containers, "
+                              "and only an unsafe unpickler that can run code from the file would accept it "
+                              f"({detail.strip()}); use a .safetensors file instead") from exc
+    except Exception as exc:  # a cut or corrupt zip/pickle surfaces as RuntimeError, EOFError, ValueError ...
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc} (truncated, or not a PyTorch checkpoint?)") \
+            from exc
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

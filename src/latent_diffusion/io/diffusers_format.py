@@ -19,8 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,7 @@ from latent_diffusion.conditioning.tokenizer import END_TOKEN, START_TOKEN, Clip
 from latent_diffusion.config import (ClipTextConfig, ConditioningConfig, ConfigError, DiffusionConfig, SamplingConfig,
                                      UNetConfig, from_dict, to_dict)
 from latent_diffusion.io.atomic import atomic_write_bytes
-from latent_diffusion.io.checkpoint import CheckpointError, load_weights, save_weights
+from latent_diffusion.io.checkpoint import CheckpointError, load_pickle, load_weights, save_weights
 from latent_diffusion.io.diffusers_config import (DIFFUSERS_VERSION, clip_config_from_transformers,
                                                   clip_config_to_transformers, scheduler_class,
                                                   scheduler_config_from_diffusers, scheduler_config_to_diffusers,
@@ -273,10 +271,7 @@ def _read_weights(folder: Path, component: str) -> tuple[dict[str, torch.Tensor]
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     """A PyTorch pickle of tensors, read with `weights_only=True` (no code runs)."""
-    try:
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc} (truncated or not a PyTorch file?)") from exc
+    tensors = load_pickle(path)
     if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         raise CheckpointError(f"{path}: expected a dictionary of tensors")
     return tensors

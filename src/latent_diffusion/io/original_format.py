@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import re
 from collections import Counter
 from pathlib import Path
@@ -29,7 +28,7 @@ from latent_diffusion.conditioning.spatial import infer_spatial
 from latent_diffusion.config import (AutoencoderConfig, ClipTextConfig, ConditioningConfig, ConfigError,
                                      DiffusionConfig, SamplingConfig, UNetConfig)
 from latent_diffusion.io.atomic import atomic_path, atomic_write_bytes
-from latent_diffusion.io.checkpoint import CheckpointError, load_module_weights, load_weights, save_weights
+from latent_diffusion.io.checkpoint import CheckpointError, load_module_weights, load_pickle, load_weights, save_weights
 from latent_diffusion.io.model import ModelParts
 from latent_diffusion.io.openclip_keys import (OPENCLIP_PREFIX, check_writable, clip_to_openclip, infer_clip_config,
                                                openclip_to_clip)
@@ -93,17 +92,7 @@ def load_original_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         return load_weights(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        lines = [line for line in str(exc).splitlines() if line.strip()]
-        detail = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0] if lines else "")
-        raise CheckpointError(f"refused to load {path}: its pickle asks for more than tensors and plain containers, "
-                              "and only an unsafe unpickler that can run code from the file would accept it "
-                              f"({detail.strip()}); use a .safetensors file instead") from exc
-    except Exception as exc:  # a cut or corrupt zip/pickle surfaces as RuntimeError, EOFError, ValueError ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc} (truncated, or not a PyTorch checkpoint?)") \
-            from exc
+    obj = load_pickle(path)
     while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # training checkpoints: {"state_dict": {...}, "global_step": ..., ...}
     if not isinstance(obj, dict):
