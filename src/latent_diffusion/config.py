@@ -342,20 +342,24 @@ def to_dict(config: Any) -> dict[str, Any]:
     return plain(config)
 
 
+def read_yaml(path: str | os.PathLike, error: type[Exception] = ConfigError) -> Any:
+    """A YAML (or JSON) file read with `yaml.safe_load`; a missing or malformed file raises `error`."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"config file not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML: {exc}") from exc
+
+
 def load_config(path: str | os.PathLike, cls: type = AutoencoderRunConfig,
                 overrides: list[str] | None = None) -> Any:
     """Read a YAML (or JSON) file into config dataclass `cls`, validating every key.
 
     `overrides` are `section.key=value` strings (value parsed as YAML), applied before validation.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    data = apply_overrides(data or {}, overrides or [])
+    data = apply_overrides(read_yaml(path) or {}, overrides or [])
     try:
         return from_dict(cls, data)
     except ConfigError as exc:

@@ -25,7 +25,7 @@ import yaml
 from latent_diffusion.autoencoder import AutoencoderKL
 from latent_diffusion.conditioning.clip import ClipTextTransformer
 from latent_diffusion.conditioning.spatial import infer_spatial
-from latent_diffusion.config import (AutoencoderConfig, ClipTextConfig, ConditioningConfig, ConfigError,
+from latent_diffusion.config import (AutoencoderConfig, ClipTextConfig, ConditioningConfig, ConfigError, read_yaml,
                                      DiffusionConfig, SamplingConfig, UNetConfig)
 from latent_diffusion.io.atomic import atomic_path, atomic_write_bytes
 from latent_diffusion.io.checkpoint import CheckpointError, load_module_weights, load_pickle, load_weights, save_weights
@@ -103,12 +103,7 @@ def load_original_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
 def read_inference_config(path: str | os.PathLike) -> dict[str, Any]:
     """`model.params` of a CompVis inference YAML (the `v1-inference.yaml` layout), read with `yaml.safe_load`."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise CheckpointError(f"{path}: not valid YAML: {exc}") from exc
+    data = read_yaml(path, CheckpointError)
     model = data.get("model") if isinstance(data, dict) else None
     params = model.get("params") if isinstance(model, dict) else None
     if not isinstance(params, dict):

@@ -105,20 +105,21 @@ def encode_dataset(autoencoder: AutoencoderKL, dataset: Dataset, cache_dir: Path
     key = fingerprint(autoencoder, dataset, keep_images)
     paths = shard_paths(cache_dir, world)
     n = len(dataset)
-    mine = paths[rank]
-    if _read_cache(mine, key) is None:
+    mine = _read_cache(paths[rank], key)
+    if mine is None:
         shard = Subset(dataset, range(rank * n // world, (rank + 1) * n // world))
-        _encode(autoencoder, shard, mine, key, batch_size, progress, keep_images)
+        mine = _encode(autoencoder, shard, paths[rank], key, batch_size, progress, keep_images)
     if ctx is not None:
         ctx.barrier()
-    parts = [_read_cache(path, key) for path in paths]
+    parts = [mine if r == rank else _read_cache(path, key) for r, path in enumerate(paths)]
     if any(part is None for part in parts):
         raise CheckpointError(f"latent cache shards in {cache_dir} are missing or unreadable after encoding")
     return parts[0] if world == 1 else _join(parts)
 
 
 def _encode(autoencoder: AutoencoderKL, dataset: Dataset, path: Path, key: str, batch_size: int, progress: bool,
-            keep_images: bool) -> None:
+            keep_images: bool) -> LatentCache:
+    """Encode `dataset`, write its cache file to `path` and return it."""
     device = next(autoencoder.parameters()).device
     means, stds, captions, labels, images = [], [], [], [], []
     for batch in tqdm(DataLoader(dataset, batch_size=batch_size), desc="encode latents", disable=not progress):
@@ -129,7 +130,9 @@ def _encode(autoencoder: AutoencoderKL, dataset: Dataset, path: Path, key: str, 
             images.append(((batch["image"] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
         captions += list(batch["caption"])
         labels += batch["label"].tolist() if "label" in batch else [-1] * len(batch["image"])
-    tensors = {"mean": torch.cat(means), "std": torch.cat(stds), **({"images": torch.cat(images)} if keep_images
-                                                                     else {})}
+    cache = LatentCache(torch.cat(means), torch.cat(stds), captions, labels,
+                        torch.cat(images) if keep_images else None)
+    tensors = {"mean": cache.mean, "std": cache.std, **({"images": cache.images} if keep_images else {})}
     save_weights(tensors, path, metadata={"fingerprint": key, "captions": json.dumps(captions),
                                           "labels": json.dumps(labels)})
+    return cache

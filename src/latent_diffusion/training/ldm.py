@@ -215,9 +215,10 @@ def _train_loop(run: _Run, out: Path, step: int, signals: StopSignals, progress:
                     append_jsonl(out / LOG_FILE, last)
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
                 timer, seen, losses = time.perf_counter(), 0, []
+            samples = bool(run.cfg.sampling.prompts) and (step % tcfg.image_every == 0 or step == tcfg.max_steps)
             if step % tcfg.checkpoint_every == 0 or step == tcfg.max_steps:
-                _checkpoint(run, out, step)
-            if run.cfg.sampling.prompts and (step % tcfg.image_every == 0 or step == tcfg.max_steps):
+                _checkpoint(run, out, step, samples)  # gathers the weights once for both
+            elif samples:
                 _write_samples(run, out, step, _sampling_weights(run, _gathered_states(run)))
     finally:
         bar.close()
