@@ -111,8 +111,8 @@ def test_eval_fid_measures_a_class_conditional_model_per_guidance(tmp_path, auto
     assert main(["eval-fid", str(run), "--data", str(data), "--features", str(tmp_path / "f"), "--num", "20",
                  "--guidance", "1", "3", "--steps", "2", "--device", "cpu"]) == 0
     figures = json.loads((run / "fid" / "fid.json").read_text())
-    assert figures["reference_images"] == 20 and set(figures["by_guidance"]) == {"1.0", "3.0"}
-    for f in figures["by_guidance"].values():
+    assert figures["reference_images"] == 20 and [f["guidance"] for f in figures["results"]] == [1.0, 3.0]
+    for f in figures["results"]:
         assert f["fid"] >= 0 and 0 <= f["class_accuracy"] <= 1 and f["diversity"] > 0
     assert (run / "fid" / "fid.png").is_file() and (run / "fid" / "accuracy.png").is_file()
-    assert "w=3.0: FID" in capsys.readouterr().out
+    assert "dpmpp_2m 2 steps w=3.0: FID" in capsys.readouterr().out

@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,7 +90,36 @@ def test_cli_eval_adherence_writes_figures(ldm_run, shapes_folder, tmp_path, cap
     assert main(["eval-adherence", str(ldm_run), "--data", str(shapes_folder), "--num", "10", "--guidance", "1",
                  "3", "--steps", "2", "--out", str(out), "--device", "cpu"]) == 0
     figures = json.loads((out / "adherence.json").read_text())
-    assert set(figures["by_guidance"]) == {"1.0", "3.0"}
-    assert 0.0 <= figures["by_guidance"]["3.0"]["all"] <= 1.0 and figures["by_guidance"]["1.0"]["objects"] >= 10
-    assert (out / "samples_w3.0.png").is_file()
-    assert "w=3.0: all attributes" in capsys.readouterr().out
+    assert [(f["sampler"], f["steps"], f["guidance"]) for f in figures["results"]] == [("dpmpp_2m", 2, 1.0),
+                                                                                       ("dpmpp_2m", 2, 3.0)]
+    assert 0.0 <= figures["results"][1]["all"] <= 1.0 and figures["results"][0]["objects"] >= 10
+    assert (out / "samples_w3.0.png").is_file() and (out / "adherence.png").is_file()
+    assert "dpmpp_2m 2 steps w=3.0: all attributes" in capsys.readouterr().out
+
+
+def test_cli_eval_adherence_sweeps_samplers_and_steps(ldm_run, shapes_folder, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["eval-adherence", str(ldm_run), "--data", str(shapes_folder), "--num", "4", "--guidance", "2",
+                 "--steps", "1", "2", "--sampler", "ddim", "euler", "--out", str(out), "--device", "cpu"]) == 0
+    figures = json.loads((out / "adherence.json").read_text())
+    assert [(f["sampler"], f["steps"]) for f in figures["results"]] == [("ddim", 1), ("ddim", 2), ("euler", 1),
+                                                                         ("euler", 2)]
+    assert (out / "samples_euler_2_w2.0.png").is_file() and (out / "adherence.png").is_file()
+    assert main(["eval-adherence", str(ldm_run), "--data", str(shapes_folder), "--sampler", "ddim", "nope",
+                 "--device", "cpu"]) == 2
+    assert "unknown sampler(s) ['nope']" in capsys.readouterr().err
+
+
+def test_class_prompts_name_the_class_or_give_its_number():
+    from latent_diffusion.config import ConditioningConfig, ConfigError, LDMRunConfig, load_config
+    from latent_diffusion.pipeline import class_label
+
+    cfg = load_config(Path(__file__).parent.parent / "configs/ldm/fashion.yaml", LDMRunConfig).conditioning
+    assert [class_label(p, cfg) for p in ("a photo of a sneaker", "a photo of a t-shirt", "Shirt", "3",
+                                          "an ankle boot")] == [7, 0, 6, 3, 9]
+    with pytest.raises(ValueError, match=r"a class name \(t-shirt, .*\) or a label number 0 to 9, got 'a cat'"):
+        class_label("a cat", cfg)
+    with pytest.raises(ValueError, match="a label number 0 to 2, got 'x'"):
+        class_label("x", ConditioningConfig(encoder="class", num_classes=3))
+    with pytest.raises(ConfigError, match="conditioning.class_names"):
+        ConditioningConfig(encoder="class", num_classes=3, class_names=("a", "b"))

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 from PIL import ImageFilter
 
 from latent_diffusion.data.shapes import generate_scene, render_scene
@@ -46,3 +47,20 @@ def test_reconstructions_of_the_shipped_autoencoder_score_perfectly():
         recon = model.decode(model.encode(x).mode())
     figures = caption_adherence([tensor_to_pil(r) for r in recon], [s.caption for s in scenes])
     assert figures["all"] >= 0.97
+
+
+def test_sweep_settings_and_series():
+    from latent_diffusion.evaluation.sweep import settings, sweep_series
+
+    sweep = settings(["ddim", "euler"], [5, 10], [3.0])
+    assert [(s.sampler, s.steps) for s in sweep] == [("ddim", 5), ("ddim", 10), ("euler", 5), ("euler", 10)]
+    results = [{**s.as_dict(), "all": i / 10} for i, s in enumerate(sweep)]
+    x_key, series = sweep_series(results, {"all": "all"})
+    assert x_key == "steps" and series == {"ddim": ([5.0, 10.0], [0.0, 0.1]), "euler": ([5.0, 10.0], [0.2, 0.3])}
+    results = [{**s.as_dict(), "all": 0.5, "fid": 1.0} for s in settings(["ddim"], [5], [1, 2])]
+    x_key, series = sweep_series(results, {"all": "all", "fid": "FID"})
+    assert x_key == "guidance" and series["FID"] == ([1.0, 2.0], [1.0, 1.0]) and set(series) == {"all", "FID"}
+    for bad in (dict(samplers=["nope"], steps=[5], guidance=[1]), dict(samplers=["ddim"], steps=[0], guidance=[1]),
+                dict(samplers=["ddim"], steps=[5], guidance=[-1])):
+        with pytest.raises(ValueError):
+            settings(**bad)

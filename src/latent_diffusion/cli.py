@@ -95,29 +95,36 @@ def cmd_eval_adherence(args: argparse.Namespace) -> None:
     import torch
 
     from latent_diffusion.data.imagefolder import ImageFolder
-    from latent_diffusion.evaluation.plot import line_plot
     from latent_diffusion.evaluation.shapes import evaluate_model_adherence
+    from latent_diffusion.evaluation.sweep import plot_sweep, settings
     from latent_diffusion.images import make_grid, pil_to_tensor, save_image
     from latent_diffusion.io.atomic import atomic_write_bytes
     from latent_diffusion.pipeline import Pipeline
 
+    sweep = settings(args.sampler, args.steps, args.guidance)
     held_out = ImageFolder(args.data, resolution=64)
     captions = [held_out.caption(i) for i in range(min(args.num, len(held_out)))]
     pipe = Pipeline.from_pretrained(args.model, device=args.device, precision=args.precision)
-    figures = evaluate_model_adherence(pipe, captions, args.guidance, args.steps, args.sampler, args.seed)
+    figures = evaluate_model_adherence(pipe, captions, sweep, args.seed)
     images = figures.pop("images")
     out = args.out or f"{args.model}/adherence"
-    for scale, ims in images.items():
+    for setting, ims in zip(sweep, images):
+        name = f"w{setting.guidance}" if len(sweep) == len(args.guidance) else \
+            f"{setting.sampler}_{setting.steps}_w{setting.guidance}"
         save_image(make_grid([torch.stack([pil_to_tensor(im) for im in ims[r * 10:(r + 1) * 10]])
-                              for r in range(min(4, len(ims) // 10))], scale=2), f"{out}/samples_w{scale}.png")
+                              for r in range(min(4, -(-len(ims) // 10)))], scale=2), f"{out}/samples_{name}.png")
     atomic_write_bytes(f"{out}/adherence.json", (json.dumps(figures, indent=2) + "\n").encode())
-    scales = [float(w) for w in figures["by_guidance"]]
-    line_plot({name: (scales, [f[name] for f in figures["by_guidance"].values()])
-               for name in ("all", "colour", "shape", "size", "position")}, f"{out}/adherence.png",
-              f"caption adherence ({len(captions)} held-out captions)", "guidance scale w", "share of objects")
-    for scale, f in figures["by_guidance"].items():
-        print(f"w={scale}: all attributes {f['all']:.1%}   colour {f['colour']:.1%}  shape {f['shape']:.1%}  "
-              f"size {f['size']:.1%}  position {f['position']:.1%}   ({f['objects']} objects)")
+    results = figures["results"]
+    title = f"caption adherence ({len(captions)} held-out captions)"
+    if len(sweep) == len(args.guidance):  # one sampler and step count: every attribute against w
+        plot_sweep(results, {a: a for a in ("all", "colour", "shape", "size", "position")}, f"{out}/adherence.png",
+                   title, "share of objects")
+    else:
+        plot_sweep(results, {"all": "all four right"}, f"{out}/adherence.png", title, "share of objects fully right")
+    for f in results:
+        print(f"{f['sampler']} {f['steps']} steps w={f['guidance']}: all attributes {f['all']:.1%}   colour "
+              f"{f['colour']:.1%}  shape {f['shape']:.1%}  size {f['size']:.1%}  position {f['position']:.1%}   "
+              f"({f['objects']} objects)")
 
 
 def cmd_train_features(args: argparse.Namespace) -> None:
@@ -141,27 +148,25 @@ def cmd_eval_fid(args: argparse.Namespace) -> None:
     from latent_diffusion.data import open_dataset
     from latent_diffusion.evaluation.features import load_feature_net
     from latent_diffusion.evaluation.generative import evaluate_samples, reference_features
-    from latent_diffusion.evaluation.plot import line_plot
+    from latent_diffusion.evaluation.sweep import plot_sweep, settings
     from latent_diffusion.io.atomic import atomic_write_bytes
     from latent_diffusion.pipeline import Pipeline
 
+    sweep = settings(args.sampler, args.steps, args.guidance)
     pipe = Pipeline.from_pretrained(args.model, device=args.device, precision=args.precision)
     features = load_feature_net(args.features)
     channels = pipe.ae_config.model.in_channels
     reference = reference_features(features, open_dataset(args.data, pipe.config.data.resolution, channels, "test"))
-    figures = evaluate_samples(pipe, features, reference, args.num, args.guidance, args.steps, args.sampler,
-                               features.config.num_classes, args.seed)
+    figures = evaluate_samples(pipe, features, reference, args.num, sweep, features.config.num_classes, args.seed)
     out = Path(args.out or f"{args.model}/fid")
     atomic_write_bytes(out / "fid.json", (json.dumps(figures, indent=2) + "\n").encode())
-    scales = [float(w) for w in figures["by_guidance"]]
-    by = figures["by_guidance"].values()
-    line_plot({"FID": (scales, [f["fid"] for f in by])}, out / "fid.png", "domain-feature FID against guidance",
-              "guidance scale w", "FID")
-    line_plot({"class accuracy": (scales, [f["class_accuracy"] for f in by])}, out / "accuracy.png",
-              "class accuracy of conditional samples", "guidance scale w", "accuracy")
-    for w, f in figures["by_guidance"].items():
-        print(f"w={w}: FID {f['fid']:.2f}  KID {f['kid']:.4f} ± {f['kid_std']:.4f}  class accuracy "
-              f"{f['class_accuracy']:.1%}  diversity {f['diversity']:.3f}")
+    results = figures["results"]
+    plot_sweep(results, {"fid": "FID"}, out / "fid.png", "domain-feature FID", "FID")
+    plot_sweep(results, {"class_accuracy": "class accuracy"}, out / "accuracy.png",
+               "class accuracy of conditional samples", "accuracy")
+    for f in results:
+        print(f"{f['sampler']} {f['steps']} steps w={f['guidance']}: FID {f['fid']:.2f}  KID {f['kid']:.4f} ± "
+              f"{f['kid_std']:.4f}  class accuracy {f['class_accuracy']:.1%}  diversity {f['diversity']:.3f}")
 
 
 def _add_training_arguments(p: argparse.ArgumentParser, configs: str) -> None:
@@ -264,8 +269,8 @@ def _add_evaluation_commands(sub) -> None:
     p.add_argument("--features", required=True, help="feature network folder (`ldm train-features`)")
     p.add_argument("--num", type=int, default=1000, help="samples per guidance scale")
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0])
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--sampler", default="dpmpp_2m")
+    p.add_argument("--steps", type=int, nargs="+", default=[25], help="sampling steps to compare")
+    p.add_argument("--sampler", nargs="+", default=["dpmpp_2m"], help="samplers to compare")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default: MODEL/fid)")
     p.add_argument("--device", default="auto")
@@ -277,8 +282,8 @@ def _add_evaluation_commands(sub) -> None:
     p.add_argument("--data", required=True, help="held-out shapes folder (its captions are used)")
     p.add_argument("--num", type=int, default=200, help="number of captions (default 200)")
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 5.0], help="guidance scales to compare")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--sampler", default="dpmpp_2m")
+    p.add_argument("--steps", type=int, nargs="+", default=[25], help="sampling steps to compare")
+    p.add_argument("--sampler", nargs="+", default=["dpmpp_2m"], help="samplers to compare")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="folder for adherence.json and sample grids (default MODEL/adherence)")
     p.add_argument("--device", default="auto")

@@ -163,6 +163,9 @@ class TrainConfig:
     :param strategy: "ddp" replicates the model on every process; "fsdp" shards weights, gradients, optimizer
         moments and EMA over the processes (for UNets too large to replicate). Checkpoints are the same either way.
     :param max_bad_steps: a non-finite loss skips its step; this many in a row stop the run.
+    :param init_from: a model folder whose weights start a new run (fine-tuning): its UNet (EMA weights when it
+        kept them) and its trained conditioner, when the shapes match; modules it lacks (a new adapter) keep their
+        initialisation. Ignored when the run resumes from its own checkpoint.
     """
 
     batch_size: int = 16
@@ -184,6 +187,7 @@ class TrainConfig:
     micro_batch_size: int | None = None
     strategy: Literal["ddp", "fsdp"] = "ddp"
     max_bad_steps: int = 5
+    init_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -245,6 +249,11 @@ class ConditioningConfig:
     :param spatial: a spatial condition concatenated to z_t: "low_res" (the image at the latent grid's size:
         super-resolution) or "inpaint" (mask + masked-image latents, SD inpainting's layout); the UNet's
         concat_channels must match (image channels, or 1 + latent channels).
+    :param class_names: names of a class-conditional model's labels (in label order): prompts may then name the
+        class ("a photo of a sneaker") instead of giving its number.
+    :param adapter_layers: transformer layers trained with the UNet on top of the frozen text tokens (the learned
+        part of τ_θ, `conditioning/adapter.py`; 0: none). They bind each phrase's words together, which a frozen
+        sentence encoder leaves to cross-attention. Text encoders only; native model format only.
     """
 
     encoder: Literal["minilm", "clip", "class"] = "minilm"
@@ -254,6 +263,16 @@ class ConditioningConfig:
     cache: bool = False
     clip: ClipTextConfig = field(default_factory=ClipTextConfig)
     spatial: Literal["none", "low_res", "inpaint"] = "none"
+    adapter_layers: int = 0
+    class_names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.class_names is not None:
+            _check(self.encoder == "class" and len(self.class_names) == self.num_classes, "conditioning.class_names",
+                   self.class_names, f"one name per label of a class-conditional model ({self.num_classes} names)")
+        _check(self.adapter_layers >= 0, "conditioning.adapter_layers", self.adapter_layers, "an integer >= 0")
+        _check(self.encoder != "class" or self.adapter_layers == 0, "conditioning.adapter_layers",
+               self.adapter_layers, "0 for encoder 'class' (its label embeddings are trained already)")
 
 
 @dataclass(frozen=True)

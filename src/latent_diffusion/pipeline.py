@@ -16,6 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from latent_diffusion.autoencoder import AutoencoderKL
+from latent_diffusion.conditioning.adapter import ContextAdapter
 from latent_diffusion.conditioning.base import Conditioning
 from latent_diffusion.conditioning.registry import build_encoder
 from latent_diffusion.conditioning.clip import load_clip_text_state_dict
@@ -35,36 +36,57 @@ from latent_diffusion.unet import UNetModel
 
 
 class Conditioner:
-    """The condition encoder of a model, with one interface for captions, class labels and prompts."""
+    """The condition encoder of a model, with one interface for captions, class labels and prompts.
 
-    def __init__(self, cfg: ConditioningConfig, encoder: torch.nn.Module):
-        self.cfg, self.encoder = cfg, encoder
+    `encoder` is the frozen text encoder or the class embedder; `adapter` (text models with
+    `conditioning.adapter_layers`) is the trained `ContextAdapter` applied to the encoder's tokens.
+    """
+
+    def __init__(self, cfg: ConditioningConfig, encoder: torch.nn.Module, adapter: ContextAdapter | None = None):
+        self.cfg, self.encoder, self.adapter = cfg, encoder, adapter
         self.dim: int = encoder.dim
 
     @property
     def trainable(self) -> torch.nn.Module | None:
-        """The module trained with the UNet (the class embedder), or None for frozen text encoders."""
-        return self.encoder if self.cfg.encoder == "class" else None
+        """The module trained with the UNet (the class embedder or the adapter), or None."""
+        return self.encoder if self.cfg.encoder == "class" else self.adapter
 
-    def encode_items(self, items: Sequence[dict]) -> Conditioning:
-        """Conditions of dataset items ({'caption': str, 'label': int})."""
+    def adapt(self, cond: Conditioning) -> Conditioning:
+        """The adapter applied to frozen text tokens (identity without one)."""
+        return cond if self.adapter is None else self.adapter(cond)
+
+    def encode_items(self, items: Sequence[dict], adapt: bool = True) -> Conditioning:
+        """Conditions of dataset items ({'caption': str, 'label': int}); `adapt=False`: the frozen tokens."""
         if self.cfg.encoder == "class":
             return self.encoder([item["label"] for item in items])
-        return self.encoder([item["caption"] for item in items])
+        cond = self.encoder([item["caption"] for item in items])
+        return self.adapt(cond) if adapt else cond
 
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
         """Conditions of user prompts; a class-conditional model takes the label number as its prompt."""
         if self.cfg.encoder != "class":
-            return self.encoder(list(prompts))
-        try:
-            labels = [int(p) for p in prompts]
-        except ValueError as exc:
-            raise ValueError(f"this model is class-conditional: the prompt must be a label number 0 to "
-                             f"{self.cfg.num_classes - 1}, got {list(prompts)!r}") from exc
-        return self.encoder(labels)
+            return self.adapt(self.encoder(list(prompts)))
+        return self.encoder([class_label(p, self.cfg) for p in prompts])
 
-    def unconditional(self, batch_size: int) -> Conditioning:
-        return self.encoder.unconditional(batch_size)
+    def unconditional(self, batch_size: int, adapt: bool = True) -> Conditioning:
+        """∅, `batch_size` times; `adapt=False`: a text model's frozen tokens of the empty prompt."""
+        cond = self.encoder.unconditional(batch_size)
+        return self.adapt(cond) if adapt and self.cfg.encoder != "class" else cond
+
+
+def class_label(prompt: str, cfg: ConditioningConfig) -> int:
+    """The label a class-conditional model's prompt asks for: its number, or the longest class name it contains
+    ("a photo of a t-shirt" is a t-shirt, not a shirt)."""
+    text = prompt.strip().lower()
+    if text.isdigit() and int(text) < cfg.num_classes:
+        return int(text)
+    names = cfg.class_names or ()
+    found = [(len(name), label) for label, name in enumerate(names) if name.lower() in text]
+    if not found:
+        known = f"a class name ({', '.join(names)}) or " if names else ""
+        raise ValueError(f"this model is class-conditional: the prompt must be {known}a label number 0 to "
+                         f"{cfg.num_classes - 1}, got {prompt!r}")
+    return max(found)[1]
 
 
 def build_conditioner(cfg: ConditioningConfig, device: torch.device, context_dim: int | None = None) -> Conditioner:
@@ -77,7 +99,12 @@ def build_conditioner(cfg: ConditioningConfig, device: torch.device, context_dim
         encoder = build_encoder("minilm", max_length=cfg.max_length, model_path=cfg.path)
     else:
         encoder = build_encoder("clip", config=cfg.clip, weights=cfg.path)
-    return Conditioner(cfg, encoder.to(device))
+    adapter = ContextAdapter(encoder.dim, cfg.adapter_layers).to(device) if cfg.adapter_layers else None
+    return Conditioner(cfg, encoder.to(device), adapter)
+
+
+def _trained_part(cfg: LDMRunConfig) -> str:
+    return "class embedder" if cfg.conditioning.encoder == "class" else "text adapter"
 
 
 def build_schedule(cfg: DiffusionConfig) -> NoiseSchedule:
@@ -121,9 +148,10 @@ class Pipeline:
             conditioner.encoder.tokenizer = parts.tokenizer
         if conditioner.trainable is not None:
             if parts.conditioner is None:
-                raise CheckpointError("a class-conditional model needs its class embedder weights "
+                raise CheckpointError(f"this model needs the weights of its {_trained_part(cfg)} "
                                       f"({CONDITIONER_FILE})")
-            load_module_weights(conditioner.trainable, parts.conditioner, "class embedder weights")
+            load_module_weights(conditioner.trainable, parts.conditioner, f"{_trained_part(cfg)} weights")
+            conditioner.trainable.eval()
         check_spatial(cfg.conditioning.spatial, cfg.unet.concat_channels, parts.autoencoder_config.in_channels,
                       parts.autoencoder_config.embed_dim)
         ae_cfg = AutoencoderRunConfig(model=parts.autoencoder_config, data=DataConfig(resolution=parts.resolution))
@@ -219,11 +247,13 @@ class Pipeline:
         noise = torch.randn((num_images, self.ae_config.model.embed_dim, h, w), generator=generator)
         bar = tqdm(total=steps, desc="sampling", disable=not progress)
         sample = get_sampler(sampler)
-        latents = sample(denoiser, noise.to(self.device), steps, generator=generator,
-                         callback=lambda *_: bar.update(1), **self.sampler_options(sample))
-        bar.close()
+        # One autocast region around every step: autocast keeps its bf16/fp16 copies of the weights until the
+        # outermost region ends, so the UNet's weights are cast once per image, not once per step.
         with autocast(self.device, self.precision):
-            images = self.autoencoder.decode(latents / self.latent_scale)
+            latents = sample(denoiser, noise.to(self.device), steps, generator=generator,
+                             callback=lambda *_: bar.update(1), **self.sampler_options(sample))
+            bar.close()
+            images = self.autoencoder.decode(latents.float() / self.latent_scale)
         return images.float().clamp(-1, 1).cpu()
 
     def __call__(self, prompt: str | Sequence[str], **kwargs) -> list[Image.Image]:

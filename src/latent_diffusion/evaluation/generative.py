@@ -33,23 +33,23 @@ def within_class_spread(features: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate_samples(pipe, model: FeatureNet, reference: torch.Tensor, num_samples: int, guidance_scales,
-                     steps: int = 25, sampler: str = "dpmpp_2m", num_classes: int = 10, seed: int = 0,
-                     batch_size: int = 250, progress: bool = True) -> dict:
-    """Generate `num_samples` images (classes in turn) per guidance scale and measure them against `reference`."""
+def evaluate_samples(pipe, model: FeatureNet, reference: torch.Tensor, num_samples: int, sweep: list,
+                     num_classes: int = 10, seed: int = 0, batch_size: int = 250, progress: bool = True) -> dict:
+    """Generate `num_samples` images (classes in turn) for each `Setting` of `sweep` (sampler, steps, guidance) and
+    measure them against `reference`."""
     labels = torch.arange(num_samples) % num_classes
     prompts = class_prompts(pipe, labels.tolist())
-    results = {}
-    for scale in guidance_scales:
+    results = []
+    for setting in sweep:
         images = []
-        for start in tqdm(range(0, num_samples, batch_size), desc=f"samples w={scale}", disable=not progress):
-            images.append(pipe.generate_tensors(prompts[start:start + batch_size], steps=steps, guidance_scale=scale,
-                                                sampler=sampler, seed=seed + start, progress=False))
+        for start in tqdm(range(0, num_samples, batch_size), desc=f"samples {setting.label()}", disable=not progress):
+            images.append(pipe.generate_tensors(prompts[start:start + batch_size], steps=setting.steps,
+                                                guidance_scale=setting.guidance, sampler=setting.sampler,
+                                                seed=seed + start, progress=False))
         features, predicted = extract(model, torch.cat(images))
         kid_mean, kid_std = kid(features, reference)
-        results[str(scale)] = {"fid": fid(features, reference), "kid": kid_mean, "kid_std": kid_std,
-                               "class_accuracy": float((predicted == labels).float().mean()),
-                               "diversity": within_class_spread(features, labels)}
-    return {"num_samples": num_samples, "steps": steps, "sampler": sampler, "reference_images": len(reference),
-            "features": "domain feature network (not Inception): comparable only with itself",
-            "by_guidance": results}
+        results.append({**setting.as_dict(), "fid": fid(features, reference), "kid": kid_mean, "kid_std": kid_std,
+                        "class_accuracy": float((predicted == labels).float().mean()),
+                        "diversity": within_class_spread(features, labels)})
+    return {"num_samples": num_samples, "seed": seed, "reference_images": len(reference),
+            "features": "domain feature network (not Inception): comparable only with itself", "results": results}

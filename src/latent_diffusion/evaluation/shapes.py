@@ -112,20 +112,19 @@ def caption_adherence(images: Iterable[Image.Image], captions: Iterable[str]) ->
     return figures
 
 
-def evaluate_model_adherence(pipe, captions: list[str], guidance_scales: Iterable[float], steps: int = 25,
-                             sampler: str = "dpmpp_2m", seed: int = 0, batch_size: int = 50,
+def evaluate_model_adherence(pipe, captions: list[str], sweep: list, seed: int = 0, batch_size: int = 50,
                              progress: bool = True) -> dict:
-    """Generate one image per caption at each guidance scale and score it; returns figures and the images."""
+    """One image per caption for each `Setting` of `sweep` (sampler, steps, guidance), scored; returns
+    {"captions", "results": [setting + figures, ...], "images": [list of PIL images per setting]}."""
     from tqdm import tqdm
 
-    results, images_by_scale = {}, {}
-    for scale in guidance_scales:
+    results, images_by_setting = [], []
+    for setting in sweep:
         images = []
-        for start in tqdm(range(0, len(captions), batch_size), desc=f"adherence w={scale}", disable=not progress):
-            batch = captions[start:start + batch_size]
-            images += pipe(batch, steps=steps, guidance_scale=scale, sampler=sampler, seed=seed + start,
-                           progress=False)
-        results[str(scale)] = caption_adherence(images, captions)
-        images_by_scale[scale] = images
-    return {"captions": len(captions), "steps": steps, "sampler": sampler, "by_guidance": results,
-            "images": images_by_scale}
+        for start in tqdm(range(0, len(captions), batch_size), desc=f"adherence {setting.label()}",
+                          disable=not progress):
+            images += pipe(captions[start:start + batch_size], steps=setting.steps, guidance_scale=setting.guidance,
+                           sampler=setting.sampler, seed=seed + start, progress=False)
+        results.append({**setting.as_dict(), **caption_adherence(images, captions)})
+        images_by_setting.append(images)
+    return {"captions": len(captions), "seed": seed, "results": results, "images": images_by_setting}

@@ -3,7 +3,7 @@
 Every reader returns `ModelParts` with tensors in our (CompVis-layout) naming, every writer takes one:
 
 - **native**: a model folder as `ldm train` writes it (`config.yaml`, `unet.safetensors`, `autoencoder/`,
-  `text_encoder.safetensors` for CLIP models, `conditioner.safetensors` for class-conditional ones);
+  `text_encoder.safetensors` for CLIP models, `conditioner.safetensors` for class-conditional ones and text adapters);
 - **original**: one Stable Diffusion checkpoint file (`.safetensors` or `.ckpt`; CompVis/Stability key layout);
 - **diffusers**: a diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`).
 
@@ -44,7 +44,8 @@ class ModelParts:
     """Configs and weights (our names) of UNet, autoencoder and condition encoder, plus the diffusion settings.
 
     :param text_encoder: `ClipTextTransformer` weights for `conditioning.encoder == "clip"`, else None.
-    :param conditioner: `ClassEmbedder` weights for `conditioning.encoder == "class"`, else None.
+    :param conditioner: `ClassEmbedder` weights for `conditioning.encoder == "class"`, `ContextAdapter`
+        weights with `conditioning.adapter_layers`, else None.
     :param tokenizer: a tokenizer read from the source (a diffusers `tokenizer/` folder); None: the bundled one.
     :param resolution: the image size the model was trained at (SD 1.x: 512, SD 2.x v-prediction: 768).
     """
@@ -164,6 +165,9 @@ def save_model(parts: ModelParts, path: str | os.PathLike, fmt: Format) -> None:
     if fmt != "native" and parts.unet_config.position_embedding:
         raise ConfigError(f"unet.position_embedding = True: the {fmt} format has no such option (it is this "
                           "project's addition); keep the model in the native format")
+    if fmt != "native" and parts.conditioning.adapter_layers:
+        raise ConfigError(f"conditioning.adapter_layers = {parts.conditioning.adapter_layers}: the {fmt} format "
+                          "has no place for a trained text adapter; keep the model in the native format")
     if fmt == "native":
         write_native(parts, path)
     elif fmt == "original":

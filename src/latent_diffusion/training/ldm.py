@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
@@ -27,8 +28,8 @@ from latent_diffusion.diffusion.guidance import apply_drop, network_kwargs
 from latent_diffusion.diffusion.objective import diffusion_loss
 from latent_diffusion.images import make_grid, save_image
 from latent_diffusion.io.autoencoder import CONFIG_FILE as AE_CONFIG, WEIGHTS_FILE as AE_WEIGHTS, load_autoencoder
-from latent_diffusion.io.checkpoint import (load_training_state, resume_training_state, save_training_state,
-                                            save_weights)
+from latent_diffusion.io.checkpoint import (CheckpointError, load_module_weights, load_training_state,
+                                            resume_training_state, save_training_state, save_weights)
 from latent_diffusion.pipeline import (AUTOENCODER_DIR, CONDITIONER_FILE, CONFIG_FILE, UNET_FILE, Conditioner,
                                        Pipeline, build_conditioner, build_schedule)
 from latent_diffusion.runtime import autocast, check_precision, resolve_device
@@ -81,17 +82,20 @@ def prepare_run_folder(cfg: LDMRunConfig, out: Path) -> LDMRunConfig:
 
 
 class TrainedNetwork(nn.Module):
-    """What the optimiser trains, as one module (so DDP reduces every gradient): the UNet, and the class
-    embedder of a class-conditional model (its labels are embedded, and dropped for CFG, inside forward)."""
+    """What the optimiser trains, as one module (so DDP reduces every gradient): the UNet, and the trained part
+    of the conditioner: a class embedder (given `labels`, embedded and dropped for CFG inside forward) or a text
+    adapter (given the frozen text tokens `cond`, already dropped)."""
 
-    def __init__(self, unet: UNetModel, embedder: nn.Module | None = None):
+    def __init__(self, unet: UNetModel, conditioner: nn.Module | None = None):
         super().__init__()
-        self.unet, self.embedder = unet, embedder
+        self.unet, self.conditioner = unet, conditioner
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None,
                 labels: list[int] | None = None, drop: torch.Tensor | None = None) -> torch.Tensor:
-        if self.embedder is not None:
-            cond = apply_drop(self.embedder(labels), self.embedder.unconditional(1), drop)
+        if labels is not None:
+            cond = apply_drop(self.conditioner(labels), self.conditioner.unconditional(1), drop)
+        elif self.conditioner is not None:
+            cond = self.conditioner(cond)
         return self.unet(x, t, **network_kwargs(cond))
 
 
@@ -103,6 +107,7 @@ class _Run:
     ctx: DistributedContext
     unet: UNetModel
     ema: EMA | None
+    conditioner_ema: EMA | None  # of the trained conditioner (class embedder or adapter), when there is one
     conditioner: Conditioner
     autoencoder: AutoencoderKL
     cache: LatentCache
@@ -139,6 +144,8 @@ def train_ldm(cfg: LDMRunConfig, data: str | os.PathLike, out: str | os.PathLike
     run.model = wrap(TrainedNetwork(run.unet, run.conditioner.trainable), ctx, tcfg.strategy)  # then shard
     if run.ema is not None:
         run.ema.shard_like(run.unet)
+    if run.conditioner_ema is not None:
+        run.conditioner_ema.shard_like(run.conditioner.trainable)
     run.optimizer = torch.optim.AdamW(run.model.parameters(), lr=tcfg.learning_rate, betas=tcfg.adam_betas,
                                       weight_decay=tcfg.weight_decay, fused=tcfg.strategy != "fsdp" or None)
     step = 0
@@ -156,7 +163,7 @@ def _build_run(cfg: LDMRunConfig, data, out: Path, ctx: DistributedContext, accu
     dev, tcfg = ctx.device, cfg.training
     autoencoder, ae_cfg = load_autoencoder(out / AUTOENCODER_DIR, dev)
     conditioner = build_conditioner(cfg.conditioning, dev, cfg.unet.context_dim)
-    if cfg.conditioning.cache and conditioner.trainable is None:
+    if cfg.conditioning.cache and cfg.conditioning.encoder != "class":
         conditioner.encoder = CachedEncoder(conditioner.encoder, out / "cache" / "text")
     if cfg.unet.context_dim is not None and conditioner.dim != cfg.unet.context_dim:
         raise ConfigError(f"unet.context_dim = {cfg.unet.context_dim}: the {cfg.conditioning.encoder} encoder "
@@ -171,16 +178,37 @@ def _build_run(cfg: LDMRunConfig, data, out: Path, ctx: DistributedContext, accu
         raise ValueError(f"training.batch_size = {tcfg.batch_size} but {data} holds only {len(cache)} images")
     torch.manual_seed(tcfg.seed)
     unet = UNetModel(cfg.unet).to(dev)
+    if tcfg.init_from:
+        init_weights(tcfg.init_from, unet, conditioner.trainable)
+    trainable = conditioner.trainable
     ema = EMA(unet, tcfg.ema_decay).to(dev) if tcfg.ema_decay else None
+    conditioner_ema = EMA(trainable, tcfg.ema_decay).to(dev) if tcfg.ema_decay and trainable is not None else None
     scaler = torch.amp.GradScaler(dev.type, enabled=tcfg.precision == "fp16")
-    return _Run(cfg, ctx, unet, ema, conditioner, autoencoder, cache, scaler, torch.Generator().manual_seed(tcfg.seed),
-                accumulation, NonFiniteGuard(tcfg.max_bad_steps, "diffusion"))
+    return _Run(cfg, ctx, unet, ema, conditioner_ema, conditioner, autoencoder, cache, scaler,
+                torch.Generator().manual_seed(tcfg.seed), accumulation, NonFiniteGuard(tcfg.max_bad_steps, "diffusion"))
+
+
+def init_weights(path: str, unet: UNetModel, trainable: nn.Module | None) -> None:
+    """Start from the weights of the model at `path` (any format `load_model` reads): its UNet, and its trained
+    conditioner when both models have one; a module the source lacks (a new adapter) keeps its initialisation."""
+    from latent_diffusion.io.model import load_model
+
+    try:
+        parts = load_model(path)
+    except (OSError, ValueError, CheckpointError) as exc:
+        raise ConfigError(f"training.init_from = {path!r}: {exc}") from exc
+    load_module_weights(unet, parts.unet, f"UNet weights of training.init_from = {path!r}")
+    if trainable is not None and parts.conditioner is not None:
+        load_module_weights(trainable, parts.conditioner, f"conditioner weights of training.init_from = {path!r}")
+    log.info("initialised from %s (UNet%s)", path,
+             " and conditioner" if trainable is not None and parts.conditioner is not None else "")
 
 
 def _modules(run: _Run) -> dict[str, nn.Module]:
     trainable = run.conditioner.trainable
     return {"unet": run.unet, **({"conditioner": trainable} if trainable is not None else {}),
-            **({"ema": run.ema} if run.ema is not None else {})}
+            **({"ema": run.ema} if run.ema is not None else {}),
+            **({"conditioner_ema": run.conditioner_ema} if run.conditioner_ema is not None else {})}
 
 
 def _train_loop(run: _Run, out: Path, step: int, signals: StopSignals, progress: bool) -> dict:
@@ -260,6 +288,8 @@ def _train_step(run: _Run, indices: torch.Tensor, step: int) -> float:
     run.optimizer.zero_grad(set_to_none=True)
     if run.ema is not None:
         run.ema.update(run.unet)
+    if run.conditioner_ema is not None:
+        run.conditioner_ema.update(run.conditioner.trainable)
     return total
 
 
@@ -268,10 +298,11 @@ def _network(run: _Run, indices: torch.Tensor, drop: torch.Tensor, masks: torch.
     """network(x_t, t) for one micro-batch: its condition (dropped where `drop`) and spatial condition bound."""
     dev, conditioner = run.ctx.device, run.conditioner
     items = run.cache.items(indices)
-    if conditioner.trainable is not None:
+    if conditioner.cfg.encoder == "class":
         kwargs = {"labels": [item["label"] for item in items], "drop": drop}
     else:
-        kwargs = {"cond": apply_drop(conditioner.encode_items(items), conditioner.unconditional(1), drop)}
+        kwargs = {"cond": apply_drop(conditioner.encode_items(items, adapt=False),
+                                     conditioner.unconditional(1, adapt=False), drop)}  # the adapter runs in model
     spatial = None
     if run.cfg.conditioning.spatial != "none":
         images = run.cache.pixels(indices).to(dev)
@@ -286,9 +317,14 @@ def _gathered_states(run: _Run) -> dict[str, dict[str, torch.Tensor]]:
     return {name: gather(module.state_dict()) for name, module in _modules(run).items()}
 
 
-def _sampling_weights(run: _Run, states: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The UNet weights to sample from: the EMA average when training keeps one, else the weights themselves."""
-    return {**states["unet"], **(run.ema.averaged(states["ema"]) if run.ema is not None else {})}
+def _sampling_weights(run: _Run, states: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    """The weights to sample from, {"unet": ..., "conditioner": ...} (the latter for a trained conditioner only):
+    the EMA averages when training keeps them, else the weights themselves."""
+    weights = {"unet": {**states["unet"], **(run.ema.averaged(states["ema"]) if run.ema is not None else {})}}
+    if "conditioner" in states:
+        weights["conditioner"] = {**states["conditioner"], **(run.conditioner_ema.averaged(states["conditioner_ema"])
+                                                             if run.conditioner_ema is not None else {})}
+    return weights
 
 
 def _checkpoint(run: _Run, out: Path, step: int, samples: bool = False) -> None:
@@ -300,22 +336,29 @@ def _checkpoint(run: _Run, out: Path, step: int, samples: bool = False) -> None:
         save_training_state(out / STATE_FILE, _modules(run), {"optimizer": run.optimizer}, step,
                             extra={"scaler": run.scaler.state_dict()}, state_dicts=states,
                             optimizer_states={"optimizer": optimizer_state}, generators={"batches": run.rng})
-        if "conditioner" in states:
-            save_weights(states["conditioner"], out / CONDITIONER_FILE)
-        save_weights(weights, out / UNET_FILE, metadata={"step": str(step), "ema": str(run.ema is not None)})
+        if "conditioner" in weights:
+            save_weights(weights["conditioner"], out / CONDITIONER_FILE)
+        save_weights(weights["unet"], out / UNET_FILE, metadata={"step": str(step), "ema": str(run.ema is not None)})
     if samples and run.cfg.sampling.prompts:
         _write_samples(run, out, step, weights)
     run.ctx.barrier()
 
 
-def _write_samples(run: _Run, out: Path, step: int, weights: dict[str, torch.Tensor]) -> None:
-    """Rank 0 draws the sample grid with `weights`, from the modules in memory (no reload from disk)."""
+def _write_samples(run: _Run, out: Path, step: int, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Rank 0 draws the sample grid with `weights` (see `_sampling_weights`), from the modules in memory."""
     if not run.ctx.is_main:
         return
     unet = UNetModel(run.cfg.unet).to(run.ctx.device)
-    unet.load_state_dict(weights)
+    unet.load_state_dict(weights["unet"])
+    conditioner = run.conditioner
+    if "conditioner" in weights:  # a copy with the sampling weights; the trained module stays as it is
+        trained = copy.deepcopy(conditioner.trainable)
+        trained.load_state_dict(weights["conditioner"])
+        trained.eval()
+        conditioner = (Conditioner(conditioner.cfg, trained) if conditioner.cfg.encoder == "class"
+                       else Conditioner(conditioner.cfg, conditioner.encoder, trained))
     ae_cfg = AutoencoderRunConfig(model=run.autoencoder.config, data=run.cfg.data)
-    pipe = Pipeline(run.cfg, unet.eval(), run.autoencoder, ae_cfg, run.conditioner, run.ctx.device,
+    pipe = Pipeline(run.cfg, unet.eval(), run.autoencoder, ae_cfg, conditioner, run.ctx.device,
                     run.cfg.training.precision)
     write_sample_grid(out, step, pipe, sample_inputs(run.cfg.conditioning.spatial, run.cache))
 

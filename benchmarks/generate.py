@@ -1,0 +1,97 @@
+"""A whole text-to-image generation with the Stable Diffusion 1.5 architecture: 512×512, 20 DPM-Solver++(2M)
+steps, guidance 7.5, one image, end to end (tokenize, encode, 20 guided UNet steps, VAE decode); ours
+(`Pipeline`) against diffusers' `StableDiffusionPipeline` reading the same random weights, which our converter
+writes as a diffusers folder.
+
+    python benchmarks/generate.py [--dtype bf16] [--repeats 1] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import DTYPES, alternate, arguments, machine, peaks, report_peak, table, write_json  # noqa: E402
+
+from latent_diffusion.autoencoder import AutoencoderKL  # noqa: E402
+from latent_diffusion.conditioning.clip import ClipTextConfig, ClipTextTransformer  # noqa: E402
+from latent_diffusion.config import AutoencoderConfig, ConditioningConfig, SamplingConfig, UNetConfig  # noqa: E402
+from latent_diffusion.io.diffusers_format import write_diffusers  # noqa: E402
+from latent_diffusion.io.model import ModelParts  # noqa: E402
+from latent_diffusion.pipeline import Pipeline  # noqa: E402
+from latent_diffusion.unet import UNetModel  # noqa: E402
+
+IMPLS = ("ours", "diffusers")
+PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
+
+
+def sd15_parts() -> ModelParts:
+    """The SD 1.5 architecture with seeded random weights (no weights can be downloaded here)."""
+    torch.manual_seed(0)
+    unet_cfg, vae_cfg, clip = UNetConfig(), AutoencoderConfig(latent_scale=0.18215), ClipTextConfig()
+    unet = UNetModel(unet_cfg)
+    with torch.no_grad():  # zero-initialised output layers would make the UNet output zero
+        for p in unet.parameters():
+            if not p.abs().sum():
+                p.normal_(0, 0.02)
+    return ModelParts(unet_config=unet_cfg, unet=unet.state_dict(), autoencoder_config=vae_cfg,
+                      autoencoder=AutoencoderKL(vae_cfg).state_dict(),
+                      conditioning=ConditioningConfig(encoder="clip", clip=clip),
+                      text_encoder=ClipTextTransformer(clip).state_dict(),
+                      sampling=SamplingConfig(sampler="dpmpp_2m", timestep_spacing="leading", steps_offset=1),
+                      resolution=512)
+
+
+def build(impl: str, name: str, device: str, steps: int, folder: Path):
+    if impl == "ours":
+        pipe = Pipeline.from_parts(sd15_parts(), device=device, precision=name)
+
+        def call():
+            return pipe.generate_tensors(PROMPT, steps=steps, guidance_scale=7.5, sampler="dpmpp_2m", seed=0,
+                                         progress=False)
+    else:
+        import diffusers
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=DTYPES[name], safety_checker=None,
+                                                                 requires_safety_checker=False).to(device)
+        pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+
+        def call():
+            return pipe(PROMPT, num_inference_steps=steps, guidance_scale=7.5, output_type="pt",
+                        generator=torch.Generator().manual_seed(0)).images
+    return call
+
+
+def main() -> None:
+    def extra(p):
+        p.add_argument("--steps", type=int, default=20)
+        p.add_argument("--folder", default=None,
+                       help="where to write the diffusers copy of the weights (default: a temporary folder)")
+
+    args = arguments(__doc__, extra)
+    args.dtype = args.dtype if args.dtype != ["fp32", "bf16"] else ["bf16"]
+    if args.peak:
+        build(args.impl, args.dtype[0], args.device, args.steps, Path(args.folder))()
+        report_peak()
+        return
+    print(f"text to image, SD 1.5 architecture, 512², {args.steps} DPM-Solver++ steps, w = 7.5 — {machine()}")
+    figures = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(args.folder or tmp)
+        write_diffusers(sd15_parts(), folder)
+        for name in args.dtype:
+            calls = {impl: build(impl, name, args.device, args.steps, folder) for impl in IMPLS}
+            times = alternate(calls, args.repeats, warmup=0)
+            figures[name] = {"rows": table(f"text to image {name}", times,
+                                           peaks(args, __file__, IMPLS, "--dtype", name, "--steps", str(args.steps),
+                                                 "--folder", str(folder)))}
+            del calls
+    write_json(args.json, figures)
+
+
+if __name__ == "__main__":
+    main()

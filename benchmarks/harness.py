@@ -1,0 +1,130 @@
+"""Shared benchmark plumbing: the machine, A B A B timing with medians, peak memory in a fresh process, a table.
+
+Every benchmark script times our implementation and its peers on identical configs and weights (our weights
+moved across with our own converters), alternating the implementations so that drift of a noisy machine hits
+all of them alike, and prints median seconds, the ratio of each peer's median to ours (> 1: we are faster) and
+the peak resident memory of one process that loads and runs that implementation alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def machine() -> str:
+    """CPU model and core count (or the GPU), thread count and torch version, for the results table."""
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name(0)
+    else:
+        device = platform.processor() or "cpu"
+        try:
+            for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
+                if line.startswith("Model name:"):
+                    device = line.split(":", 1)[1].strip()
+        except (OSError, subprocess.CalledProcessError):
+            pass
+    return (f"{device}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"{time.strftime('%Y-%m-%d')}")
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def alternate(runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Time each callable `repeats` times, in turns (A B A B ...), after `warmup` untimed calls of each."""
+    for fn in runs.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory_mib(script: str, *args: str) -> float | None:
+    """Peak resident memory (MiB) of `python script *args --peak` run in a fresh process (None if it failed).
+
+    On CUDA the script reports its own peak allocated GPU memory instead, as its last line of output."""
+    proc = subprocess.run([sys.executable, script, *args, "--peak"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"  (peak memory run failed: {proc.stderr.strip().splitlines()[-1:]})", file=sys.stderr)
+        return None
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def peaks(args, script: str, impls, *extra: str) -> dict[str, float | None]:
+    """Peak memory of each implementation, each in its own fresh process running the benchmark's call once with
+    `--impl IMPL --dtype DTYPE --device DEVICE *extra` (nothing when --no-peak)."""
+    if args.no_peak:
+        return {}
+    return {impl: peak_memory_mib(script, "--impl", impl, "--device", args.device, *extra) for impl in impls}
+
+
+def report_peak() -> None:
+    """Print this process's peak memory in MiB (GPU allocations on CUDA, else resident set size)."""
+    if torch.cuda.is_available():
+        print(torch.cuda.max_memory_allocated() / 2**20)
+    else:
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def table(title: str, times: dict[str, list[float]], peaks: dict[str, float | None] | None = None,
+          ours: str = "ours", unit: str = "s", per: float = 1.0) -> list[dict]:
+    """Print a Markdown table of medians (optionally divided by `per`), ratio to `ours`, and peak memory."""
+    peaks = peaks or {}
+    base = statistics.median(times[ours])
+    print(f"\n### {title}\n\n| implementation | median {unit} | peer / ours | runs | peak MiB |\n|---|---|---|---|---|")
+    rows = []
+    for name, values in times.items():
+        median = statistics.median(values)
+        peak = peaks.get(name)
+        rows.append({"name": name, "median_s": median, "ratio": median / base, "runs": len(values), "peak_mib": peak})
+        print(f"| {name} | {median / per:.3f} | {median / base:.2f} | {len(values)} | "
+              f"{'' if peak is None else f'{peak:.0f}'} |")
+    return rows
+
+
+def arguments(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """Common flags: --dtype, --repeats, --threads, --device, --json; and the internal --peak/--impl pair."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.add_argument("--no-peak", action="store_true", help="skip the peak-memory runs (each reruns one call)")
+    p.add_argument("--impl", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--peak", action="store_true", help=argparse.SUPPRESS)
+    if extra:
+        extra(p)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def write_json(path: str | None, figures: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump({"machine": machine(), **figures}, f, indent=2)
+            f.write("\n")

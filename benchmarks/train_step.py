@@ -1,0 +1,124 @@
+"""A training step (forward + backward + AdamW) of a UNet, samples per second: the bundled shapes model's UNet
+(batch 64 of 16×16×4 latents, MiniLM-width context) and the SD 1.5-shaped UNet (batch 2 of 32×32×4 latents,
+77×768 context); ours against diffusers' UNet2DConditionModel with the same weights.
+
+    python benchmarks/train_step.py [--model shapes sd15] [--repeats 3]
+
+fp32 weights; --dtype bf16 runs the step under bf16 autocast (as `training.precision: bf16` does). The
+SD-shaped models are too large to hold two of (with their optimizer state) in memory: each implementation is
+timed in its own process, one after the other, instead of alternating.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import DTYPES, alternate, arguments, machine, sync, table, write_json  # noqa: E402
+
+from latent_diffusion.config import LDMRunConfig, UNetConfig, load_config  # noqa: E402
+from latent_diffusion.io.diffusers_config import unet_config_to_diffusers  # noqa: E402
+from latent_diffusion.io.keymaps import unet_state_to_diffusers  # noqa: E402
+from latent_diffusion.unet import UNetModel  # noqa: E402
+
+IMPLS = ("ours", "diffusers")
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = {"batch": 64, "size": 16, "tokens": 20}
+SD15 = {"batch": 2, "size": 32, "tokens": 77}
+
+
+def model_config(model: str) -> tuple[UNetConfig, dict]:
+    if model == "shapes":
+        # diffusers has no position codes on the transformer tokens (they cost nothing measurable): leave them out
+        cfg = load_config(ROOT / "configs/ldm/shapes.yaml", LDMRunConfig).unet
+        return replace(cfg, position_embedding=False), SHAPES
+    return UNetConfig(), SD15
+
+
+def build(impl: str, model: str, name: str, device: str):
+    cfg, shape = model_config(model)
+    torch.manual_seed(0)
+    ours = UNetModel(cfg)
+    if impl == "ours":
+        net = ours
+    else:
+        from diffusers import UNet2DConditionModel
+        net = UNet2DConditionModel.from_config(unet_config_to_diffusers(cfg, shape["size"]))
+        net.load_state_dict(unet_state_to_diffusers(cfg, ours.state_dict()))
+        del ours
+    net = net.to(device).train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5, fused=True)
+    gen = torch.Generator().manual_seed(1)
+    b, s = shape["batch"], shape["size"]
+    x = torch.randn(b, cfg.in_channels, s, s, generator=gen).to(device)
+    t = torch.randint(0, 1000, (b,), generator=gen).to(device)
+    context = torch.randn(b, shape["tokens"], cfg.context_dim, generator=gen).to(device)
+    target = torch.randn(b, cfg.out_channels, s, s, generator=gen).to(device)
+    autocast = torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[name], enabled=name != "fp32")
+
+    def step():
+        with autocast:
+            out = net(x, t, context) if impl == "ours" else net(x, t, encoder_hidden_states=context).sample
+            loss = torch.nn.functional.mse_loss(out.float(), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, b
+
+
+def separate(args, model: str, name: str) -> dict[str, list[float]]:
+    """Time each implementation in its own process (the SD-shaped model and its optimizer fill the memory)."""
+    times = {}
+    for impl in IMPLS:
+        proc = subprocess.run([sys.executable, __file__, "--impl", impl, "--model", model, "--dtype", name,
+                               "--repeats", str(args.repeats), "--device", args.device],
+                              capture_output=True, text=True, check=True)
+        times[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return times
+
+
+def main() -> None:
+    args = arguments(__doc__, lambda p: p.add_argument("--model", nargs="+", default=["shapes", "sd15"],
+                                                       choices=["shapes", "sd15"]))
+    if args.impl:  # one implementation alone: print its step times as JSON
+        step, _ = build(args.impl, args.model[0], args.dtype[0], args.device)
+        step()
+        times = []
+        for _ in range(args.repeats):
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - start)
+        print(json.dumps(times))
+        return
+    print(f"UNet training step — {machine()}")
+    figures = {}
+    for model in args.model:
+        batch = model_config(model)[1]["batch"]
+        for name in args.dtype:
+            if model == "shapes":
+                steps = {impl: build(impl, model, name, args.device)[0] for impl in IMPLS}
+                times = alternate(steps, args.repeats)
+            else:
+                times = separate(args, model, name)
+            rows = table(f"training step, {model} UNet, batch {batch}, {name} (samples/s = {batch} / median)",
+                         times)
+            for row in rows:
+                print(f"  {row['name']}: {batch / row['median_s']:.1f} samples/s")
+            figures[f"{model} {name}"] = {"rows": rows,
+                                          "samples_per_s": {k: batch / statistics.median(v) for k, v in times.items()}}
+    write_json(args.json, figures)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""VAE of Stable Diffusion (83.7 M parameters): decode a 64×64×4 latent to a 512×512 image, and encode one;
+ours against diffusers' AutoencoderKL with the same (random) weights.
+
+    python benchmarks/vae.py [--dtype fp32 bf16] [--repeats 3] [--size 512]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import DTYPES, alternate, arguments, machine, peaks, report_peak, table, write_json  # noqa: E402
+
+from latent_diffusion.autoencoder import AutoencoderKL  # noqa: E402
+from latent_diffusion.config import AutoencoderConfig  # noqa: E402
+from latent_diffusion.io.diffusers_config import vae_config_to_diffusers  # noqa: E402
+from latent_diffusion.io.keymaps import vae_state_to_diffusers  # noqa: E402
+
+IMPLS = ("ours", "diffusers")
+
+
+def build(impl: str, op: str, dtype: torch.dtype, device: str, size: int):
+    cfg = AutoencoderConfig(resolution=size)
+    torch.manual_seed(0)
+    ours = AutoencoderKL(cfg)
+    if impl == "ours":
+        model = ours
+    else:
+        from diffusers import AutoencoderKL as DiffusersVAE
+        model = DiffusersVAE.from_config(vae_config_to_diffusers(cfg))
+        model.load_state_dict(vae_state_to_diffusers(cfg, ours.state_dict()))
+        del ours
+    model = model.to(device=device, dtype=dtype).eval()
+    gen = torch.Generator().manual_seed(1)
+    if op == "decode":
+        z = torch.randn(1, 4, size // 8, size // 8, generator=gen).to(device, dtype)
+
+        @torch.inference_mode()
+        def call():
+            return (model.decode(z) if impl == "ours" else model.decode(z).sample).float()
+    else:
+        x = (torch.rand(1, 3, size, size, generator=gen) * 2 - 1).to(device, dtype)
+
+        @torch.inference_mode()
+        def call():
+            return (model.encode(x).mean if impl == "ours" else model.encode(x).latent_dist.mean).float()
+    return call
+
+
+def main() -> None:
+    def extra(p):
+        p.add_argument("--size", type=int, default=512, help="image side (multiple of 8)")
+        p.add_argument("--op", nargs="+", default=["decode", "encode"], choices=["decode", "encode"])
+
+    args = arguments(__doc__, extra)
+    if args.peak:
+        build(args.impl, args.op[0], DTYPES[args.dtype[0]], args.device, args.size)()
+        report_peak()
+        return
+    print(f"VAE at {args.size}×{args.size} — {machine()}")
+    figures = {}
+    for op in args.op:
+        for name in args.dtype:
+            calls = {impl: build(impl, op, DTYPES[name], args.device, args.size) for impl in IMPLS}
+            outputs = {impl: fn() for impl, fn in calls.items()}
+            times = alternate(calls, args.repeats, warmup=0)
+            rows = table(f"VAE {op} {args.size}² {name}", times,
+                         peaks(args, __file__, IMPLS, "--op", op, "--dtype", name, "--size", str(args.size)))
+            diff = (outputs["ours"] - outputs["diffusers"]).abs().max().item()
+            print(f"\nmax |ours − diffusers| = {diff:.2e}")
+            figures[f"{op} {name}"] = {"rows": rows, "max_abs_diff": diff}
+    write_json(args.json, figures)
+
+
+if __name__ == "__main__":
+    main()
