@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import DTYPES, alternate, arguments, machine, peaks, report_peak, table, write_json  # noqa: E402
+from harness import DTYPES, alternate, arguments, machine, measure_peak, peaks, table, write_json  # noqa: E402
 
 from latent_diffusion.autoencoder import AutoencoderKL  # noqa: E402
 from latent_diffusion.conditioning.clip import ClipTextConfig, ClipTextTransformer  # noqa: E402
@@ -75,8 +75,7 @@ def main() -> None:
     args = arguments(__doc__, extra)
     args.dtype = args.dtype if args.dtype != ["fp32", "bf16"] else ["bf16"]
     if args.peak:
-        build(args.impl, args.dtype[0], args.device, args.steps, Path(args.folder))()
-        report_peak()
+        measure_peak(build(args.impl, args.dtype[0], args.device, args.steps, Path(args.folder)))
         return
     print(f"text to image, SD 1.5 architecture, 512², {args.steps} DPM-Solver++ steps, w = 7.5 — {machine()}")
     figures = {}

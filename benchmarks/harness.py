@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,18 @@ def machine() -> str:
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], repeats: int) -> list[float]:
+    """Seconds of `repeats` calls of `fn` (device synchronised around each)."""
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def alternate(runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
@@ -80,12 +91,21 @@ def peaks(args, script: str, impls, *extra: str) -> dict[str, float | None]:
     return {impl: peak_memory_mib(script, "--impl", impl, "--device", args.device, *extra) for impl in impls}
 
 
-def report_peak() -> None:
-    """Print this process's peak memory in MiB (GPU allocations on CUDA, else resident set size)."""
+def measure_peak(call: Callable[[], object]) -> None:
+    """Run `call` once and print the peak memory (MiB) during it: GPU allocations on CUDA, else the resident set
+    (VmHWM, reset first through /proc/self/clear_refs, so that building and converting the model do not count;
+    resident weights do). Not `ru_maxrss`: it survives fork and exec, so a child of a big process inherits it."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    call()
     if torch.cuda.is_available():
         print(torch.cuda.max_memory_allocated() / 2**20)
-    else:
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        return
+    with open("/proc/self/status") as f:
+        print(next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024)
 
 
 def table(title: str, times: dict[str, list[float]], peaks: dict[str, float | None] | None = None,

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import DTYPES, arguments, machine, sync, write_json  # noqa: E402
+from harness import DTYPES, arguments, machine, timed, write_json  # noqa: E402
 from unet import build  # noqa: E402
 
 
@@ -24,14 +23,7 @@ def matmul_rate(dtype: torch.dtype, device: str, n: int = 4096, repeats: int = 5
     """Median GFLOP/s of an n×n by n×n matmul."""
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     a @ b
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        a @ b
-        sync()
-        times.append(time.perf_counter() - start)
-    return 2 * n**3 / statistics.median(times) / 1e9
+    return 2 * n**3 / statistics.median(timed(lambda: a @ b, repeats)) / 1e9
 
 
 def unet_flops(device: str) -> int:
@@ -54,14 +46,7 @@ def main() -> None:
         rate = matmul_rate(dtype, args.device)
         _, call = build("ours", dtype, args.device)
         call()
-        times = []
-        for _ in range(args.repeats):
-            sync()
-            start = time.perf_counter()
-            call()
-            sync()
-            times.append(time.perf_counter() - start)
-        seconds = statistics.median(times)
+        seconds = statistics.median(timed(call, args.repeats))
         achieved = flops / seconds / 1e9
         print(f"| {name} | {rate:.0f} | {seconds:.2f} | {achieved:.0f} | {achieved / rate:.0%} |")
         figures[name] = {"matmul_gflops": rate, "unet_s": seconds, "unet_gflops": achieved}

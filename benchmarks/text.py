@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import DTYPES, alternate, arguments, machine, peaks, report_peak, table, write_json  # noqa: E402
+from harness import DTYPES, alternate, arguments, machine, measure_peak, peaks, table, write_json  # noqa: E402
 
 from latent_diffusion.conditioning.clip import ClipTextConfig, ClipTextTransformer  # noqa: E402
 from latent_diffusion.io.diffusers_config import clip_config_to_transformers  # noqa: E402
@@ -49,8 +49,7 @@ def build(impl: str, dtype: torch.dtype, device: str):
 def main() -> None:
     args = arguments(__doc__)
     if args.peak:
-        build(args.impl, DTYPES[args.dtype[0]], args.device)()
-        report_peak()
+        measure_peak(build(args.impl, DTYPES[args.dtype[0]], args.device))
         return
     print(f"CLIP ViT-L/14 text encoder, 2 × 77 tokens — {machine()}")
     figures = {}

@@ -15,14 +15,13 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import DTYPES, alternate, arguments, machine, sync, table, write_json  # noqa: E402
+from harness import DTYPES, alternate, arguments, machine, table, timed, write_json  # noqa: E402
 
 from latent_diffusion.config import LDMRunConfig, UNetConfig, load_config  # noqa: E402
 from latent_diffusion.io.diffusers_config import unet_config_to_diffusers  # noqa: E402
@@ -92,14 +91,7 @@ def main() -> None:
     if args.impl:  # one implementation alone: print its step times as JSON
         step, _ = build(args.impl, args.model[0], args.dtype[0], args.device)
         step()
-        times = []
-        for _ in range(args.repeats):
-            sync()
-            start = time.perf_counter()
-            step()
-            sync()
-            times.append(time.perf_counter() - start)
-        print(json.dumps(times))
+        print(json.dumps(timed(step, args.repeats)))
         return
     print(f"UNet training step — {machine()}")
     figures = {}

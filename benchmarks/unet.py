@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import DTYPES, alternate, arguments, machine, peaks, report_peak, table, write_json  # noqa: E402
+from harness import DTYPES, alternate, arguments, machine, measure_peak, peaks, table, write_json  # noqa: E402
 
 from latent_diffusion.config import UNetConfig  # noqa: E402
 from latent_diffusion.io.diffusers_config import unet_config_to_diffusers  # noqa: E402
@@ -60,8 +60,7 @@ def main() -> None:
                                                        help="also time torch.compile of each"))
     if args.peak:
         _, call = build(args.impl, DTYPES[args.dtype[0]], args.device)
-        call()
-        report_peak()
+        measure_peak(call)
         return
     print(f"UNet forward, SD 1.5, batch 2, 64×64 latents — {machine()}")
     figures = {}

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import DTYPES, alternate, arguments, machine, peaks, report_peak, table, write_json  # noqa: E402
+from harness import DTYPES, alternate, arguments, machine, measure_peak, peaks, table, write_json  # noqa: E402
 
 from latent_diffusion.autoencoder import AutoencoderKL  # noqa: E402
 from latent_diffusion.config import AutoencoderConfig  # noqa: E402
@@ -57,8 +57,7 @@ def main() -> None:
 
     args = arguments(__doc__, extra)
     if args.peak:
-        build(args.impl, args.op[0], DTYPES[args.dtype[0]], args.device, args.size)()
-        report_peak()
+        measure_peak(build(args.impl, args.op[0], DTYPES[args.dtype[0]], args.device, args.size))
         return
     print(f"VAE at {args.size}×{args.size} — {machine()}")
     figures = {}
