@@ -106,7 +106,7 @@ class SpatialTransformer(nn.Module):
         hidden = self.norm(x)
         if not self.use_linear:
             hidden = self.proj_in(hidden)
-        hidden = hidden.flatten(2).transpose(1, 2)  # (B, HW, C)
+        hidden = hidden.flatten(2).transpose(1, 2).contiguous()  # (B, HW, C); one copy here saves one per LayerNorm
         if self.use_linear:
             hidden = self.proj_in(hidden)
         if self.position_embedding:
