@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import DTYPES, alternate, arguments, machine, measure_peak, peaks, table, write_json  # noqa: E402
+from unet import random_unet  # noqa: E402
 
 from latent_diffusion.autoencoder import AutoencoderKL  # noqa: E402
 from latent_diffusion.conditioning.clip import ClipTextConfig, ClipTextTransformer  # noqa: E402
@@ -23,7 +24,6 @@ from latent_diffusion.config import AutoencoderConfig, ConditioningConfig, Sampl
 from latent_diffusion.io.diffusers_format import write_diffusers  # noqa: E402
 from latent_diffusion.io.model import ModelParts  # noqa: E402
 from latent_diffusion.pipeline import Pipeline  # noqa: E402
-from latent_diffusion.unet import UNetModel  # noqa: E402
 
 IMPLS = ("ours", "diffusers")
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
@@ -31,13 +31,8 @@ PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detail
 
 def sd15_parts() -> ModelParts:
     """The SD 1.5 architecture with seeded random weights (no weights can be downloaded here)."""
-    torch.manual_seed(0)
     unet_cfg, vae_cfg, clip = UNetConfig(), AutoencoderConfig(latent_scale=0.18215), ClipTextConfig()
-    unet = UNetModel(unet_cfg)
-    with torch.no_grad():  # zero-initialised output layers would make the UNet output zero
-        for p in unet.parameters():
-            if not p.abs().sum():
-                p.normal_(0, 0.02)
+    unet = random_unet(unet_cfg)
     return ModelParts(unet_config=unet_cfg, unet=unet.state_dict(), autoencoder_config=vae_cfg,
                       autoencoder=AutoencoderKL(vae_cfg).state_dict(),
                       conditioning=ConditioningConfig(encoder="clip", clip=clip),

@@ -22,11 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import DTYPES, alternate, arguments, machine, table, timed, write_json  # noqa: E402
+from unet import as_impl, random_unet  # noqa: E402
 
 from latent_diffusion.config import LDMRunConfig, UNetConfig, load_config  # noqa: E402
-from latent_diffusion.io.diffusers_config import unet_config_to_diffusers  # noqa: E402
-from latent_diffusion.io.keymaps import unet_state_to_diffusers  # noqa: E402
-from latent_diffusion.unet import UNetModel  # noqa: E402
 
 IMPLS = ("ours", "diffusers")
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,16 +42,7 @@ def model_config(model: str) -> tuple[UNetConfig, dict]:
 
 def build(impl: str, model: str, name: str, device: str):
     cfg, shape = model_config(model)
-    torch.manual_seed(0)
-    ours = UNetModel(cfg)
-    if impl == "ours":
-        net = ours
-    else:
-        from diffusers import UNet2DConditionModel
-        net = UNet2DConditionModel.from_config(unet_config_to_diffusers(cfg, shape["size"]))
-        net.load_state_dict(unet_state_to_diffusers(cfg, ours.state_dict()))
-        del ours
-    net = net.to(device).train()
+    net = as_impl(impl, cfg, random_unet(cfg), shape["size"]).to(device).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5, fused=True)
     gen = torch.Generator().manual_seed(1)
     b, s = shape["batch"], shape["size"]

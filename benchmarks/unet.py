@@ -24,22 +24,31 @@ from latent_diffusion.unet import UNetModel  # noqa: E402
 IMPLS = ("ours", "diffusers")
 
 
-def build(impl: str, dtype: torch.dtype, device: str, compile_: bool = False):
-    """(module, call) for one implementation, weights from the same seeded random init of ours."""
-    cfg = UNetConfig()
+def random_unet(cfg: UNetConfig) -> UNetModel:
+    """Our UNet with seeded random weights, the zero-initialised output layers drawn too (else it outputs 0)."""
     torch.manual_seed(0)
     ours = UNetModel(cfg)
-    with torch.no_grad():  # the zero-initialised output layers would make every output zero
+    with torch.no_grad():
         for p in ours.parameters():
             if not p.abs().sum():
                 p.normal_(0, 0.02)
+    return ours
+
+
+def as_impl(impl: str, cfg: UNetConfig, ours: UNetModel, sample_size: int) -> torch.nn.Module:
+    """`ours` itself, or diffusers' UNet2DConditionModel holding its weights (moved by our converter)."""
     if impl == "ours":
-        model = ours
-    else:
-        from diffusers import UNet2DConditionModel
-        model = UNet2DConditionModel.from_config(unet_config_to_diffusers(cfg, 64))
-        model.load_state_dict(unet_state_to_diffusers(cfg, ours.state_dict()))
-        del ours
+        return ours
+    from diffusers import UNet2DConditionModel
+    model = UNet2DConditionModel.from_config(unet_config_to_diffusers(cfg, sample_size))
+    model.load_state_dict(unet_state_to_diffusers(cfg, ours.state_dict()))
+    return model
+
+
+def build(impl: str, dtype: torch.dtype, device: str, compile_: bool = False):
+    """(module, call) for one implementation, weights from the same seeded random init of ours."""
+    cfg = UNetConfig()
+    model = as_impl(impl, cfg, random_unet(cfg), 64)
     model = model.to(device=device, dtype=dtype).eval()
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, 64, 64, generator=gen).to(device, dtype)

@@ -108,15 +108,16 @@ def cmd_eval_adherence(args: argparse.Namespace) -> None:
     figures = evaluate_model_adherence(pipe, captions, sweep, args.seed)
     images = figures.pop("images")
     out = args.out or f"{args.model}/adherence"
+    guidance_only = len(sweep) == len(args.guidance)  # one sampler and one step count
     for setting, ims in zip(sweep, images):
-        name = f"w{setting.guidance}" if len(sweep) == len(args.guidance) else \
+        name = f"w{setting.guidance}" if guidance_only else \
             f"{setting.sampler}_{setting.steps}_w{setting.guidance}"
         save_image(make_grid([torch.stack([pil_to_tensor(im) for im in ims[r * 10:(r + 1) * 10]])
                               for r in range(min(4, -(-len(ims) // 10)))], scale=2), f"{out}/samples_{name}.png")
     atomic_write_bytes(f"{out}/adherence.json", (json.dumps(figures, indent=2) + "\n").encode())
     results = figures["results"]
     title = f"caption adherence ({len(captions)} held-out captions)"
-    if len(sweep) == len(args.guidance):  # one sampler and step count: every attribute against w
+    if guidance_only:  # every attribute against w
         plot_sweep(results, {a: a for a in ("all", "colour", "shape", "size", "position")}, f"{out}/adherence.png",
                    title, "share of objects")
     else:

@@ -63,7 +63,7 @@ class Conditioner:
         return self.adapt(cond) if adapt else cond
 
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
-        """Conditions of user prompts; a class-conditional model takes the label number as its prompt."""
+        """Conditions of user prompts; a class-conditional model's prompt names its class (`class_label`)."""
         if self.cfg.encoder != "class":
             return self.adapt(self.encoder(list(prompts)))
         return self.encoder([class_label(p, self.cfg) for p in prompts])

@@ -30,6 +30,7 @@ from latent_diffusion.images import make_grid, save_image
 from latent_diffusion.io.autoencoder import CONFIG_FILE as AE_CONFIG, WEIGHTS_FILE as AE_WEIGHTS, load_autoencoder
 from latent_diffusion.io.checkpoint import (CheckpointError, load_module_weights, load_training_state,
                                             resume_training_state, save_training_state, save_weights)
+from latent_diffusion.io.model import load_model
 from latent_diffusion.pipeline import (AUTOENCODER_DIR, CONDITIONER_FILE, CONFIG_FILE, UNET_FILE, Conditioner,
                                        Pipeline, build_conditioner, build_schedule)
 from latent_diffusion.runtime import autocast, check_precision, resolve_device
@@ -191,8 +192,6 @@ def _build_run(cfg: LDMRunConfig, data, out: Path, ctx: DistributedContext, accu
 def init_weights(path: str, unet: UNetModel, trainable: nn.Module | None) -> None:
     """Start from the weights of the model at `path` (any format `load_model` reads): its UNet, and its trained
     conditioner when both models have one; a module the source lacks (a new adapter) keeps its initialisation."""
-    from latent_diffusion.io.model import load_model
-
     try:
         parts = load_model(path)
     except (OSError, ValueError, CheckpointError) as exc:
