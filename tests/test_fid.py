@@ -19,6 +19,7 @@ from latent_diffusion.evaluation.plot import line_plot
 from latent_diffusion.training.ldm import train_ldm
 
 from conftest import tiny_ldm_config
+from test_inception import random_inception_file
 
 
 def test_frechet_distance_of_gaussians_matches_the_closed_form():
@@ -116,3 +117,11 @@ def test_eval_fid_measures_a_class_conditional_model_per_guidance(tmp_path, auto
         assert f["fid"] >= 0 and 0 <= f["class_accuracy"] <= 1 and f["diversity"] > 0
     assert (run / "fid" / "fid.png").is_file() and (run / "fid" / "accuracy.png").is_file()
     assert "dpmpp_2m 2 steps w=3.0: FID" in capsys.readouterr().out
+
+    random_inception_file(tmp_path / "inception.pth")  # the standard FID on top, from a weights file
+    assert main(["eval-fid", str(run), "--data", str(data), "--features", str(tmp_path / "f"), "--num", "10",
+                 "--guidance", "3", "--steps", "2", "--device", "cpu", "--inception", str(tmp_path / "inception.pth"),
+                 "--out", str(tmp_path / "with-inception")]) == 0
+    figures = json.loads((tmp_path / "with-inception" / "fid.json").read_text())
+    assert figures["results"][0]["inception_fid"] > 0 and "inception_fid" in figures
+    assert (tmp_path / "with-inception" / "inception_fid.png").is_file()

@@ -148,7 +148,8 @@ def cmd_train_features(args: argparse.Namespace) -> None:
 def cmd_eval_fid(args: argparse.Namespace) -> None:
     from latent_diffusion.data import open_dataset
     from latent_diffusion.evaluation.features import load_feature_net
-    from latent_diffusion.evaluation.generative import evaluate_samples, reference_features
+    from latent_diffusion.evaluation.generative import evaluate_samples, reference_features, reference_images
+    from latent_diffusion.evaluation.inception import inception_features, load_fid_inception
     from latent_diffusion.evaluation.sweep import plot_sweep, settings
     from latent_diffusion.io.atomic import atomic_write_bytes
     from latent_diffusion.pipeline import Pipeline
@@ -157,17 +158,28 @@ def cmd_eval_fid(args: argparse.Namespace) -> None:
     pipe = Pipeline.from_pretrained(args.model, device=args.device, precision=args.precision)
     features = load_feature_net(args.features)
     channels = pipe.ae_config.model.in_channels
-    reference = reference_features(features, open_dataset(args.data, pipe.config.data.resolution, channels, "test"))
-    figures = evaluate_samples(pipe, features, reference, args.num, sweep, features.config.num_classes, args.seed)
+    test_split = open_dataset(args.data, pipe.config.data.resolution, channels, "test")
+    reference = reference_features(features, test_split)
+    inception = None
+    if args.inception:
+        model = load_fid_inception(args.inception, pipe.device)
+        print(f"Inception features of the {len(test_split)} reference images (the standard FID's network) ...")
+        inception = (model, inception_features(model, reference_images(test_split)))
+    figures = evaluate_samples(pipe, features, reference, args.num, sweep, features.config.num_classes, args.seed,
+                               inception=inception)
     out = Path(args.out or f"{args.model}/fid")
     atomic_write_bytes(out / "fid.json", (json.dumps(figures, indent=2) + "\n").encode())
     results = figures["results"]
     plot_sweep(results, {"fid": "FID"}, out / "fid.png", "domain-feature FID", "FID")
+    if inception is not None:
+        plot_sweep(results, {"inception_fid": "Inception FID"}, out / "inception_fid.png", "Inception FID", "FID")
     plot_sweep(results, {"class_accuracy": "class accuracy"}, out / "accuracy.png",
                "class accuracy of conditional samples", "accuracy")
     for f in results:
         print(f"{f['sampler']} {f['steps']} steps w={f['guidance']}: FID {f['fid']:.2f}  KID {f['kid']:.4f} ± "
-              f"{f['kid_std']:.4f}  class accuracy {f['class_accuracy']:.1%}  diversity {f['diversity']:.3f}")
+              f"{f['kid_std']:.4f}  class accuracy {f['class_accuracy']:.1%}  diversity {f['diversity']:.3f}  "
+              f"{f['seconds_per_image'] * 1000:.1f} ms/image"
+              + (f"  Inception FID {f['inception_fid']:.2f}" if "inception_fid" in f else ""))
 
 
 def _add_training_arguments(p: argparse.ArgumentParser, configs: str) -> None:
@@ -268,6 +280,9 @@ def _add_evaluation_commands(sub) -> None:
     p.add_argument("model", help="model folder (class- or caption-conditional on the data's classes)")
     p.add_argument("--data", required=True, help="reference data (its test split), e.g. 'fashion-mnist'")
     p.add_argument("--features", required=True, help="feature network folder (`ldm train-features`)")
+    p.add_argument("--inception", default=None, metavar="FILE",
+                   help="the FID Inception weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth, torch-"
+                        "fidelity's copy, or a .safetensors of it): also report the standard Inception FID")
     p.add_argument("--num", type=int, default=1000, help="samples per guidance scale")
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0])
     p.add_argument("--steps", type=int, nargs="+", default=[25], help="sampling steps to compare")

@@ -31,6 +31,8 @@ class AutoencoderConfig:
     :param resolution: nominal training resolution (used to place attention blocks).
     :param norm_groups: GroupNorm groups (CompVis: 32); every width must be divisible by it.
     :param latent_scale: 1 / std of latents (Stable Diffusion's 0.18215); set by `ldm eval-autoencoder`.
+    :param pixel_space: no networks at all: the first stage is the identity (f = 1, pixel-space diffusion); written
+        by `ldm train` for `autoencoder: pixel`, with embed_dim = in_channels.
     """
 
     in_channels: int = 3
@@ -45,6 +47,7 @@ class AutoencoderConfig:
     resolution: int = 256
     norm_groups: int = 32
     latent_scale: float | None = None
+    pixel_space: bool = False
 
     @property
     def downsample_factor(self) -> int:
@@ -64,6 +67,10 @@ class AutoencoderConfig:
                    f"a multiple of norm_groups={self.norm_groups} (GroupNorm splits channels into groups)")
         _check(self.resolution % self.downsample_factor == 0, "model.resolution", self.resolution,
                f"divisible by the downsampling factor f={self.downsample_factor}")
+        if self.pixel_space:
+            _check(self.ch_mult == (1,) and self.in_channels == self.out_channels == self.embed_dim,
+                   "model (pixel_space)", (self.ch_mult, self.in_channels, self.out_channels, self.embed_dim),
+                   "ch_mult [1] and in_channels = out_channels = embed_dim (the identity)")
 
 
 @dataclass(frozen=True)
@@ -311,7 +318,8 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class LDMRunConfig:
-    """Everything `ldm train` needs. `autoencoder` is a run folder of `ldm train-autoencoder`."""
+    """Everything `ldm train` needs. `autoencoder` is a run folder of `ldm train-autoencoder`, or `pixel` for
+    pixel-space diffusion (f = 1: the UNet's in_channels are the image channels)."""
 
     autoencoder: str = ""
     unet: UNetConfig = field(default_factory=UNetConfig)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from latent_diffusion.autoencoder import AutoencoderKL
+from latent_diffusion.autoencoder import AutoencoderKL, build_autoencoder
 from latent_diffusion.conditioning.adapter import ContextAdapter
 from latent_diffusion.conditioning.base import Conditioning
 from latent_diffusion.conditioning.registry import build_encoder
@@ -137,7 +137,7 @@ class Pipeline:
         cfg = parts.run_config()
         unet = UNetModel(cfg.unet)
         load_module_weights(unet, parts.unet, "UNet weights")
-        autoencoder = AutoencoderKL(parts.autoencoder_config)
+        autoencoder = build_autoencoder(parts.autoencoder_config)
         load_module_weights(autoencoder, parts.autoencoder, "autoencoder weights")
         conditioner = build_conditioner(cfg.conditioning, dev, cfg.unet.context_dim)
         if parts.text_encoder is not None:

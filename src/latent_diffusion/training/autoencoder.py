@@ -143,6 +143,9 @@ def train_autoencoder(cfg: AutoencoderRunConfig, data: str | os.PathLike, out: s
 
 def _build_run(cfg: AutoencoderRunConfig, ctx: DistributedContext) -> _Run:
     dev, tcfg = ctx.device, cfg.training
+    if cfg.model.pixel_space:
+        raise ConfigError("model.pixel_space = true: pixel space is the identity and has nothing to train; use "
+                          "`autoencoder: pixel` in the LDM config instead")
     torch.manual_seed(tcfg.seed)
     model = AutoencoderKL(cfg.model).to(dev)
     loss_fn = AutoencoderLoss(cfg.loss, cfg.model.out_channels).to(dev)

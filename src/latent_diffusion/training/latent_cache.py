@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -120,7 +121,7 @@ def encode_dataset(autoencoder: AutoencoderKL, dataset: Dataset, cache_dir: Path
 def _encode(autoencoder: AutoencoderKL, dataset: Dataset, path: Path, key: str, batch_size: int, progress: bool,
             keep_images: bool) -> LatentCache:
     """Encode `dataset`, write its cache file to `path` and return it."""
-    device = next(autoencoder.parameters()).device
+    device = next(itertools.chain(autoencoder.parameters(), autoencoder.buffers())).device
     means, stds, captions, labels, images = [], [], [], [], []
     for batch in tqdm(DataLoader(dataset, batch_size=batch_size), desc="encode latents", disable=not progress):
         posterior = autoencoder.encode(batch["image"].to(device))

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from latent_diffusion.autoencoder import AutoencoderKL
+from latent_diffusion.autoencoder import AutoencoderKL, pixel_space_config
 from latent_diffusion.conditioning.base import Conditioning
 from latent_diffusion.conditioning.cache import CachedEncoder
 from latent_diffusion.conditioning.spatial import (check_spatial, low_res_condition, random_masks, spatial_condition,
@@ -45,11 +45,13 @@ from latent_diffusion.unet import UNetModel
 log = logging.getLogger(__name__)
 
 STATE_FILE = "checkpoints/last.safetensors"
+PIXEL = "pixel"  # `autoencoder: pixel`: diffusion in pixel space (f = 1)
 LOG_FILE = "log.jsonl"
 
 
 def prepare_run_folder(cfg: LDMRunConfig, out: Path) -> LDMRunConfig:
-    """Copy the stage-1 autoencoder into the run (so the run folder is a self-contained model) and check fit."""
+    """Copy the stage-1 autoencoder into the run (so the run folder is a self-contained model) and check fit;
+    for `autoencoder: pixel`, write the identity first stage's config there instead."""
     if (out / CONFIG_FILE).is_file():
         stored = load_config(out / CONFIG_FILE, LDMRunConfig)
         for section in ("unet", "conditioning", "diffusion"):
@@ -57,11 +59,15 @@ def prepare_run_folder(cfg: LDMRunConfig, out: Path) -> LDMRunConfig:
                 raise ConfigError(f"{out} was started with a different '{section}' section; use a new --out "
                                   f"folder or the stored {out / CONFIG_FILE}")
         return cfg
-    source = Path(cfg.autoencoder)
-    if not (source / AE_CONFIG).is_file():
-        raise ConfigError(f"autoencoder = {cfg.autoencoder!r}: expected a run folder of `ldm train-autoencoder` "
-                          f"(with {AE_CONFIG} and {AE_WEIGHTS})")
-    ae_cfg = load_config(source / AE_CONFIG)
+    if cfg.autoencoder == PIXEL:
+        channels = cfg.unet.in_channels - cfg.unet.concat_channels
+        ae_cfg = AutoencoderRunConfig(model=pixel_space_config(channels, cfg.data.resolution), data=cfg.data)
+    else:
+        source = Path(cfg.autoencoder)
+        if not (source / AE_CONFIG).is_file():
+            raise ConfigError(f"autoencoder = {cfg.autoencoder!r}: expected a run folder of `ldm train-autoencoder` "
+                              f"(with {AE_CONFIG} and {AE_WEIGHTS}), or '{PIXEL}' for pixel-space diffusion")
+        ae_cfg = load_config(source / AE_CONFIG)
     if ae_cfg.model.latent_scale is None:
         raise ConfigError(f"{source}: the autoencoder has no latent_scale yet; run `ldm eval-autoencoder "
                           f"{source} --data HELD_OUT` first")
@@ -77,6 +83,10 @@ def prepare_run_folder(cfg: LDMRunConfig, out: Path) -> LDMRunConfig:
                           "downsampling)")
     target = out / AUTOENCODER_DIR
     target.mkdir(parents=True, exist_ok=True)
+    if cfg.autoencoder == PIXEL:  # the same folder layout as a trained autoencoder's, with no weights in it
+        save_weights({}, target / AE_WEIGHTS)
+        save_config(ae_cfg, target / AE_CONFIG)
+        return cfg
     for name in (AE_CONFIG, AE_WEIGHTS):
         shutil.copyfile(source / name, target / name)
     return cfg

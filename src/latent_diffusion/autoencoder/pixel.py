@@ -1,0 +1,45 @@
+"""Pixel space as a first stage (f = 1): the paper's pixel-based diffusion baseline ("LDM-1").
+
+`PixelSpace` stands where the autoencoder stands and does nothing: the "latent" is the image in [-1, 1], so the same
+training loop, samplers and pipeline run a pixel-space diffusion model. A model trained on it has an `autoencoder/`
+folder like any other, holding a config with `pixel_space: true` and an empty weights file.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from latent_diffusion.autoencoder.distributions import DiagonalGaussianDistribution
+from latent_diffusion.config import AutoencoderConfig
+
+
+def pixel_space_config(channels: int, resolution: int) -> AutoencoderConfig:
+    """The first-stage config of pixel-space diffusion on `channels`-channel images of size `resolution`."""
+    return AutoencoderConfig(in_channels=channels, out_channels=channels, z_channels=channels, embed_dim=channels,
+                             ch_mult=(1,), num_res_blocks=1, resolution=resolution, latent_scale=1.0,
+                             pixel_space=True)
+
+
+class PixelSpace(nn.Module):
+    """The identity first stage: `encode(x)` is a point mass at x, `decode(z)` is z."""
+
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        if not cfg.pixel_space:
+            raise ValueError("PixelSpace needs a config with pixel_space = true")
+        self.config = cfg
+        self.register_buffer("anchor", torch.zeros(0), persistent=False)  # follows .to(device); no state
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
+        logvar = torch.full_like(x, DiagonalGaussianDistribution.LOGVAR_RANGE[0])
+        return DiagonalGaussianDistribution(torch.cat([x, logvar], dim=1))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+
+def build_autoencoder(cfg: AutoencoderConfig) -> nn.Module:
+    """The first stage a config describes: `PixelSpace` for `pixel_space: true`, else an `AutoencoderKL`."""
+    from latent_diffusion.autoencoder.model import AutoencoderKL
+    return PixelSpace(cfg) if cfg.pixel_space else AutoencoderKL(cfg)
