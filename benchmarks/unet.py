@@ -1,9 +1,11 @@
 """UNet forward, Stable Diffusion v1.5 configuration (860 M parameters): batch 2 (classifier-free guidance),
 64×64×4 latents, 77×768 context; ours against diffusers' UNet2DConditionModel with the same (random) weights.
 
-    python benchmarks/unet.py [--dtype fp32 bf16] [--repeats 3] [--compile]
+    python benchmarks/unet.py [--dtype fp32 bf16] [--repeats 3] [--compile] [--openvino]
 
 Prints median seconds per forward, peer/ours ratios, peak memory and the max abs difference of the outputs.
+`--openvino` adds our UNet on the OpenVINO backend (`--backend openvino`) and, as the peer, diffusers' UNet
+converted by `openvino.convert_model`, both compiled for the CPU at the inference precision of --dtype.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from latent_diffusion.io.keymaps import unet_state_to_diffusers  # noqa: E402
 from latent_diffusion.unet import UNetModel  # noqa: E402
 
 IMPLS = ("ours", "diffusers")
+OPENVINO = ("ours + openvino", "openvino")  # --openvino: our backend, and the peer (diffusers' UNet in OpenVINO)
 
 
 def random_unet(cfg: UNetConfig) -> UNetModel:
@@ -45,15 +48,50 @@ def as_impl(impl: str, cfg: UNetConfig, ours: UNetModel, sample_size: int) -> to
     return model
 
 
+def inputs(device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch 2 of 64×64×4 latents, timesteps and 77×768 contexts (seeded)."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 64, 64, generator=gen).to(device, dtype)
+    context = torch.randn(2, 77, 768, generator=gen).to(device, dtype)
+    return x, torch.tensor([500, 500], device=device), context
+
+
+class _SampleOnly(torch.nn.Module):
+    """diffusers' UNet as a plain tensor function (what a graph converter traces)."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t, encoder_hidden_states=context).sample
+
+
+def build_openvino(impl: str, dtype: torch.dtype):
+    """(runner, call) through OpenVINO at the inference precision of `dtype`: our UNet as `--backend openvino`
+    runs it ("ours + openvino"), or diffusers' UNet with the same weights ("openvino", the peer)."""
+    from latent_diffusion.backends.openvino import OpenVINOUNet
+    cfg = UNetConfig()
+    module = random_unet(cfg)
+    if impl == "openvino":
+        module = _SampleOnly(as_impl("diffusers", cfg, module, 64))
+    runner = OpenVINOUNet(module, {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype])
+    x, t, context = inputs("cpu", torch.float32)
+
+    def call():
+        return runner(x, t, context=context)
+
+    return runner, call
+
+
 def build(impl: str, dtype: torch.dtype, device: str, compile_: bool = False):
     """(module, call) for one implementation, weights from the same seeded random init of ours."""
+    if impl in OPENVINO:
+        return build_openvino(impl, dtype)
     cfg = UNetConfig()
     model = as_impl(impl, cfg, random_unet(cfg), 64)
     model = model.to(device=device, dtype=dtype).eval()
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, 64, 64, generator=gen).to(device, dtype)
-    t = torch.tensor([500, 500], device=device)
-    context = torch.randn(2, 77, 768, generator=gen).to(device, dtype)
+    x, t, context = inputs(device, dtype)
     fn = torch.compile(model) if compile_ else model
 
     @torch.inference_mode()
@@ -65,27 +103,35 @@ def build(impl: str, dtype: torch.dtype, device: str, compile_: bool = False):
 
 
 def main() -> None:
-    args = arguments(__doc__, lambda p: p.add_argument("--compile", action="store_true",
-                                                       help="also time torch.compile of each"))
+    def extra(p):
+        p.add_argument("--compile", action="store_true", help="also time torch.compile of each")
+        p.add_argument("--openvino", action="store_true",
+                       help="also time our UNet on the OpenVINO backend and diffusers' UNet under OpenVINO")
+
+    args = arguments(__doc__, extra)
     if args.peak:
         _, call = build(args.impl, DTYPES[args.dtype[0]], args.device)
+        if args.impl in OPENVINO:
+            call()  # converts and compiles: a one-off, like building the model, not part of the peak
         measure_peak(call)
         return
     print(f"UNet forward, SD 1.5, batch 2, 64×64 latents — {machine()}")
     figures = {}
     for name in args.dtype:
         dtype = DTYPES[name]
+        impls = IMPLS + (OPENVINO if args.openvino else ())
         calls = {}
-        for impl in IMPLS:
+        for impl in impls:
             calls[impl] = build(impl, dtype, args.device)[1]
-            if args.compile:
+            if args.compile and impl not in OPENVINO:
                 calls[f"{impl} + torch.compile"] = build(impl, dtype, args.device, compile_=True)[1]
         outputs = {impl: fn() for impl, fn in calls.items()}
         times = alternate(calls, args.repeats, warmup=0)  # the outputs above were the warm-up
-        rows = table(f"UNet forward {name}", times, peaks(args, __file__, IMPLS, "--dtype", name))
-        diff = (outputs["ours"] - outputs["diffusers"]).abs().max().item()
-        print(f"\nmax |ours − diffusers| = {diff:.2e} (output std {outputs['ours'].std().item():.3f})")
-        figures[name] = {"rows": rows, "max_abs_diff": diff}
+        rows = table(f"UNet forward {name}", times, peaks(args, __file__, impls, "--dtype", name))
+        diffs = {impl: (outputs["ours"] - out).abs().max().item() for impl, out in outputs.items() if impl != "ours"}
+        print("\nmax |ours − peer|: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
+              + f" (output std {outputs['ours'].std().item():.3f})")
+        figures[name] = {"rows": rows, "max_abs_diff": diffs["diffusers"], "max_abs_diff_by_peer": diffs}
         del calls, outputs
     write_json(args.json, figures)
 

@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--sampler", default="dpmpp_2m")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=1.5)
-    parser.add_argument("--probe-steps", type=int, default=40)
+    parser.add_argument("--probe-steps", type=int, default=12)
     parser.add_argument("--out", type=Path, default=Path("runs/latent-vs-pixel"))
     args = parser.parse_args()
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from latent_diffusion.cli import main
 from latent_diffusion.io.checkpoint import CheckpointError
@@ -83,6 +84,12 @@ def test_cli_generate_writes_an_image(ldm_run, tmp_path, capsys):
     assert out.is_file()
     assert main(["generate", "x", "--model", str(tmp_path), "--device", "cpu"]) == 2
     assert "is not a model folder" in capsys.readouterr().err
+    tiled = tmp_path / "tiled.png"  # 64×48 pixels: a 32×24 latent (f = 2), decoded in overlapping 8×8 tiles
+    assert main(["generate", "a small red circle", "-o", str(tiled), "--model", str(ldm_run), "--steps", "2",
+                 "--height", "64", "--width", "48", "--vae-tile", "8", "--device", "cpu"]) == 0
+    assert Image.open(tiled).size == (48, 64)
+    assert main(["generate", "x", "--model", str(ldm_run), "--vae-tile", "1", "--device", "cpu"]) == 2
+    assert "--vae-tile = 1" in capsys.readouterr().err
 
 
 def test_cli_eval_adherence_writes_figures(ldm_run, shapes_folder, tmp_path, capsys):

@@ -58,9 +58,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     from PIL import Image
 
+    if args.vae_tile < 0 or args.vae_tile == 1:
+        raise ValueError(f"--vae-tile = {args.vae_tile}: expected 0 (decode whole) or a tile of >= 2 latent pixels")
     options = {"prediction_type": args.prediction_type} if args.prediction_type else {}
     pipe = Pipeline.from_pretrained(args.model or bundled_model(), device=args.device, precision=args.precision,
-                                    **options)
+                                    backend=args.backend, **options)
+    pipe.vae_tile = args.vae_tile or None
     spatial = {name: Image.open(path) for name, path in (("image", args.image), ("mask", args.mask)) if path}
     images = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
                   sampler=args.sampler, seed=args.seed, num_images=args.num_images, height=args.height,
@@ -240,6 +243,11 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale w (default: the model's)")
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale φ in [0, 1]")
+    p.add_argument("--backend", default="torch", choices=["torch", "openvino"],
+                   help="run the UNet in PyTorch (default) or OpenVINO (CPU; pip install openvino)")
+    p.add_argument("--vae-tile", type=int, default=0, metavar="N",
+                   help="decode in overlapping N×N latent tiles (e.g. 64) so that large images fit in memory; "
+                        "0 (default): decode whole")
     p.add_argument("--sampler", default=None, help="sampler name (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=int, default=1)

@@ -16,6 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from latent_diffusion.autoencoder import AutoencoderKL, build_autoencoder
+from latent_diffusion.backends import check_backend
 from latent_diffusion.conditioning.adapter import ContextAdapter
 from latent_diffusion.conditioning.base import Conditioning
 from latent_diffusion.conditioning.registry import build_encoder
@@ -116,24 +117,33 @@ class Pipeline:
 
     def __init__(self, config: LDMRunConfig, unet: UNetModel, autoencoder: AutoencoderKL,
                  ae_config: AutoencoderRunConfig, conditioner: Conditioner, device: torch.device,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", backend: str = "torch"):
         self.config, self.unet, self.autoencoder, self.conditioner = config, unet, autoencoder, conditioner
         self.ae_config, self.device, self.precision = ae_config, device, precision
+        check_backend(backend, device)
+        self.backend = backend
+        self._openvino = None  # the UNet compiled by OpenVINO, made on first use
         self.schedule = build_schedule(config.diffusion)
+        # Decode in overlapping latent tiles of this size (e.g. 64: 512² pixels for f = 8), for large images in
+        # bounded memory; None decodes whole (exact). See `AutoencoderKL.decode_tiled`.
+        self.vae_tile: int | None = None
         self.latent_scale = ae_config.model.latent_scale
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "auto",
-                        precision: str = "fp32", **options) -> Pipeline:
+                        precision: str = "fp32", backend: str = "torch", **options) -> Pipeline:
         """Load a model in any format: a folder written by `ldm train`, a Stable Diffusion checkpoint file
-        (.safetensors / .ckpt) or a diffusers folder; `options` go to the format's reader (see `load_model`)."""
-        return cls.from_parts(load_model(path, **options), device, precision)
+        (.safetensors / .ckpt) or a diffusers folder; `options` go to the format's reader (see `load_model`).
+        `backend="openvino"` runs the UNet through OpenVINO (CPU; `backends/openvino.py`)."""
+        return cls.from_parts(load_model(path, **options), device, precision, backend)
 
     @classmethod
-    def from_parts(cls, parts: ModelParts, device: str | torch.device = "auto", precision: str = "fp32") -> Pipeline:
+    def from_parts(cls, parts: ModelParts, device: str | torch.device = "auto", precision: str = "fp32",
+                   backend: str = "torch") -> Pipeline:
         """A pipeline of the configs and weights in `parts` (weights are cast to fp32)."""
         dev = device if isinstance(device, torch.device) else resolve_device(device)
         check_precision(precision, dev)
+        check_backend(backend, dev)
         cfg = parts.run_config()
         unet = UNetModel(cfg.unet)
         load_module_weights(unet, parts.unet, "UNet weights")
@@ -156,7 +166,7 @@ class Pipeline:
                       parts.autoencoder_config.embed_dim)
         ae_cfg = AutoencoderRunConfig(model=parts.autoencoder_config, data=DataConfig(resolution=parts.resolution))
         return cls(cfg, unet.to(dev).eval(), autoencoder.to(dev).eval(), ae_cfg, conditioner, dev,
-                   precision)
+                   precision, backend)
 
     def latent_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """(h, w) of the latents for an image size, checked against the total downsampling."""
@@ -237,6 +247,8 @@ class Pipeline:
                   else self.conditioner.unconditional(num_images))
 
         def network(x, t, **kwargs):
+            if self.backend == "openvino":
+                return self.openvino_unet()(x, t, **kwargs)
             with autocast(self.device, self.precision):
                 return self.unet(x, t, **kwargs).float()
 
@@ -253,8 +265,21 @@ class Pipeline:
             latents = sample(denoiser, noise.to(self.device), steps, generator=generator,
                              callback=lambda *_: bar.update(1), **self.sampler_options(sample))
             bar.close()
-            images = self.autoencoder.decode(latents.float() / self.latent_scale)
+            images = self.decode(latents.float() / self.latent_scale)
         return images.float().clamp(-1, 1).cpu()
+
+    def openvino_unet(self):
+        """The UNet compiled by OpenVINO at this pipeline's precision (made once, kept)."""
+        if self._openvino is None:
+            from latent_diffusion.backends.openvino import OpenVINOUNet
+            self._openvino = OpenVINOUNet(self.unet, self.precision)
+        return self._openvino
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images from (unscaled) latents: whole, or in tiles when `vae_tile` is set."""
+        if self.vae_tile and isinstance(self.autoencoder, AutoencoderKL):
+            return self.autoencoder.decode_tiled(latents, self.vae_tile)
+        return self.autoencoder.decode(latents)
 
     def __call__(self, prompt: str | Sequence[str], **kwargs) -> list[Image.Image]:
         """PIL images for `prompt`; keyword arguments as in `generate_tensors`."""

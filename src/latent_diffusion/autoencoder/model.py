@@ -6,6 +6,8 @@ one-to-one: `encoder.down.{i}.block.{j}`, `encoder.mid.attn_1`, `quant_conv`, `p
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -147,8 +149,58 @@ class AutoencoderKL(nn.Module):
             raise ValueError(f"expected latents of shape (B, {self.config.embed_dim}, h, w), got {tuple(z.shape)}")
         return self.decoder(self.post_quant_conv(z))
 
+    def decode_tiled(self, z: torch.Tensor, tile: int = 64, overlap: int | None = None) -> torch.Tensor:
+        """`decode` in latent tiles of at most tile×tile overlapping by at least `overlap` (default tile / 4),
+        blended by linear ramps across each overlap: the peak memory of one tile's decode at any image size.
+        Each tile normalises with its own GroupNorm statistics, so the image differs slightly from `decode`'s;
+        a latent that fits one tile is decoded whole."""
+        overlap = tile // 4 if overlap is None else overlap
+        if not 0 <= overlap < tile:
+            raise ValueError(f"overlap = {overlap}: expected 0 <= overlap < tile = {tile}")
+        h, w = z.shape[-2:]
+        if h <= tile and w <= tile:
+            return self.decode(z)
+        f = self.config.downsample_factor
+        (rows, th), (cols, tw) = _tiles(h, tile, overlap), _tiles(w, tile, overlap)
+        out = weight = None
+        for y in rows:
+            for x in cols:
+                part = self.decode(z[..., y:y + th, x:x + tw])
+                ramp = (_ramp(part.shape[-2], overlap * f, y > 0, y + th < h)[:, None]
+                        * _ramp(part.shape[-1], overlap * f, x > 0, x + tw < w)[None]).to(part)
+                if out is None:
+                    out = part.new_zeros(*part.shape[:2], h * f, w * f)
+                    weight = part.new_zeros(h * f, w * f)
+                region = (..., slice(y * f, y * f + part.shape[-2]), slice(x * f, x * f + part.shape[-1]))
+                out[region] += part * ramp
+                weight[region[1:]] += ramp
+        return out / weight
+
     def forward(self, x: torch.Tensor, sample_posterior: bool = True,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussianDistribution]:
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z), posterior
+
+
+def _tiles(size: int, tile: int, overlap: int) -> tuple[list[int], int]:
+    """(starts, length) of the fewest equal tiles of at most `tile` that cover range(size), neighbours
+    overlapping by at least `overlap`, spread evenly from 0 to the end (so no tile is wasted on a sliver)."""
+    if size <= tile:
+        return [0], size
+    count = math.ceil((size - overlap) / (tile - overlap))
+    length = math.ceil((size + (count - 1) * overlap) / count)
+    return [round(i * (size - length) / (count - 1)) for i in range(count)], length
+
+
+def _ramp(n: int, width: int, rise: bool, fall: bool) -> torch.Tensor:
+    """Blend weights along one tile axis: rising over the first `width` samples where a tile precedes, falling
+    over the last `width` where one follows, 1 elsewhere (never 0, so every pixel has weight)."""
+    ramp = torch.ones(n)
+    if width:
+        edge = (torch.arange(width) + 0.5) / width
+        if rise:
+            ramp[:width] = torch.minimum(ramp[:width], edge)
+        if fall:
+            ramp[-width:] = torch.minimum(ramp[-width:], edge.flip(0))
+    return ramp
