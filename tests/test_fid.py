@@ -87,6 +87,8 @@ def test_eval_autoencoder_reports_rfid_with_a_feature_network(tmp_path, autoenco
                  "--features", str(tmp_path / "features")]) == 0
     figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert figures["rfid"] >= 0 and figures["num_images"] == 8
+    grid = Image.open(autoencoder_run / "eval.png")  # 8 held-out images above their reconstructions
+    assert grid.size[0] > 2 * grid.size[1]
 
 
 def _write_idx(path, array, dims):
