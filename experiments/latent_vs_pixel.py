@@ -1,7 +1,7 @@
 """The paper's core claim at small scale: diffusion in pixel space (f = 1) against latent diffusion at f = 2, 4
 and 8, on the same data (Fashion-MNIST, class-conditional, 32×32) with the same training wall-clock budget.
 
-    python experiments/latent_vs_pixel.py --budget-minutes 12 --out runs/latent-vs-pixel
+    python experiments/latent_vs_pixel.py --budget-minutes 10 --steps 20 --out runs/latent-vs-pixel
 
 Each variant starts from `configs/ldm/fashion.yaml` (the bundled Fashion model's recipe) with its first stage and
 a UNet whose levels reach the same 8×8 and 4×4 attention resolutions where the latent is large enough (table

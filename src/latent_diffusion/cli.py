@@ -150,8 +150,8 @@ def cmd_train_features(args: argparse.Namespace) -> None:
 
 def cmd_eval_fid(args: argparse.Namespace) -> None:
     from latent_diffusion.data import open_dataset
-    from latent_diffusion.evaluation.features import load_feature_net
-    from latent_diffusion.evaluation.generative import evaluate_samples, reference_features, reference_images
+    from latent_diffusion.evaluation.features import extract, load_feature_net
+    from latent_diffusion.evaluation.generative import evaluate_samples, reference_images
     from latent_diffusion.evaluation.inception import inception_features, load_fid_inception
     from latent_diffusion.evaluation.sweep import plot_sweep, settings
     from latent_diffusion.io.atomic import atomic_write_bytes
@@ -161,13 +161,13 @@ def cmd_eval_fid(args: argparse.Namespace) -> None:
     pipe = Pipeline.from_pretrained(args.model, device=args.device, precision=args.precision)
     features = load_feature_net(args.features)
     channels = pipe.ae_config.model.in_channels
-    test_split = open_dataset(args.data, pipe.config.data.resolution, channels, "test")
-    reference = reference_features(features, test_split)
+    real = reference_images(open_dataset(args.data, pipe.config.data.resolution, channels, "test"))
+    reference = extract(features, real)[0]
     inception = None
     if args.inception:
         model = load_fid_inception(args.inception, pipe.device)
-        print(f"Inception features of the {len(test_split)} reference images (the standard FID's network) ...")
-        inception = (model, inception_features(model, reference_images(test_split)))
+        print(f"Inception features of the {len(real)} reference images (the standard FID's network) ...")
+        inception = (model, inception_features(model, real))
     figures = evaluate_samples(pipe, features, reference, args.num, sweep, features.config.num_classes, args.seed,
                                inception=inception)
     out = Path(args.out or f"{args.model}/fid")

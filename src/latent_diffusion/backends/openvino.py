@@ -32,10 +32,8 @@ class OpenVINOUNet:
     it compiled by OpenVINO. `module` is any `nn.Module` with that calling convention."""
 
     def __init__(self, module: nn.Module, precision: str = "fp32"):
-        try:
-            import openvino
-        except ImportError as exc:
-            raise RuntimeError("backend 'openvino' needs the openvino package: pip install openvino") from exc
+        import openvino  # its absence is reported by `check_backend` before a pipeline gets here
+
         if precision not in HINTS:
             raise ValueError(f"precision = {precision!r}: the OpenVINO backend runs {' or '.join(HINTS)}")
         self.ov, self.core = openvino, openvino.Core()
