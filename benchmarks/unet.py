@@ -10,13 +10,15 @@ converted by `openvino.convert_model`, both compiled for the CPU at the inferenc
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import DTYPES, alternate, arguments, machine, measure_peak, peaks, table, write_json  # noqa: E402
+from harness import (DTYPES, alternate, arguments, as_shipped, machine, measure_peak, peaks, table,  # noqa: E402
+                     write_json)
 
 from latent_diffusion.config import UNetConfig  # noqa: E402
 from latent_diffusion.io.diffusers_config import unet_config_to_diffusers  # noqa: E402
@@ -89,14 +91,18 @@ def build(impl: str, dtype: torch.dtype, device: str, compile_: bool = False):
     if impl in OPENVINO:
         return build_openvino(impl, dtype)
     cfg = UNetConfig()
-    model = as_impl(impl, cfg, random_unet(cfg), 64)
-    model = model.to(device=device, dtype=dtype).eval()
-    x, t, context = inputs(device, dtype)
+    model = as_impl(impl, cfg, random_unet(cfg), 64).to(device).eval()
+    shipped = impl == "ours" and dtype != torch.float32 and not compile_  # bf16: weights, and math as shipped
+    region = as_shipped(model, dtype, device) if shipped else contextlib.nullcontext
+    if not shipped:
+        model = model.to(dtype)
+    x, t, context = inputs(device, torch.float32 if shipped else dtype)
     fn = torch.compile(model) if compile_ else model
 
     @torch.inference_mode()
     def call():
-        out = fn(x, t, context) if impl == "ours" else fn(x, t, encoder_hidden_states=context).sample
+        with region():
+            out = fn(x, t, context) if impl == "ours" else fn(x, t, encoder_hidden_states=context).sample
         return out.float()
 
     return model, call
@@ -104,13 +110,17 @@ def build(impl: str, dtype: torch.dtype, device: str, compile_: bool = False):
 
 def main() -> None:
     def extra(p):
-        p.add_argument("--compile", action="store_true", help="also time torch.compile of each")
+        p.add_argument("--compile", action="store_true",
+                       help="also time torch.compile of each (Inductor, with freezing: weights prepacked)")
         p.add_argument("--openvino", action="store_true",
                        help="also time our UNet on the OpenVINO backend and diffusers' UNet under OpenVINO")
         p.add_argument("--skip", nargs="+", default=[], choices=IMPLS[1:] + OPENVINO,
                        help="leave these out (four SD UNets and two OpenVINO copies do not fit in 24 GB)")
 
     args = arguments(__doc__, extra)
+    if args.compile:  # inference: let Inductor fold the weights in as constants and prepack them for oneDNN
+        import torch._inductor.config
+        torch._inductor.config.freezing = True
     if args.peak:
         _, call = build(args.impl, DTYPES[args.dtype[0]], args.device)
         if args.impl in OPENVINO:

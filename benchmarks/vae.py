@@ -10,16 +10,19 @@ in the memory of a 512² decode. The two blend their overlaps differently, so th
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import DTYPES, alternate, arguments, machine, measure_peak, peaks, table, write_json  # noqa: E402
+from harness import (DTYPES, alternate, arguments, as_shipped, machine, measure_peak, peaks, table,  # noqa: E402
+                     write_json)
 
 from latent_diffusion.autoencoder import AutoencoderKL  # noqa: E402
 from latent_diffusion.config import AutoencoderConfig  # noqa: E402
+from latent_diffusion.runtime import channels_last_on_cpu  # noqa: E402
 from latent_diffusion.io.diffusers_config import vae_config_to_diffusers  # noqa: E402
 from latent_diffusion.io.keymaps import vae_state_to_diffusers  # noqa: E402
 
@@ -41,22 +44,31 @@ def build(impl: str, op: str, dtype: torch.dtype, device: str, size: int, tile: 
             model.enable_tiling()
             model.tile_latent_min_size, model.tile_sample_min_size = tile, tile * 8
             model.tile_overlap_factor = 0.25
-    model = model.to(device=device, dtype=dtype).eval()
+    model = model.to(device).eval()
+    if impl == "ours":  # as `Pipeline` runs it
+        model = channels_last_on_cpu(model, torch.device(device))
+    shipped = impl == "ours" and dtype != torch.float32  # bf16: weights, and math as the pipeline runs them
+    region = as_shipped(model, dtype, device) if shipped else contextlib.nullcontext
+    if not shipped:
+        model = model.to(dtype)
+    dtype = torch.float32 if shipped else dtype
     gen = torch.Generator().manual_seed(1)
     if op == "decode":
         z = torch.randn(1, 4, size // 8, size // 8, generator=gen).to(device, dtype)
 
         @torch.inference_mode()
         def call():
-            if impl == "ours":
-                return (model.decode_tiled(z, tile) if tile else model.decode(z)).float()
-            return model.decode(z).sample.float()
+            with region():
+                if impl == "ours":
+                    return (model.decode_tiled(z, tile) if tile else model.decode(z)).float()
+                return model.decode(z).sample.float()
     else:
         x = (torch.rand(1, 3, size, size, generator=gen) * 2 - 1).to(device, dtype)
 
         @torch.inference_mode()
         def call():
-            return (model.encode(x).mean if impl == "ours" else model.encode(x).latent_dist.mean).float()
+            with region():
+                return (model.encode(x).mean if impl == "ours" else model.encode(x).latent_dist.mean).float()
     return call
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from latent_diffusion.config import (AutoencoderConfig, AutoencoderLossConfig, AutoencoderRunConfig,
                                      ConditioningConfig, DataConfig, LDMRunConfig, SamplingConfig, TrainConfig,
@@ -10,6 +11,15 @@ from latent_diffusion.config import (AutoencoderConfig, AutoencoderLossConfig, A
 from latent_diffusion.data.shapes import write_shapes_folder
 from latent_diffusion.evaluation.autoencoder import evaluate_autoencoder_run
 from latent_diffusion.training.autoencoder import train_autoencoder
+
+
+def randomised(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Default init plus noise on every parameter (zero-initialised output layers and unit norms would hide errors)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.1)
+    return module.eval()
 
 
 def tiny_autoencoder_config(ch_mult=(1, 2), resolution=16, **kw) -> AutoencoderConfig:

@@ -109,3 +109,17 @@ def test_init_from_starts_at_the_source_weights(adapter_run, shapes_folder, auto
     missing = replace(cfg, training=replace(cfg.training, init_from=str(tmp_path / "nothing")))
     with pytest.raises(ConfigError, match="training.init_from"):
         train_ldm(missing, shapes_folder, tmp_path / "other", device="cpu", progress=False)
+
+
+def test_clause_token_model_trains_generates_and_stays_native(shapes_folder, autoencoder_run, tmp_path):
+    cfg = tiny_ldm_config(autoencoder_run, max_steps=2)
+    cfg = replace(cfg, conditioning=replace(cfg.conditioning, clause_tokens=True))
+    train_ldm(cfg, shapes_folder, tmp_path / "run", device="cpu", progress=False)
+    pipe = Pipeline.from_pretrained(tmp_path / "run", device="cpu")
+    cond = pipe.conditioner.encode_prompts(["a small red circle in the center and a large blue square on the left"])
+    assert pipe.conditioner.encoder.clause_tokens and cond.mask.sum() == 20  # 2 × (8 tokens and their mean)
+    image = pipe.generate_tensors("a small red circle in the center and a large blue square on the left", steps=2,
+                                  seed=0, progress=False)
+    assert image.isfinite().all()
+    with pytest.raises(ConfigError, match="clause_tokens"):
+        save_model(load_model(tmp_path / "run"), tmp_path / "model.safetensors", "original")

@@ -6,7 +6,7 @@ import torch
 from latent_diffusion.autoencoder import AutoencoderKL
 from latent_diffusion.io.atomic import atomic_write_bytes
 from latent_diffusion.io.checkpoint import (CheckpointError, load_module_weights, load_training_state, load_weights,
-                                            save_training_state, save_weights)
+                                            module_from_weights, save_training_state, save_weights)
 
 from conftest import tiny_autoencoder_config
 
@@ -75,3 +75,19 @@ def test_atomic_write_replaces_whole_file_and_leaves_no_temporaries(tmp_path):
         failing_writer()
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_module_from_weights_builds_without_init_and_copies_cast_weights():
+    from latent_diffusion.autoencoder.pixel import PixelSpace, pixel_space_config
+    source = AutoencoderKL(tiny_autoencoder_config()).state_dict()
+    built = module_from_weights(lambda: AutoencoderKL(tiny_autoencoder_config()), source, "ae", torch.bfloat16)
+    assert not any(t.is_meta for t in built.state_dict().values())
+    for key, value in built.state_dict().items():
+        assert value.dtype == torch.bfloat16 and torch.equal(value, source[key].bfloat16())
+    built.decoder.conv_out.weight.data.zero_()  # a copy: the source weights are not shared
+    assert source["decoder.conv_out.weight"].abs().sum() > 0
+    with pytest.raises(CheckpointError, match="ae does not match the model config: 1 missing keys"):
+        module_from_weights(lambda: AutoencoderKL(tiny_autoencoder_config()),
+                            {k: v for k, v in source.items() if k != "decoder.conv_out.bias"}, "ae")
+    pixels = module_from_weights(lambda: PixelSpace(pixel_space_config(3, 32)), {}, "pixels")
+    assert pixels.anchor.device.type == "cpu"  # its empty non-persistent buffer is made, not left on meta

@@ -25,6 +25,8 @@ from latent_diffusion.io.model import ModelParts, load_model, save_model
 from latent_diffusion.pipeline import Pipeline, build_schedule
 from latent_diffusion.unet import UNetModel
 
+from conftest import randomised
+
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
@@ -39,14 +41,6 @@ AWKWARD_PROMPTS = [
     "",
 ]
 
-
-def randomised(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Default init plus noise on every parameter (zero-initialised output layers and unit norms would hide errors)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * 0.1)
-    return module.eval()
 
 
 def tiny_parts(sd2: bool = False, penultimate: bool = False, inpaint: bool = False) -> ModelParts:

@@ -10,7 +10,8 @@ import torch
 
 from latent_diffusion.conditioning import (CachedEncoder, ClipTextConfig, ClipTextEncoder, ClipTextTransformer,
                                            ClipTokenizer, Conditioning, build_encoder, load_clip_text_state_dict)
-from latent_diffusion.config import ConfigError
+from latent_diffusion.conditioning.minilm import split_clauses
+from latent_diffusion.config import ConditioningConfig, ConfigError
 from latent_diffusion.io.checkpoint import CheckpointError, save_weights
 
 AWKWARD_PROMPTS = [
@@ -175,6 +176,36 @@ def test_minilm_warns_when_a_prompt_is_cut(minilm):
     with pytest.warns(UserWarning, match="tokens were cut"):
         cond = minilm([" ".join(["cat"] * 40)])
     assert cond.tokens.shape[1] == 32
+
+
+def test_split_clauses_breaks_at_commas_semicolons_and_the_word_and():
+    assert split_clauses(" a red circle on the left and a small blue square, a cat; ") == [
+        "a red circle on the left", "a small blue square", "a cat"]
+    assert split_clauses("a sandy beach") == ["a sandy beach"] and split_clauses("") == []
+
+
+def test_minilm_clause_tokens_encode_each_clause_alone_followed_by_its_mean(minilm):
+    clauses = build_encoder("minilm", max_length=32, clause_tokens=True)
+    first, second = "a small red square on the left", "a large blue circle at the top"
+    cond = clauses([f"{first} and {second}", "a green triangle", ""])
+    expected = []
+    for row in ([first, second], ["a green triangle"], [""]):
+        pieces = []
+        for clause in row:  # the clause's tokens as if it were the whole prompt, then their mean
+            alone = minilm([clause]).tokens[0]
+            pieces += [alone, alone.mean(0, keepdim=True)]
+        expected.append(torch.cat(pieces))
+    assert cond.mask.sum(1).tolist() == [len(e) for e in expected]
+    for i, want in enumerate(expected):
+        torch.testing.assert_close(cond.tokens[i, :len(want)], want, atol=1e-5, rtol=0)
+        assert not cond.mask[i, len(want):].any() and not cond.tokens[i, len(want):].any()  # then padding
+    assert clauses.identity() != minilm.identity()  # a cache of plain tokens is not reused
+    torch.testing.assert_close(clauses.unconditional(2).tokens[1], expected[2])
+
+
+def test_clause_tokens_are_for_minilm_only():
+    with pytest.raises(ConfigError, match="conditioning.clause_tokens"):
+        ConditioningConfig(encoder="clip", clause_tokens=True)
 
 
 def test_minilm_without_the_package_says_what_to_install(monkeypatch):

@@ -254,7 +254,10 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: training size)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: training size)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="bf16/fp16: weights in that dtype (half the memory); bf16 math where the device multiplies "
+                        "bf16 faster than fp32, else fp32 math (measured once on a CPU; LDM_CPU_BF16_MATH=1/0 "
+                        "decides instead); fp16 is for GPUs")
     p.add_argument("--image", default=None, help="input image of a model with a spatial condition (the "
                                                  "low-resolution image, or the image to inpaint)")
     p.add_argument("--mask", default=None, help="inpainting mask image: white = region to generate")

@@ -261,6 +261,8 @@ class ConditioningConfig:
     :param adapter_layers: transformer layers trained with the UNet on top of the frozen text tokens (the learned
         part of τ_θ, `conditioning/adapter.py`; 0: none). They bind each phrase's words together, which a frozen
         sentence encoder leaves to cross-attention. Text encoders only; native model format only.
+    :param clause_tokens: MiniLM only: each clause of the prompt encoded on its own, its tokens followed by their
+        mean (`conditioning/minilm.py`), so that each object's attributes reach cross-attention bound together.
     """
 
     encoder: Literal["minilm", "clip", "class"] = "minilm"
@@ -271,6 +273,7 @@ class ConditioningConfig:
     clip: ClipTextConfig = field(default_factory=ClipTextConfig)
     spatial: Literal["none", "low_res", "inpaint"] = "none"
     adapter_layers: int = 0
+    clause_tokens: bool = False
     class_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -280,6 +283,8 @@ class ConditioningConfig:
         _check(self.adapter_layers >= 0, "conditioning.adapter_layers", self.adapter_layers, "an integer >= 0")
         _check(self.encoder != "class" or self.adapter_layers == 0, "conditioning.adapter_layers",
                self.adapter_layers, "0 for encoder 'class' (its label embeddings are trained already)")
+        _check(not self.clause_tokens or self.encoder == "minilm", "conditioning.clause_tokens", self.clause_tokens,
+               "false unless conditioning.encoder is 'minilm'")
 
 
 @dataclass(frozen=True)

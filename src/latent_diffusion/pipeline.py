@@ -27,10 +27,11 @@ from latent_diffusion.diffusion.denoiser import Denoiser
 from latent_diffusion.diffusion.guidance import guided_model
 from latent_diffusion.diffusion.schedule import NoiseSchedule, make_schedule
 from latent_diffusion.images import make_grid, pil_to_tensor, save_image, tensor_to_pil
-from latent_diffusion.io.checkpoint import CheckpointError, load_module_weights
+from latent_diffusion.io.checkpoint import CheckpointError, load_module_weights, module_from_weights
 from latent_diffusion.io.model import (AUTOENCODER_DIR, CONDITIONER_FILE, CONFIG_FILE, UNET_FILE,  # noqa: F401
                                        ModelParts, load_model)
-from latent_diffusion.runtime import autocast, check_precision, resolve_device
+from latent_diffusion.runtime import (PRECISIONS, autocast, channels_last_on_cpu, check_precision, math_precision,
+                                     resolve_device, store_weights)
 from latent_diffusion.samplers import SAMPLERS, get_sampler
 from latent_diffusion.unet import UNetModel
 
@@ -97,7 +98,8 @@ def build_conditioner(cfg: ConditioningConfig, device: torch.device, context_dim
             raise ValueError("conditioning.encoder = 'class' needs conditioning.num_classes and unet.context_dim")
         encoder = build_encoder("class", num_classes=cfg.num_classes, dim=context_dim)
     elif cfg.encoder == "minilm":
-        encoder = build_encoder("minilm", max_length=cfg.max_length, model_path=cfg.path)
+        encoder = build_encoder("minilm", max_length=cfg.max_length, model_path=cfg.path,
+                                clause_tokens=cfg.clause_tokens)
     else:
         encoder = build_encoder("clip", config=cfg.clip, weights=cfg.path)
     adapter = ContextAdapter(encoder.dim, cfg.adapter_layers).to(device) if cfg.adapter_layers else None
@@ -120,6 +122,8 @@ class Pipeline:
                  precision: str = "fp32", backend: str = "torch"):
         self.config, self.unet, self.autoencoder, self.conditioner = config, unet, autoencoder, conditioner
         self.ae_config, self.device, self.precision = ae_config, device, precision
+        # bf16 runs its arithmetic in fp32 on CPUs whose bf16 matmuls are slower (`runtime.math_precision`)
+        self.math = math_precision(precision, device)
         check_backend(backend, device)
         self.backend = backend
         self._openvino = None  # the UNet compiled by OpenVINO, made on first use
@@ -140,15 +144,16 @@ class Pipeline:
     @classmethod
     def from_parts(cls, parts: ModelParts, device: str | torch.device = "auto", precision: str = "fp32",
                    backend: str = "torch") -> Pipeline:
-        """A pipeline of the configs and weights in `parts` (weights are cast to fp32)."""
+        """A pipeline of the configs and weights in `parts`. Weights are kept in fp32, or for `precision` bf16 /
+        fp16 (backend torch) in that dtype — half the memory — with the math at `runtime.math_precision`."""
         dev = device if isinstance(device, torch.device) else resolve_device(device)
         check_precision(precision, dev)
         check_backend(backend, dev)
         cfg = parts.run_config()
-        unet = UNetModel(cfg.unet)
-        load_module_weights(unet, parts.unet, "UNet weights")
-        autoencoder = build_autoencoder(parts.autoencoder_config)
-        load_module_weights(autoencoder, parts.autoencoder, "autoencoder weights")
+        storage = PRECISIONS[precision] if backend == "torch" else torch.float32  # OpenVINO converts fp32
+        unet = module_from_weights(lambda: UNetModel(cfg.unet), parts.unet, "UNet weights", storage)
+        autoencoder = module_from_weights(lambda: build_autoencoder(parts.autoencoder_config), parts.autoencoder,
+                                          "autoencoder weights", storage)
         conditioner = build_conditioner(cfg.conditioning, dev, cfg.unet.context_dim)
         if parts.text_encoder is not None:
             if cfg.conditioning.encoder != "clip":
@@ -165,8 +170,15 @@ class Pipeline:
         check_spatial(cfg.conditioning.spatial, cfg.unet.concat_channels, parts.autoencoder_config.in_channels,
                       parts.autoencoder_config.embed_dim)
         ae_cfg = AutoencoderRunConfig(model=parts.autoencoder_config, data=DataConfig(resolution=parts.resolution))
-        return cls(cfg, unet.to(dev).eval(), autoencoder.to(dev).eval(), ae_cfg, conditioner, dev,
-                   precision, backend)
+        autoencoder = channels_last_on_cpu(autoencoder.to(dev).eval(), dev)
+        pipe = cls(cfg, unet.to(dev).eval(), autoencoder, ae_cfg, conditioner, dev, precision, backend)
+        if storage != torch.float32:
+            math = PRECISIONS[pipe.math]
+            store_weights(pipe.unet, storage, math)
+            store_weights(pipe.autoencoder, storage, math)
+            if cfg.conditioning.encoder == "clip":  # its math stays fp32: a small share of the time
+                store_weights(conditioner.encoder, storage, torch.float32)
+        return pipe
 
     def latent_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """(h, w) of the latents for an image size, checked against the total downsampling."""
@@ -206,7 +218,7 @@ class Pipeline:
             raise ValueError(f"image has {image.shape[1]} channels: this model's images have {channels}")
         images = _batch(image, num_images, size if kind == "inpaint" else None, "image").to(self.device)
         masks = _batch(mask, num_images, size, "mask", is_mask=True).to(self.device) if kind == "inpaint" else None
-        with autocast(self.device, self.precision):
+        with autocast(self.device, self.math):
             spatial = spatial_condition(kind, images, latent_size, self.autoencoder, self.latent_scale, masks)
         return spatial.float()
 
@@ -249,7 +261,7 @@ class Pipeline:
         def network(x, t, **kwargs):
             if self.backend == "openvino":
                 return self.openvino_unet()(x, t, **kwargs)
-            with autocast(self.device, self.precision):
+            with autocast(self.device, self.math):
                 return self.unet(x, t, **kwargs).float()
 
         spatial = self.spatial_input(image, mask, num_images, (h, w))
@@ -261,7 +273,7 @@ class Pipeline:
         sample = get_sampler(sampler)
         # One autocast region around every step: autocast keeps its bf16/fp16 copies of the weights until the
         # outermost region ends, so the UNet's weights are cast once per image, not once per step.
-        with autocast(self.device, self.precision):
+        with autocast(self.device, self.math):
             latents = sample(denoiser, noise.to(self.device), steps, generator=generator,
                              callback=lambda *_: bar.update(1), **self.sampler_options(sample))
             bar.close()

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
+import os
+import time
 
 import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -34,3 +41,71 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def channels_last_on_cpu(module: nn.Module, device: torch.device) -> nn.Module:
+    """`module` in channels-last memory format on a CPU, where oneDNN convolves NHWC tensors without reordering
+    them: the SD VAE decodes 512² about 12 % faster and in less memory (the UNet gains nothing measurable)."""
+    return module.to(memory_format=torch.channels_last) if device.type == "cpu" else module
+
+
+def math_precision(precision: str, device: torch.device) -> str:
+    """The precision the arithmetic runs at for `precision`: bf16 only where the device multiplies bf16 matrices
+    faster than fp32. Some CPUs with native bf16 instructions do it at half their fp32 rate (this project's CI
+    host: 166 against 319 GFLOP/s); there bf16 *weights* with fp32 math are both smaller and faster."""
+    if precision == "bf16" and device.type == "cpu" and not cpu_bf16_math_pays():
+        return "fp32"
+    return precision
+
+
+@functools.cache
+def cpu_bf16_math_pays() -> bool:
+    """Whether this CPU multiplies bf16 matrices clearly (≥ 1.2×) faster than fp32: measured once per process on
+    1024² matmuls (~0.1 s); the environment variable LDM_CPU_BF16_MATH=1 or 0 decides instead."""
+    forced = os.environ.get("LDM_CPU_BF16_MATH")
+    if forced is not None:
+        if forced not in ("0", "1"):
+            raise ValueError(f"LDM_CPU_BF16_MATH = {forced!r}: expected 1 (bf16 math) or 0 (fp32 math)")
+        return forced == "1"
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+        a @ b
+        start = time.perf_counter()
+        for _ in range(8):
+            a @ b
+        seconds[dtype] = time.perf_counter() - start
+    pays = seconds[torch.float32] >= 1.2 * seconds[torch.bfloat16]
+    log.info("bf16 matmul %.1fx the fp32 rate on this CPU: %s math for bf16 weights",
+             seconds[torch.float32] / seconds[torch.bfloat16], "bf16" if pays else "fp32")
+    return pays
+
+
+def store_weights(module: nn.Module, dtype: torch.dtype, math_dtype: torch.dtype) -> nn.Module:
+    """Keep `module`'s parameters in `dtype` (half the memory of fp32 for bf16/fp16). When `math_dtype` differs,
+    every submodule casts its own parameters to `math_dtype` for the length of its forward and back afterwards
+    (layerwise casting: one layer's copy at a time, so memory stays at `dtype`'s size). Buffers stay as they are.
+    Inference only: the casts bypass autograd."""
+    for param in module.parameters():
+        param.data = param.data.to(dtype)
+    if math_dtype == dtype:
+        return module
+    for sub in module.modules():
+        own = [name for name, p in sub.named_parameters(recurse=False) if p.is_floating_point()]
+        if own:
+            sub.register_forward_pre_hook(functools.partial(_cast_in, names=own, dtype=math_dtype))
+            sub.register_forward_hook(functools.partial(_cast_out, names=own), always_call=True)
+    return module
+
+
+def _cast_in(module: nn.Module, args, names: list[str], dtype: torch.dtype) -> None:
+    module._stored_weights = {}
+    for name in names:
+        param = module._parameters[name]
+        module._stored_weights[name] = param.data
+        param.data = param.data.to(dtype)
+
+
+def _cast_out(module: nn.Module, args, output, names: list[str]) -> None:
+    for name, data in module.__dict__.pop("_stored_weights", {}).items():
+        module._parameters[name].data = data

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,30 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 def load_module_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
     """Load `tensors` into `module` strictly, naming missing/unexpected keys and shape mismatches."""
+    _check_keys(module, tensors, what)
+    module.load_state_dict(tensors)
+
+
+def module_from_weights(build: Callable[[], torch.nn.Module], tensors: dict[str, torch.Tensor], what: str,
+                        dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """`build()` holding copies of `tensors` (floating-point ones cast to `dtype`), checked as in
+    `load_module_weights`. The module is built on the meta device, so no random initialisation runs and no fp32
+    copy of it is ever allocated: an SD UNet loads seconds sooner and, in bf16, without a 3.4 GB transient."""
+    with torch.device("meta"):
+        module = build()
+    _check_keys(module, tensors, what)
+    module.load_state_dict({k: v.to(dtype if v.is_floating_point() else v.dtype, copy=True)
+                            for k, v in tensors.items()}, assign=True)
+    for name, buffer in list(module.named_buffers()):  # non-persistent buffers are not in `tensors`
+        if buffer.is_meta:
+            if buffer.numel():
+                raise RuntimeError(f"{what}: buffer {name} has no stored value; build this module directly")
+            owner, _, attr = name.rpartition(".")
+            module.get_submodule(owner)._buffers[attr] = torch.zeros(buffer.shape, dtype=buffer.dtype)
+    return module
+
+
+def _check_keys(module: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
     own = module.state_dict()
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
@@ -84,7 +109,6 @@ def load_module_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor
         if wrong:
             parts.append(f"{len(wrong)} shape mismatches (e.g. {wrong[:3]})")
         raise CheckpointError(f"{what} does not match the model config: " + "; ".join(parts))
-    module.load_state_dict(tensors)
 
 
 def previous_path(path: str | os.PathLike) -> Path:

@@ -168,6 +168,9 @@ def save_model(parts: ModelParts, path: str | os.PathLike, fmt: Format) -> None:
     if fmt != "native" and parts.conditioning.adapter_layers:
         raise ConfigError(f"conditioning.adapter_layers = {parts.conditioning.adapter_layers}: the {fmt} format "
                           "has no place for a trained text adapter; keep the model in the native format")
+    if fmt != "native" and parts.conditioning.clause_tokens:
+        raise ConfigError(f"conditioning.clause_tokens = True: the {fmt} format has no such option (it is this "
+                          "project's addition); keep the model in the native format")
     if fmt != "native" and parts.autoencoder_config.pixel_space:
         raise ConfigError(f"this is a pixel-space model (autoencoder: pixel): the {fmt} format needs an "
                           "autoencoder; keep the model in the native format")
