@@ -23,19 +23,21 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def as_shipped(model: torch.nn.Module, dtype: torch.dtype, device: str, math: str | None = None):
-    """Our `model` as `Pipeline` runs it at `dtype`: weights stored in `dtype`, the math at `math` (default: what
-    `runtime.math_precision` picks for this device). Returns a context manager factory for each call (autocast
-    for bf16 math); the inputs stay fp32, as in the pipeline."""
+def at_dtype(model: torch.nn.Module, ours: bool, dtype: torch.dtype, device: str, math: str | None = None):
+    """(model, input dtype, context factory for each call) at `dtype`. A peer's model is cast to `dtype` and fed
+    `dtype` inputs. Ours runs as `Pipeline` runs it: weights stored in `dtype`, fp32 inputs, the math at `math`
+    (default: what `runtime.math_precision` picks for this device; autocast for bf16 math)."""
     import contextlib
 
     from latent_diffusion.runtime import PRECISIONS, autocast, math_precision, store_weights
+    if not ours or dtype == torch.float32:
+        return model.to(dtype), dtype, contextlib.nullcontext
     name = {v: k for k, v in DTYPES.items()}[dtype]
     dev = torch.device(device)
     math = math or math_precision(name, dev)
     store_weights(model, dtype, PRECISIONS[math])
     print(f"ours at {name}: {name} weights, {math} math")
-    return (lambda: autocast(dev, math)) if math != "fp32" else contextlib.nullcontext
+    return model, torch.float32, (lambda: autocast(dev, math)) if math != "fp32" else contextlib.nullcontext
 
 
 def machine() -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import (DTYPES, alternate, arguments, as_shipped, machine, measure_peak, peaks, table,  # noqa: E402
+from harness import (DTYPES, alternate, arguments, at_dtype, machine, measure_peak, peaks, table,  # noqa: E402
                      write_json)
 
 from latent_diffusion.conditioning.clip import ClipTextConfig, ClipTextTransformer  # noqa: E402
@@ -36,11 +36,8 @@ def build(impl: str, dtype: torch.dtype, device: str):
             state = {k.removeprefix("text_model."): v for k, v in state.items()}
         model.load_state_dict(state)
         del ours
-    model = model.to(device).eval()
-    if impl == "ours" and dtype != torch.float32:
-        as_shipped(model, dtype, device, math="fp32")  # the pipeline's text encoder: bf16 weights, fp32 math
-    else:
-        model = model.to(dtype)
+    # the pipeline's text encoder: weights at `dtype`, fp32 math
+    model = at_dtype(model.to(device).eval(), impl == "ours", dtype, device, math="fp32")[0]
     tokens = torch.randint(1, 49000, (2, 77), generator=torch.Generator().manual_seed(1)).to(device)
     tokens[:, 0], tokens[:, -1] = 49406, 49407
 

@@ -10,14 +10,13 @@ converted by `openvino.convert_model`, both compiled for the CPU at the inferenc
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import (DTYPES, alternate, arguments, as_shipped, machine, measure_peak, peaks, table,  # noqa: E402
+from harness import (DTYPES, alternate, arguments, at_dtype, machine, measure_peak, peaks, table,  # noqa: E402
                      write_json)
 
 from latent_diffusion.config import UNetConfig  # noqa: E402
@@ -92,11 +91,9 @@ def build(impl: str, dtype: torch.dtype, device: str, compile_: bool = False):
         return build_openvino(impl, dtype)
     cfg = UNetConfig()
     model = as_impl(impl, cfg, random_unet(cfg), 64).to(device).eval()
-    shipped = impl == "ours" and dtype != torch.float32 and not compile_  # bf16: weights, and math as shipped
-    region = as_shipped(model, dtype, device) if shipped else contextlib.nullcontext
-    if not shipped:
-        model = model.to(dtype)
-    x, t, context = inputs(device, torch.float32 if shipped else dtype)
+    # compiled: a plain cast (Inductor does not trace the shipped path's weight-casting hooks)
+    model, input_dtype, region = at_dtype(model, impl == "ours" and not compile_, dtype, device)
+    x, t, context = inputs(device, input_dtype)
     fn = torch.compile(model) if compile_ else model
 
     @torch.inference_mode()

@@ -10,14 +10,13 @@ in the memory of a 512² decode. The two blend their overlaps differently, so th
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import (DTYPES, alternate, arguments, as_shipped, machine, measure_peak, peaks, table,  # noqa: E402
+from harness import (DTYPES, alternate, arguments, at_dtype, machine, measure_peak, peaks, table,  # noqa: E402
                      write_json)
 
 from latent_diffusion.autoencoder import AutoencoderKL  # noqa: E402
@@ -47,11 +46,7 @@ def build(impl: str, op: str, dtype: torch.dtype, device: str, size: int, tile: 
     model = model.to(device).eval()
     if impl == "ours":  # as `Pipeline` runs it
         model = channels_last_on_cpu(model, torch.device(device))
-    shipped = impl == "ours" and dtype != torch.float32  # bf16: weights, and math as the pipeline runs them
-    region = as_shipped(model, dtype, device) if shipped else contextlib.nullcontext
-    if not shipped:
-        model = model.to(dtype)
-    dtype = torch.float32 if shipped else dtype
+    model, dtype, region = at_dtype(model, impl == "ours", dtype, device)
     gen = torch.Generator().manual_seed(1)
     if op == "decode":
         z = torch.randn(1, 4, size // 8, size // 8, generator=gen).to(device, dtype)

@@ -38,6 +38,11 @@ class PixelSpace(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return z
 
+    def forward(self, x: torch.Tensor, sample_posterior: bool = True,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussianDistribution]:
+        """(reconstruction, posterior) as `AutoencoderKL.forward` returns them: (x, the point mass at x)."""
+        return x, self.encode(x)
+
 
 def build_autoencoder(cfg: AutoencoderConfig) -> nn.Module:
     """The first stage a config describes: `PixelSpace` for `pixel_space: true`, else an `AutoencoderKL`."""

@@ -17,10 +17,10 @@ from latent_diffusion.data import open_dataset
 from latent_diffusion.evaluation.features import FeatureNet, extract, load_feature_net
 from latent_diffusion.evaluation.fid import fid
 from latent_diffusion.evaluation.metrics import psnr, ssim
-from latent_diffusion.images import make_grid, save_image
 from latent_diffusion.io.atomic import atomic_write_bytes
 from latent_diffusion.io.autoencoder import CONFIG_FILE, load_autoencoder
 from latent_diffusion.runtime import resolve_device
+from latent_diffusion.training.autoencoder import write_reconstruction_grid
 
 
 @torch.no_grad()
@@ -61,15 +61,6 @@ def evaluate_reconstruction(model: AutoencoderKL, dataset: Dataset, num_images: 
     return figures
 
 
-@torch.no_grad()
-def write_reconstruction_grid(model, dataset, path: Path, count: int = 8) -> None:
-    """The first `count` held-out images (top row) above their reconstructions (bottom row), as a PNG."""
-    device = next(model.parameters()).device
-    images = torch.stack([dataset[i]["image"] for i in range(min(count, len(dataset)))])
-    reconstructions = model.decode(model.encode(images.to(device)).mode()).float().clamp(-1, 1).cpu()
-    save_image(make_grid([images, reconstructions], scale=max(1, 128 // images.shape[-1])), path)
-
-
 def evaluate_autoencoder_run(run_dir: str | os.PathLike, data: str | os.PathLike, split: str = "test",
                              num_images: int | None = None, batch_size: int = 64, device: str = "auto",
                              write_scale: bool = True, progress: bool = True,
@@ -77,14 +68,16 @@ def evaluate_autoencoder_run(run_dir: str | os.PathLike, data: str | os.PathLike
     """Evaluate a run folder on `data`; writes eval.json, eval.png (held-out images above their reconstructions)
     and (by default) latent_scale into config.yaml."""
     run_dir = Path(run_dir)
-    model, cfg = load_autoencoder(run_dir, resolve_device(device))
+    dev = resolve_device(device)
+    model, cfg = load_autoencoder(run_dir, dev)
     dataset = open_dataset(data, cfg.data.resolution, cfg.model.in_channels, split)
     feature_net = load_feature_net(features) if features else None
     figures = evaluate_reconstruction(model, dataset, num_images, batch_size, progress=progress,
                                       features=feature_net)
     figures["data"] = str(data)
     atomic_write_bytes(run_dir / "eval.json", (json.dumps(figures, indent=2) + "\n").encode())
-    write_reconstruction_grid(model, dataset, run_dir / "eval.png")
+    images = torch.stack([dataset[i]["image"] for i in range(min(8, len(dataset)))]).to(dev)  # first 8 held out
+    write_reconstruction_grid(model, images, run_dir / "eval.png", dev, size=128)
     if write_scale:
         save_config(replace(cfg, model=replace(cfg.model, latent_scale=figures["latent_scale"])), run_dir / CONFIG_FILE)
     return figures

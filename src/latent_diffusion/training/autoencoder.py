@@ -233,12 +233,12 @@ def _train_step(run: _Run, micro: list[torch.Tensor], step: int) -> tuple[LossTe
 
 @torch.no_grad()
 def write_reconstruction_grid(model: AutoencoderKL, images: torch.Tensor, path: Path, dev: torch.device,
-                              precision: str = "fp32") -> None:
-    """Originals (top row) above their reconstructions (bottom row), enlarged for viewing."""
+                              precision: str = "fp32", size: int = 256) -> None:
+    """Originals (top row) above their reconstructions (bottom row), enlarged to about `size` pixels high each."""
     model.eval()
     with autocast(dev, precision):
         recon = model(images, sample_posterior=False)[0]
-    scale = max(1, 256 // images.shape[-1])
+    scale = max(1, size // images.shape[-1])
     save_image(make_grid([images, recon.float()], scale=scale), path)
 
 
