@@ -3,6 +3,7 @@ ours against diffusers' AutoencoderKL with the same (random) weights.
 
     python benchmarks/vae.py [--dtype fp32 bf16] [--repeats 3] [--size 512] [--tile 64]
 
+Ours runs as `Pipeline` runs it: channels-last on a CPU, in bands of rows (`--whole`: whole layers).
 `--tile 64` decodes in overlapping 64×64 latent tiles (512² pixels; 16 latents of overlap) in both: ours
 `AutoencoderKL.decode_tiled`, diffusers' `enable_tiling()` set to the same tile; for 1024² and larger images
 in the memory of a 512² decode. The two blend their overlaps differently, so their images differ there.
@@ -20,6 +21,7 @@ from harness import (DTYPES, alternate, arguments, at_dtype, machine, measure_pe
                      write_json)
 
 from latent_diffusion.autoencoder import AutoencoderKL  # noqa: E402
+from latent_diffusion.autoencoder.bands import inference_bands  # noqa: E402
 from latent_diffusion.config import AutoencoderConfig  # noqa: E402
 from latent_diffusion.runtime import channels_last_on_cpu  # noqa: E402
 from latent_diffusion.io.diffusers_config import vae_config_to_diffusers  # noqa: E402
@@ -28,7 +30,7 @@ from latent_diffusion.io.keymaps import vae_state_to_diffusers  # noqa: E402
 IMPLS = ("ours", "diffusers")
 
 
-def build(impl: str, op: str, dtype: torch.dtype, device: str, size: int, tile: int = 0):
+def build(impl: str, op: str, dtype: torch.dtype, device: str, size: int, tile: int = 0, whole: bool = False):
     cfg = AutoencoderConfig(resolution=size)
     torch.manual_seed(0)
     ours = AutoencoderKL(cfg)
@@ -44,8 +46,9 @@ def build(impl: str, op: str, dtype: torch.dtype, device: str, size: int, tile: 
             model.tile_latent_min_size, model.tile_sample_min_size = tile, tile * 8
             model.tile_overlap_factor = 0.25
     model = model.to(device).eval()
-    if impl == "ours":  # as `Pipeline` runs it
+    if impl == "ours":  # as `Pipeline` runs it: channels-last on a CPU, in bands of rows (`autoencoder/bands.py`)
         model = channels_last_on_cpu(model, torch.device(device))
+        model.bands = None if whole else inference_bands(torch.device(device), dtype)
     model, dtype, region = at_dtype(model, impl == "ours", dtype, device)
     gen = torch.Generator().manual_seed(1)
     if op == "decode":
@@ -72,22 +75,25 @@ def main() -> None:
         p.add_argument("--size", type=int, default=512, help="image side (multiple of 8)")
         p.add_argument("--op", nargs="+", default=["decode", "encode"], choices=["decode", "encode"])
         p.add_argument("--tile", type=int, default=0, help="decode in overlapping latent tiles of this size")
+        p.add_argument("--whole", action="store_true", help="ours without bands of rows (whole layers at once)")
 
     args = arguments(__doc__, extra)
     if args.peak:
-        measure_peak(build(args.impl, args.op[0], DTYPES[args.dtype[0]], args.device, args.size, args.tile))
+        measure_peak(build(args.impl, args.op[0], DTYPES[args.dtype[0]], args.device, args.size, args.tile,
+                           args.whole))
         return
     tiling = f", {args.tile}×{args.tile} latent tiles" if args.tile else ""
     print(f"VAE at {args.size}×{args.size}{tiling} — {machine()}")
     figures = {}
     for op in args.op:
         for name in args.dtype:
-            calls = {impl: build(impl, op, DTYPES[name], args.device, args.size, args.tile) for impl in IMPLS}
+            calls = {impl: build(impl, op, DTYPES[name], args.device, args.size, args.tile, args.whole)
+                     for impl in IMPLS}
             outputs = {impl: fn() for impl, fn in calls.items()}
             times = alternate(calls, args.repeats, warmup=0)
             rows = table(f"VAE {op} {args.size}² {name}{tiling}", times,
                          peaks(args, __file__, IMPLS, "--op", op, "--dtype", name, "--size", str(args.size),
-                               "--tile", str(args.tile)))
+                               "--tile", str(args.tile), *(["--whole"] if args.whole else [])))
             diff = (outputs["ours"] - outputs["diffusers"]).abs().max().item()
             print(f"\nmax |ours − diffusers| = {diff:.2e}")
             figures[f"{op} {name}"] = {"rows": rows, "max_abs_diff": diff}

@@ -7,7 +7,7 @@ from latent_diffusion.autoencoder import AutoencoderKL, DiagonalGaussianDistribu
 from latent_diffusion.config import AutoencoderConfig
 from latent_diffusion.data.fashion_mnist import DEFAULT_ROOT as FASHION_ROOT, FashionMNIST
 
-from conftest import tiny_autoencoder_config
+from conftest import randomised, tiny_autoencoder_config
 
 
 @pytest.mark.parametrize("levels", [1, 2, 3, 4])
@@ -122,3 +122,43 @@ def test_tiled_decode_reconstructs_as_well_as_whole_decode():
     assert quality["blended"] > quality["whole"] - 1.0 and quality["blended"] > quality["abutting"] + 1.0, quality
     with pytest.raises(ValueError, match="overlap"):
         model.decode_tiled(z, tile=8, overlap=8)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_inference_in_bands_of_rows_gives_the_whole_forward(layout):
+    """Encoding and decoding band by band (`autoencoder/bands.py`) gives the plain forward's outputs, for bands
+    of one row up to whole layers, with attention at a level, odd latent sizes and both memory formats."""
+    from latent_diffusion.autoencoder.bands import RowBands
+    cfg = tiny_autoencoder_config(ch_mult=(1, 2, 2), resolution=40, attn_resolutions=(20,))
+    model = randomised_autoencoder(cfg).to(memory_format=layout)
+    x = torch.rand(2, 3, 40, 24) * 2 - 1
+    z = torch.randn(2, 4, 5, 7)
+    with torch.no_grad():
+        expected = model.encode(x).mean, model.decode(z)
+        for elements in (1, 300, 5000, 1 << 30):  # one row per band, a few rows, whole layers
+            model.bands = RowBands(elements)
+            encoded, decoded = model.encode(x).mean, model.decode(z)
+            assert decoded.shape == expected[1].shape and decoded.is_contiguous(memory_format=layout)
+            torch.testing.assert_close(encoded, expected[0], rtol=0, atol=2e-5)
+            torch.testing.assert_close(decoded, expected[1], rtol=0, atol=2e-5)
+
+
+def test_bands_store_activations_in_bf16_with_fp32_math_and_leave_training_alone():
+    from latent_diffusion.autoencoder.bands import RowBands
+    model = randomised_autoencoder(tiny_autoencoder_config(resolution=32))
+    z = torch.randn(1, 4, 16, 16)
+    with torch.no_grad():
+        expected = model.decode(z)
+        model.bands = RowBands(1000, storage=torch.bfloat16)
+        decoded = model.decode(z)
+    assert decoded.dtype == torch.bfloat16
+    error = (decoded.float() - expected).abs().max() / expected.abs().max()
+    assert 0 < error < 2e-2  # rounded to bf16 between layers, no more
+    out = model.decode(z.requires_grad_())  # with gradients: the plain forward, whatever `bands` says
+    assert out.dtype == torch.float32 and out.grad_fn is not None
+    torch.testing.assert_close(out.detach(), expected, rtol=0, atol=0)
+
+
+def randomised_autoencoder(cfg: AutoencoderConfig) -> AutoencoderKL:
+    """An autoencoder with GroupNorm affines off their (1, 0) init, so that the bands' own norm is tested."""
+    return randomised(AutoencoderKL(cfg), 0).eval()

@@ -16,6 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from latent_diffusion.autoencoder import AutoencoderKL, build_autoencoder
+from latent_diffusion.autoencoder.bands import inference_bands
 from latent_diffusion.backends import check_backend
 from latent_diffusion.conditioning.adapter import ContextAdapter
 from latent_diffusion.conditioning.base import Conditioning
@@ -171,6 +172,8 @@ class Pipeline:
                       parts.autoencoder_config.embed_dim)
         ae_cfg = AutoencoderRunConfig(model=parts.autoencoder_config, data=DataConfig(resolution=parts.resolution))
         autoencoder = channels_last_on_cpu(autoencoder.to(dev).eval(), dev)
+        if isinstance(autoencoder, AutoencoderKL):  # the same images in less memory: `autoencoder/bands.py`
+            autoencoder.bands = inference_bands(dev, storage)
         pipe = cls(cfg, unet.to(dev).eval(), autoencoder, ae_cfg, conditioner, dev, precision, backend)
         if storage != torch.float32:
             math = PRECISIONS[pipe.math]

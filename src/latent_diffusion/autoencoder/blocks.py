@@ -6,6 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latent_diffusion.autoencoder.bands import (RowBands, band_rows, conv_in_bands, norm_silu_rows, plain_rows,
+                                                pointwise, upsampled_rows)
+
 
 def Normalize(channels: int, groups: int = 32) -> nn.GroupNorm:
     """GroupNorm as in CompVis (eps 1e-6, affine)."""
@@ -30,6 +33,17 @@ class ResnetBlock(nn.Module):
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         shortcut = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
         return shortcut + h  # (B, C_out, H, W)
+
+    def forward_in_bands(self, x: torch.Tensor, bands: RowBands) -> torch.Tensor:
+        """`forward` (inference) computed in bands of rows: `bands.py`."""
+        height, rows = x.shape[2], band_rows(bands, x, self.conv1.out_channels)
+        h = conv_in_bands(self.conv1, norm_silu_rows(x, self.norm1, rows), x, height, rows, bands)
+        if hasattr(self, "nin_shortcut"):
+            shortcut = lambda r0, r1: pointwise(self.nin_shortcut, x[:, :, r0:r1], bands)
+        else:
+            shortcut = lambda r0, r1: x[:, :, r0:r1]
+        return conv_in_bands(self.conv2, norm_silu_rows(h, self.norm2, rows), x, height, rows, bands,
+                             residual=shortcut)  # (B, C_out, H, W)
 
 
 class AttnBlock(nn.Module):
@@ -62,6 +76,10 @@ class Downsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
+    def forward_in_bands(self, x: torch.Tensor, bands: RowBands) -> torch.Tensor:
+        rows = band_rows(bands, x, x.shape[1])
+        return conv_in_bands(self.conv, plain_rows(x), x, x.shape[2], rows, bands, downsample=True)
+
 
 class Upsample(nn.Module):
     """Nearest-neighbour ×2 followed by a 3×3 conv: H → 2H."""
@@ -72,6 +90,10 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+    def forward_in_bands(self, x: torch.Tensor, bands: RowBands) -> torch.Tensor:
+        rows = band_rows(bands, x, x.shape[1], scale=2)
+        return conv_in_bands(self.conv, upsampled_rows(x), x, 2 * x.shape[2], rows, bands)
 
 
 class MidBlock(nn.Module):
@@ -85,3 +107,7 @@ class MidBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
+
+    def forward_in_bands(self, x: torch.Tensor, bands: RowBands) -> torch.Tensor:
+        h = bands.store(self.attn_1(bands.math_input(self.block_1.forward_in_bands(x, bands))))
+        return self.block_2.forward_in_bands(h, bands)

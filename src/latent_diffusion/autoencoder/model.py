@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from latent_diffusion.autoencoder.bands import RowBands, band_rows, conv_in_bands, norm_silu_rows, plain_rows
 from latent_diffusion.autoencoder.blocks import AttnBlock, Downsample, MidBlock, Normalize, ResnetBlock, Upsample
 from latent_diffusion.autoencoder.distributions import DiagonalGaussianDistribution
 from latent_diffusion.config import AutoencoderConfig
@@ -26,12 +27,29 @@ class _Level(nn.Module):
         if resample is not None:
             self.add_module(*resample)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def layers(self) -> list[nn.Module]:
+        """The level's layers in order: its ResNets (each followed by its attention, if any), then resampling.
+        Callers run them one by one, so that each layer's input is freed as soon as the next one starts."""
+        layers = []
         for i, block in enumerate(self.block):
-            h = block(h)
-            if len(self.attn) > 0:
-                h = self.attn[i](h)
-        return h
+            layers += [block, self.attn[i]] if len(self.attn) > 0 else [block]
+        resample = getattr(self, "downsample", None) or getattr(self, "upsample", None)
+        return layers + ([resample] if resample is not None else [])
+
+
+def _run(layer: nn.Module, h: torch.Tensor, bands: RowBands | None) -> torch.Tensor:
+    """layer(h), in bands of rows when `bands` is given (layers without a banded forward run whole)."""
+    if bands is None:
+        return layer(h)
+    if hasattr(layer, "forward_in_bands"):
+        return layer.forward_in_bands(h, bands)
+    return bands.store(layer(bands.math_input(h)))
+
+
+def _out_in_bands(norm: nn.GroupNorm, conv: nn.Conv2d, h: torch.Tensor, bands: RowBands) -> torch.Tensor:
+    """conv(silu(norm(h))) in bands: the last layers of the encoder and the decoder."""
+    rows = band_rows(bands, h, h.shape[1])
+    return conv_in_bands(conv, norm_silu_rows(h, norm, rows), h, h.shape[2], rows, bands)
 
 
 class Encoder(nn.Module):
@@ -60,13 +78,19 @@ class Encoder(nn.Module):
         self.norm_out = Normalize(c_mid, g)
         self.conv_out = nn.Conv2d(c_mid, 2 * cfg.z_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
+    def forward(self, x: torch.Tensor, bands: RowBands | None = None) -> torch.Tensor:
+        """`bands` (inference only) computes the same in bands of rows, in less memory (`bands.py`)."""
+        if bands is None:
+            h = self.conv_in(x)
+        else:
+            rows = band_rows(bands, x, self.conv_in.out_channels)
+            h = conv_in_bands(self.conv_in, plain_rows(x), x, x.shape[2], rows, bands)
         for level in self.down:
-            h = level(h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
-        h = self.mid(h)
+            for layer in level.layers():
+                h = _run(layer, h, bands)
+        h = _run(self.mid, h, bands)
+        if bands is not None:
+            return _out_in_bands(self.norm_out, self.conv_out, h, bands)
         return self.conv_out(torch.nn.functional.silu(self.norm_out(h)))  # (B, 2·z, H/f, W/f)
 
 
@@ -102,12 +126,14 @@ class Decoder(nn.Module):
         """The weight the adaptive GAN weight differentiates against."""
         return self.conv_out.weight
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
+    def forward(self, z: torch.Tensor, bands: RowBands | None = None) -> torch.Tensor:
+        """`bands` (inference only) computes the same in bands of rows, in less memory (`bands.py`)."""
+        h = _run(self.mid, _run(self.conv_in, z, bands), bands)
         for level in reversed(self.up):
-            h = level(h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            for layer in level.layers():
+                h = _run(layer, h, bands)
+        if bands is not None:
+            return _out_in_bands(self.norm_out, self.conv_out, h, bands)
         return self.conv_out(torch.nn.functional.silu(self.norm_out(h)))  # (B, out, H, W)
 
 
@@ -121,6 +147,12 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        # Set (e.g. by `Pipeline`) to encode and decode in bands of rows when no gradient is taken: the same
+        # images in a fraction of the activation memory, optionally stored narrower than the math (`bands.py`).
+        self.bands: RowBands | None = None
+
+    def _inference_bands(self) -> RowBands | None:
+        return self.bands if self.bands is not None and not torch.is_grad_enabled() else None
 
     @property
     def downsample_factor(self) -> int:
@@ -141,13 +173,16 @@ class AutoencoderKL(nn.Module):
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """q(z|x) for images in [-1, 1]."""
         self.check_input(x)
-        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+        bands = self._inference_bands()
+        if bands is None:
+            return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+        return DiagonalGaussianDistribution(self.quant_conv(bands.math_input(self.encoder(x, bands))))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Images (roughly in [-1, 1]) from latents (B, embed_dim, h, w)."""
         if z.ndim != 4 or z.shape[1] != self.config.embed_dim:
             raise ValueError(f"expected latents of shape (B, {self.config.embed_dim}, h, w), got {tuple(z.shape)}")
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(z), self._inference_bands())
 
     def decode_tiled(self, z: torch.Tensor, tile: int = 64, overlap: int | None = None) -> torch.Tensor:
         """`decode` in latent tiles of at most tile×tile overlapping by at least `overlap` (default tile / 4),
