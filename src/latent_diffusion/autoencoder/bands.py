@@ -101,22 +101,22 @@ def upsampled_rows(x: torch.Tensor) -> Rows:
     return rows_of
 
 
-def conv_in_bands(conv: nn.Conv2d, rows_of: Rows, like: torch.Tensor, height: int, rows: int, bands: RowBands,
-                  downsample: bool = False, residual: Callable[[int, int], torch.Tensor] | None = None
-                  ) -> torch.Tensor:
+def conv_in_bands(conv: nn.Conv2d, rows_of: Rows, height: int, rows: int, bands: RowBands, downsample: bool = False,
+                  residual: Callable[[int, int], torch.Tensor] | None = None) -> torch.Tensor:
     """conv(input) + residual, `rows` output rows at a time: `rows_of(a, b)` gives rows a..b of the conv's input
     (`height` rows), `residual(r0, r1)` rows of what is added to its output. For 1×1 convolutions, 3×3 ones with
-    padding 1, and (`downsample`) the encoder's stride-2 3×3 after CompVis' (0, 1, 0, 1) padding. `like` gives
-    the batch, device and memory format of the output."""
+    padding 1, and (`downsample`) the encoder's stride-2 3×3 after CompVis' (0, 1, 0, 1) padding. The output
+    takes the memory format the convolution gives (channels-last for channels-last weights)."""
     k, stride = conv.kernel_size[0], conv.stride[0]
     halo = 0 if downsample else k // 2
     out_height = (height - 1) // 2 + 1 if downsample else height
-    weight, bias = conv_weights(conv, like, bands)
     out = None
     for r0 in range(0, out_height, rows):
         r1 = min(out_height, r0 + rows)
         a, b = r0 * stride - halo, (r1 - 1) * stride + k - halo  # the input rows these outputs read
         band = rows_of(max(a, 0), min(b, height))
+        if out is None:
+            weight, bias = conv_weights(conv, band, bands)
         if downsample:  # CompVis' asymmetric padding, the bottom row only where the band reaches it
             band = F.pad(band, (0, 1, 0, max(0, b - height)))
             y = F.conv2d(band, weight, bias, stride=stride)
@@ -126,8 +126,8 @@ def conv_in_bands(conv: nn.Conv2d, rows_of: Rows, like: torch.Tensor, height: in
             skip = a - max(a, 0) + pad  # output rows before r0
             y = y[:, :, skip:skip + r1 - r0]
         if out is None:
-            layout = torch.channels_last if _channels_last(like) else torch.contiguous_format
-            out = torch.empty((like.shape[0], y.shape[1], out_height, y.shape[3]), device=like.device,
+            layout = torch.channels_last if _channels_last(y) else torch.contiguous_format
+            out = torch.empty((y.shape[0], y.shape[1], out_height, y.shape[3]), device=y.device,
                               dtype=bands.storage or y.dtype, memory_format=layout)
         if residual is not None:
             y = y + residual(r0, r1).to(y.dtype)  # same dtypes: mixed-dtype adds take a slow path
@@ -155,4 +155,5 @@ def band_rows(bands: RowBands, x: torch.Tensor, channels_out: int, scale: int = 
 
 
 def _channels_last(x: torch.Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    """Whether `x` (perhaps a band sliced out of a larger tensor) is laid out channels-last."""
+    return x.shape[1] > 1 and x.stride(1) == 1

@@ -37,12 +37,12 @@ class ResnetBlock(nn.Module):
     def forward_in_bands(self, x: torch.Tensor, bands: RowBands) -> torch.Tensor:
         """`forward` (inference) computed in bands of rows: `bands.py`."""
         height, rows = x.shape[2], band_rows(bands, x, self.conv1.out_channels)
-        h = conv_in_bands(self.conv1, norm_silu_rows(x, self.norm1, rows), x, height, rows, bands)
+        h = conv_in_bands(self.conv1, norm_silu_rows(x, self.norm1, rows), height, rows, bands)
         if hasattr(self, "nin_shortcut"):
             shortcut = lambda r0, r1: pointwise(self.nin_shortcut, x[:, :, r0:r1], bands)
         else:
             shortcut = lambda r0, r1: x[:, :, r0:r1]
-        return conv_in_bands(self.conv2, norm_silu_rows(h, self.norm2, rows), x, height, rows, bands,
+        return conv_in_bands(self.conv2, norm_silu_rows(h, self.norm2, rows), height, rows, bands,
                              residual=shortcut)  # (B, C_out, H, W)
 
 
@@ -78,7 +78,7 @@ class Downsample(nn.Module):
 
     def forward_in_bands(self, x: torch.Tensor, bands: RowBands) -> torch.Tensor:
         rows = band_rows(bands, x, x.shape[1])
-        return conv_in_bands(self.conv, plain_rows(x), x, x.shape[2], rows, bands, downsample=True)
+        return conv_in_bands(self.conv, plain_rows(x), x.shape[2], rows, bands, downsample=True)
 
 
 class Upsample(nn.Module):
@@ -93,7 +93,7 @@ class Upsample(nn.Module):
 
     def forward_in_bands(self, x: torch.Tensor, bands: RowBands) -> torch.Tensor:
         rows = band_rows(bands, x, x.shape[1], scale=2)
-        return conv_in_bands(self.conv, upsampled_rows(x), x, 2 * x.shape[2], rows, bands)
+        return conv_in_bands(self.conv, upsampled_rows(x), 2 * x.shape[2], rows, bands)
 
 
 class MidBlock(nn.Module):

@@ -49,7 +49,7 @@ def _run(layer: nn.Module, h: torch.Tensor, bands: RowBands | None) -> torch.Ten
 def _out_in_bands(norm: nn.GroupNorm, conv: nn.Conv2d, h: torch.Tensor, bands: RowBands) -> torch.Tensor:
     """conv(silu(norm(h))) in bands: the last layers of the encoder and the decoder."""
     rows = band_rows(bands, h, h.shape[1])
-    return conv_in_bands(conv, norm_silu_rows(h, norm, rows), h, h.shape[2], rows, bands)
+    return conv_in_bands(conv, norm_silu_rows(h, norm, rows), h.shape[2], rows, bands)
 
 
 class Encoder(nn.Module):
@@ -84,7 +84,7 @@ class Encoder(nn.Module):
             h = self.conv_in(x)
         else:
             rows = band_rows(bands, x, self.conv_in.out_channels)
-            h = conv_in_bands(self.conv_in, plain_rows(x), x, x.shape[2], rows, bands)
+            h = conv_in_bands(self.conv_in, plain_rows(x), x.shape[2], rows, bands)
         for level in self.down:
             for layer in level.layers():
                 h = _run(layer, h, bands)
