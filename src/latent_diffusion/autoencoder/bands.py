@@ -27,20 +27,34 @@ Rows = Callable[[int, int], torch.Tensor]
 @dataclass(frozen=True)
 class RowBands:
     """How `Encoder`/`Decoder` run in bands: `elements` bounds one band (4M elements: 16 MiB in fp32);
-    `storage` is the dtype of the activations kept between layers (None: the dtype the math produces); `math`
-    the dtype the layers compute in outside autocast."""
+    `storage` is the dtype of the activations kept between layers (None: the dtype the math produces). Outside
+    autocast the math is fp32 (weights stored narrower are cast layer by layer: `runtime.store_weights`)."""
 
     elements: int = 1 << 22
     storage: torch.dtype | None = None
-    math: torch.dtype = torch.float32
-
-    def math_input(self, x: torch.Tensor) -> torch.Tensor:
-        """`x` for a layer outside the bands: as it is under autocast (which casts), else in `math`, the dtype
-        the layers compute in (fp32 for weights stored narrower, `runtime.store_weights`)."""
-        return x if torch.is_autocast_enabled(x.device.type) else x.to(self.math)
 
     def store(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` as kept between layers."""
         return x if self.storage is None else x.to(self.storage)
+
+
+def run_layer(layer: nn.Module, h: torch.Tensor, bands: RowBands | None) -> torch.Tensor:
+    """layer(h): whole when `bands` is None, else in bands of rows where the layer has `forward_in_bands`, and
+    whole otherwise (attention, low-resolution convs) with its input in the math dtype and its output stored."""
+    if bands is None:
+        return layer(h)
+    if hasattr(layer, "forward_in_bands"):
+        return layer.forward_in_bands(h, bands)
+    return bands.store(layer(math_input(h)))
+
+
+def math_input(x: torch.Tensor) -> torch.Tensor:
+    """`x` for a layer run whole: as it is under autocast (which casts), else in fp32."""
+    return x if _autocast(x.device) else x.float()
+
+
+def _autocast(device: torch.device) -> bool:
+    return torch.is_autocast_enabled(device.type)
 
 
 def inference_bands(device: torch.device, weights: torch.dtype) -> RowBands:
@@ -71,7 +85,7 @@ def grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.view(b, groups, c // groups, h, w)
 
 
-def norm_silu_rows(x: torch.Tensor, norm: nn.GroupNorm, rows: int, silu: bool = True) -> Rows:
+def norm_silu_rows(x: torch.Tensor, norm: nn.GroupNorm, rows: int) -> Rows:
     """rows(a, b) = silu(norm(x))[:, :, a:b] in fp32, with `norm`'s statistics taken over the whole of `x`."""
     b, c = x.shape[:2]
     mean, rstd = group_stats(x, norm, rows)  # (B, G, 1, 1, 1)
@@ -81,7 +95,7 @@ def norm_silu_rows(x: torch.Tensor, norm: nn.GroupNorm, rows: int, silu: bool = 
 
     def rows_of(a: int, b: int) -> torch.Tensor:
         y = torch.addcmul(shift, x[:, :, a:b].float(), scale)  # norm(x) = x · scale + shift, per channel
-        return F.silu(y, inplace=True) if silu else y
+        return F.silu(y, inplace=True)
 
     return rows_of
 
@@ -95,8 +109,8 @@ def upsampled_rows(x: torch.Tensor) -> Rows:
     """rows(a, b) of x upsampled ×2 (nearest), in fp32."""
     def rows_of(a: int, b: int) -> torch.Tensor:
         low = x[:, :, a // 2:(b + 1) // 2].float()
-        high = F.interpolate(low, scale_factor=2.0, mode="nearest")
-        return high[:, :, a - 2 * (a // 2):][:, :, :b - a]
+        high = F.interpolate(low, scale_factor=2.0, mode="nearest")  # rows 2·(a // 2) onwards
+        return high[:, :, a % 2:a % 2 + b - a]
 
     return rows_of
 
@@ -110,13 +124,12 @@ def conv_in_bands(conv: nn.Conv2d, rows_of: Rows, height: int, rows: int, bands:
     k, stride = conv.kernel_size[0], conv.stride[0]
     halo = 0 if downsample else k // 2
     out_height = (height - 1) // 2 + 1 if downsample else height
+    weight, bias = conv_weights(conv)
     out = None
     for r0 in range(0, out_height, rows):
         r1 = min(out_height, r0 + rows)
         a, b = r0 * stride - halo, (r1 - 1) * stride + k - halo  # the input rows these outputs read
         band = rows_of(max(a, 0), min(b, height))
-        if out is None:
-            weight, bias = conv_weights(conv, band, bands)
         if downsample:  # CompVis' asymmetric padding, the bottom row only where the band reaches it
             band = F.pad(band, (0, 1, 0, max(0, b - height)))
             y = F.conv2d(band, weight, bias, stride=stride)
@@ -135,15 +148,15 @@ def conv_in_bands(conv: nn.Conv2d, rows_of: Rows, height: int, rows: int, bands:
     return out
 
 
-def conv_weights(conv: nn.Conv2d, like: torch.Tensor, bands: RowBands) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`conv`'s weight and bias in the math dtype (as stored under autocast, which casts them)."""
-    weight = conv.weight if torch.is_autocast_enabled(like.device.type) else conv.weight.to(bands.math)
+def conv_weights(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`conv`'s weight and bias in the math dtype (as stored under autocast, which casts them; else fp32)."""
+    weight = conv.weight if _autocast(conv.weight.device) else conv.weight.float()
     return weight, None if conv.bias is None else conv.bias.to(weight.dtype)
 
 
-def pointwise(conv: nn.Conv2d, x: torch.Tensor, bands: RowBands) -> torch.Tensor:
+def pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """A 1×1 `conv` of `x` (a band) in the math dtype."""
-    weight, bias = conv_weights(conv, x, bands)
+    weight, bias = conv_weights(conv)
     return F.conv2d(x.to(weight.dtype), weight, bias)
 
 

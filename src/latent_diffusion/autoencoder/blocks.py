@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latent_diffusion.autoencoder.bands import (RowBands, band_rows, conv_in_bands, norm_silu_rows, plain_rows,
-                                                pointwise, upsampled_rows)
+                                                pointwise, run_layer, upsampled_rows)
 
 
 def Normalize(channels: int, groups: int = 32) -> nn.GroupNorm:
@@ -39,7 +39,7 @@ class ResnetBlock(nn.Module):
         height, rows = x.shape[2], band_rows(bands, x, self.conv1.out_channels)
         h = conv_in_bands(self.conv1, norm_silu_rows(x, self.norm1, rows), height, rows, bands)
         if hasattr(self, "nin_shortcut"):
-            shortcut = lambda r0, r1: pointwise(self.nin_shortcut, x[:, :, r0:r1], bands)
+            shortcut = lambda r0, r1: pointwise(self.nin_shortcut, x[:, :, r0:r1])
         else:
             shortcut = lambda r0, r1: x[:, :, r0:r1]
         return conv_in_bands(self.conv2, norm_silu_rows(h, self.norm2, rows), height, rows, bands,
@@ -109,5 +109,5 @@ class MidBlock(nn.Module):
         return self.block_2(self.attn_1(self.block_1(x)))
 
     def forward_in_bands(self, x: torch.Tensor, bands: RowBands) -> torch.Tensor:
-        h = bands.store(self.attn_1(bands.math_input(self.block_1.forward_in_bands(x, bands))))
+        h = run_layer(self.attn_1, self.block_1.forward_in_bands(x, bands), bands)
         return self.block_2.forward_in_bands(h, bands)

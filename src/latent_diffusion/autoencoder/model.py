@@ -11,7 +11,8 @@ import math
 import torch
 from torch import nn
 
-from latent_diffusion.autoencoder.bands import RowBands, band_rows, conv_in_bands, norm_silu_rows, plain_rows
+from latent_diffusion.autoencoder.bands import (RowBands, band_rows, conv_in_bands, math_input, norm_silu_rows,
+                                                plain_rows, run_layer)
 from latent_diffusion.autoencoder.blocks import AttnBlock, Downsample, MidBlock, Normalize, ResnetBlock, Upsample
 from latent_diffusion.autoencoder.distributions import DiagonalGaussianDistribution
 from latent_diffusion.config import AutoencoderConfig
@@ -35,15 +36,6 @@ class _Level(nn.Module):
             layers += [block, self.attn[i]] if len(self.attn) > 0 else [block]
         resample = getattr(self, "downsample", None) or getattr(self, "upsample", None)
         return layers + ([resample] if resample is not None else [])
-
-
-def _run(layer: nn.Module, h: torch.Tensor, bands: RowBands | None) -> torch.Tensor:
-    """layer(h), in bands of rows when `bands` is given (layers without a banded forward run whole)."""
-    if bands is None:
-        return layer(h)
-    if hasattr(layer, "forward_in_bands"):
-        return layer.forward_in_bands(h, bands)
-    return bands.store(layer(bands.math_input(h)))
 
 
 def _out_in_bands(norm: nn.GroupNorm, conv: nn.Conv2d, h: torch.Tensor, bands: RowBands) -> torch.Tensor:
@@ -87,8 +79,8 @@ class Encoder(nn.Module):
             h = conv_in_bands(self.conv_in, plain_rows(x), x.shape[2], rows, bands)
         for level in self.down:
             for layer in level.layers():
-                h = _run(layer, h, bands)
-        h = _run(self.mid, h, bands)
+                h = run_layer(layer, h, bands)
+        h = run_layer(self.mid, h, bands)
         if bands is not None:
             return _out_in_bands(self.norm_out, self.conv_out, h, bands)
         return self.conv_out(torch.nn.functional.silu(self.norm_out(h)))  # (B, 2·z, H/f, W/f)
@@ -128,10 +120,10 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor, bands: RowBands | None = None) -> torch.Tensor:
         """`bands` (inference only) computes the same in bands of rows, in less memory (`bands.py`)."""
-        h = _run(self.mid, _run(self.conv_in, z, bands), bands)
+        h = run_layer(self.mid, run_layer(self.conv_in, z, bands), bands)
         for level in reversed(self.up):
             for layer in level.layers():
-                h = _run(layer, h, bands)
+                h = run_layer(layer, h, bands)
         if bands is not None:
             return _out_in_bands(self.norm_out, self.conv_out, h, bands)
         return self.conv_out(torch.nn.functional.silu(self.norm_out(h)))  # (B, out, H, W)
@@ -174,9 +166,8 @@ class AutoencoderKL(nn.Module):
         """q(z|x) for images in [-1, 1]."""
         self.check_input(x)
         bands = self._inference_bands()
-        if bands is None:
-            return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
-        return DiagonalGaussianDistribution(self.quant_conv(bands.math_input(self.encoder(x, bands))))
+        moments = self.encoder(x) if bands is None else math_input(self.encoder(x, bands))
+        return DiagonalGaussianDistribution(self.quant_conv(moments))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Images (roughly in [-1, 1]) from latents (B, embed_dim, h, w)."""
