@@ -5,6 +5,9 @@ import torch
 
 from latent_diffusion.config import ConfigError, UNetConfig
 from latent_diffusion.io.keymaps import unet_to_diffusers
+from latent_diffusion.nn import conv
+from latent_diffusion.nn.attention import FeedForward
+from latent_diffusion.runtime import store_weights
 from latent_diffusion.unet import UNetModel
 
 
@@ -89,9 +92,12 @@ def test_stable_diffusion_layouts():
     assert tuple(state["out.2.weight"].shape) == (4, 320, 3, 3)
 
 
-@pytest.mark.parametrize("linear", [False, True])
-def test_parity_with_diffusers_unet(linear):
+@pytest.mark.parametrize("linear,inference_paths", [(False, False), (True, False), (False, True)])
+def test_parity_with_diffusers_unet(linear, inference_paths, monkeypatch):
     diffusers = pytest.importorskip("diffusers")
+    if inference_paths:  # the CPU inference paths at tiny sizes: convolutions as matmuls, feed-forward in chunks
+        monkeypatch.setattr(conv, "MATMUL_MIN_WEIGHTS", 0)
+        monkeypatch.setattr(FeedForward, "CHUNK_TOKENS", 16)
     cfg = tiny_unet_config(channel_mult=(1, 2, 2), attention_resolutions=(1, 2), num_res_blocks=2,
                            use_linear_in_transformer=linear, transformer_depth=1 + linear)
     ours = _randomise(UNetModel(cfg)).eval()
@@ -135,3 +141,39 @@ def test_position_embedding_models_stay_native(tmp_path):
     parts = tiny_parts(TINY_SD1, position_embedding=True)
     with pytest.raises(ConfigError, match="position_embedding = True: the original format has no such option"):
         save_model(parts, tmp_path / "x.safetensors", "original")
+
+
+@pytest.mark.parametrize("shape,bias", [((2, 6, 4, 5), True), ((1, 3, 1, 7), False), ((3, 5, 6, 6), True)])
+def test_convolution_as_one_matmul_equals_the_direct_one(shape, bias, monkeypatch):
+    monkeypatch.setattr(conv, "MATMUL_MIN_WEIGHTS", 0)
+    layer = conv.Conv2d(shape[1], 7, 3, padding=1, bias=bias)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        assert layer._as_matmul(x)
+        got = layer(x)
+    assert got.shape == (shape[0], 7, *shape[2:]) and got.is_contiguous()
+    assert torch.allclose(got, torch.nn.functional.conv2d(x, layer.weight, layer.bias, padding=1), atol=1e-5)
+    assert not layer._as_matmul(x)  # gradients on: the plain convolution, for autograd
+    with torch.no_grad():
+        assert not conv.Conv2d(6, 7, 3, stride=2, padding=1)._as_matmul(x)
+        assert not conv.Conv2d(6, 7, 3)._as_matmul(x)  # unpadded
+        monkeypatch.setattr(conv, "MATMUL_MAX_PIXELS", x[:, 0].numel() - 1)
+        assert not layer._as_matmul(x)  # too many pixels: oneDNN's kernels are faster
+
+
+def test_feed_forward_in_chunks_gives_the_whole_output_and_casts_stored_weights_once(monkeypatch):
+    torch.manual_seed(0)
+    ff = FeedForward(16).eval()
+    x = torch.randn(2, 11, 16)
+    with torch.no_grad():
+        whole = ff(x)
+        monkeypatch.setattr(FeedForward, "CHUNK_TOKENS", 4)  # 22 tokens: chunks of 4, 4, …, 2
+        assert torch.allclose(ff(x), whole, atol=1e-6)
+    store_weights(ff, torch.bfloat16, torch.float32)
+    casts = []
+    ff.register_forward_pre_hook(lambda module, args: casts.append(module.net[0].proj.weight.dtype))
+    assert not ff.net[0].proj._forward_pre_hooks and not ff.net[2]._forward_pre_hooks  # cast with the block
+    with torch.no_grad():
+        out = ff(x)
+    assert casts == [torch.float32] and out.dtype == torch.float32  # cast once, before the chunks
+    assert (out - whole).abs().max() < 0.05 and {p.dtype for p in ff.parameters()} == {torch.bfloat16}

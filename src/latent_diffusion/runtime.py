@@ -84,28 +84,38 @@ def cpu_bf16_math_pays() -> bool:
 def store_weights(module: nn.Module, dtype: torch.dtype, math_dtype: torch.dtype) -> nn.Module:
     """Keep `module`'s parameters in `dtype` (half the memory of fp32 for bf16/fp16). When `math_dtype` differs,
     every submodule casts its own parameters to `math_dtype` for the length of its forward and back afterwards
-    (layerwise casting: one layer's copy at a time, so memory stays at `dtype`'s size). Buffers stay as they are.
-    Inference only: the casts bypass autograd."""
+    (layerwise casting: one layer's copy at a time, so memory stays at `dtype`'s size); a module whose class sets
+    `cast_as_one` casts all of its descendants' at once, for a forward that calls them several times. Buffers stay
+    as they are. Inference only: the casts bypass autograd."""
     for param in module.parameters():
         param.data = param.data.to(dtype)
     if math_dtype == dtype:
         return module
-    for sub in module.modules():
-        own = [name for name, p in sub.named_parameters(recurse=False) if p.is_floating_point()]
+    for sub in _cast_units(module):
+        whole = getattr(sub, "cast_as_one", False)
+        own = [name for name, p in sub.named_parameters(recurse=whole) if p.is_floating_point()]
         if own:
             sub.register_forward_pre_hook(functools.partial(_cast_in, names=own, dtype=math_dtype))
             sub.register_forward_hook(functools.partial(_cast_out, names=own), always_call=True)
     return module
 
 
+def _cast_units(module: nn.Module):
+    """`module` and its descendants, except those inside a `cast_as_one` module (cast with it)."""
+    yield module
+    if not getattr(module, "cast_as_one", False):
+        for child in module.children():
+            yield from _cast_units(child)
+
+
 def _cast_in(module: nn.Module, args, names: list[str], dtype: torch.dtype) -> None:
     module._stored_weights = {}
     for name in names:
-        param = module._parameters[name]
+        param = module.get_parameter(name)
         module._stored_weights[name] = param.data
         param.data = param.data.to(dtype)
 
 
 def _cast_out(module: nn.Module, args, output, names: list[str]) -> None:
     for name, data in module.__dict__.pop("_stored_weights", {}).items():
-        module._parameters[name].data = data
+        module.get_parameter(name).data = data

@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from latent_diffusion.config import UNetConfig
 from latent_diffusion.nn.attention import SpatialTransformer
+from latent_diffusion.nn.conv import Conv2d
 from latent_diffusion.nn.embeddings import timestep_embedding
 
 
@@ -22,10 +23,10 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int, dropout: float, groups: int):
         super().__init__()
         self.in_layers = nn.Sequential(nn.GroupNorm(groups, channels), nn.SiLU(),
-                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+                                       Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(nn.GroupNorm(groups, out_channels), nn.SiLU(), nn.Dropout(dropout),
-                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
+                                        Conv2d(out_channels, out_channels, 3, padding=1))
         nn.init.zeros_(self.out_layers[-1].weight)
         nn.init.zeros_(self.out_layers[-1].bias)
         self.skip_connection = (nn.Identity() if channels == out_channels
@@ -53,7 +54,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         x = F.interpolate(x, size=size, mode="nearest") if size else F.interpolate(x, scale_factor=2.0,
