@@ -20,6 +20,8 @@ from collections.abc import Callable
 
 import torch
 
+from latent_diffusion.runtime import PRECISIONS, autocast, math_precision, release_free_memory, store_weights
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -29,7 +31,6 @@ def at_dtype(model: torch.nn.Module, ours: bool, dtype: torch.dtype, device: str
     (default: what `runtime.math_precision` picks for this device; autocast for bf16 math)."""
     import contextlib
 
-    from latent_diffusion.runtime import PRECISIONS, autocast, math_precision, store_weights
     if not ours or dtype == torch.float32:
         return model.to(dtype), dtype, contextlib.nullcontext
     name = {v: k for k, v in DTYPES.items()}[dtype]
@@ -111,10 +112,13 @@ def peaks(args, script: str, impls, *extra: str) -> dict[str, float | None]:
 def measure_peak(call: Callable[[], object]) -> None:
     """Run `call` once and print the peak memory (MiB) during it: GPU allocations on CUDA, else the resident set
     (VmHWM, reset first through /proc/self/clear_refs, so that building and converting the model do not count;
-    resident weights do). Not `ru_maxrss`: it survives fork and exec, so a child of a big process inherits it."""
+    resident weights do). Not `ru_maxrss`: it survives fork and exec, so a child of a big process inherits it.
+    Before the reset, the C heap's free pages go back to the system (`release_free_memory`) for every
+    implementation alike: holes that building left behind are not what the call needs."""
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     else:
+        release_free_memory()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     call()

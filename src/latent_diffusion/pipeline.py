@@ -32,7 +32,7 @@ from latent_diffusion.io.checkpoint import CheckpointError, load_module_weights,
 from latent_diffusion.io.model import (AUTOENCODER_DIR, CONDITIONER_FILE, CONFIG_FILE, UNET_FILE,  # noqa: F401
                                        ModelParts, load_model)
 from latent_diffusion.runtime import (PRECISIONS, autocast, channels_last_on_cpu, check_precision, math_precision,
-                                     resolve_device, store_weights)
+                                     release_free_memory, resolve_device, store_weights)
 from latent_diffusion.samplers import SAMPLERS, get_sampler
 from latent_diffusion.unet import UNetModel
 
@@ -257,6 +257,7 @@ class Pipeline:
         h, w = self.latent_size(height, width)
         prompts = [prompt] * num_images if isinstance(prompt, str) else list(prompt)
         num_images = len(prompts)
+        release_free_memory()  # what loading and storing the weights left behind
         cond = self.conditioner.encode_prompts(prompts)
         uncond = (self.conditioner.encode_prompts([negative_prompt] * num_images) if negative_prompt is not None
                   else self.conditioner.unconditional(num_images))
@@ -280,6 +281,7 @@ class Pipeline:
             latents = sample(denoiser, noise.to(self.device), steps, generator=generator,
                              callback=lambda *_: bar.update(1), **self.sampler_options(sample))
             bar.close()
+            release_free_memory()  # the UNet's activations: the decoder's are of other sizes
             images = self.decode(latents.float() / self.latent_scale)
         return images.float().clamp(-1, 1).cpu()
 
