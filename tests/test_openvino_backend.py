@@ -46,7 +46,7 @@ def test_openvino_unet_matches_pytorch():
 
 
 @needs_openvino
-def test_pipeline_generates_the_same_images_on_openvino(tmp_path, shapes_folder, autoencoder_run):
+def test_pipeline_generates_the_same_images_on_openvino(tmp_path, shapes_folder, autoencoder_run, monkeypatch):
     from latent_diffusion.training.ldm import train_ldm
 
     from conftest import tiny_ldm_config
@@ -54,9 +54,35 @@ def test_pipeline_generates_the_same_images_on_openvino(tmp_path, shapes_folder,
               device="cpu", progress=False)
     kwargs = dict(steps=3, guidance_scale=3.0, sampler="dpmpp_2m", num_images=2, seed=0, progress=False)
     torch_images = Pipeline.from_pretrained(tmp_path, device="cpu").generate_tensors("a red circle", **kwargs)
+    monkeypatch.setenv("LDM_OPENVINO_CACHE", str(tmp_path / "cache"))
     pipe = Pipeline.from_pretrained(tmp_path, device="cpu", backend="openvino")
     ov_images = pipe.generate_tensors("a red circle", **kwargs)
     assert (ov_images - torch_images).abs().max() < 1e-3
+    assert len(list((tmp_path / "cache").glob("*/unet.xml"))) == 1  # one signature: (x, t, context)
+
+
+@needs_openvino
+def test_converted_graphs_are_cached_by_weights_and_signature(tmp_path, monkeypatch):
+    import openvino
+
+    from latent_diffusion.backends.openvino import OpenVINOUNet
+    unet = tiny_unet()
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 700.0]), torch.randn(2, 5, 24)
+    first = OpenVINOUNet(unet, "fp32", tmp_path)(x, t, context=context)
+    assert len(list(tmp_path.glob("*/unet.xml"))) == 1 and not list(tmp_path.glob(".*"))  # no leftovers
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again")
+    monkeypatch.setattr(openvino, "convert_model", no_conversion)
+    again = OpenVINOUNet(unet, "fp32", tmp_path)(x, t, context=context)  # a new process would do the same
+    assert torch.equal(again, first)
+    monkeypatch.undo()
+    with torch.no_grad():
+        unet.out[2].bias.add_(1.0)  # other weights: another graph, with their own output
+    changed = OpenVINOUNet(unet, "fp32", tmp_path)(x, t, context=context)
+    assert len(list(tmp_path.glob("*/unet.xml"))) == 2 and (changed - first).abs().min() > 0.5
+    expected = unet(x, t, context=context).detach()
+    assert (changed - expected).abs().max() < 1e-4
 
 
 def test_backend_errors_are_clear(tmp_path):

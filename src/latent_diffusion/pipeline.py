@@ -288,8 +288,8 @@ class Pipeline:
     def openvino_unet(self):
         """The UNet compiled by OpenVINO at this pipeline's precision (made once, kept)."""
         if self._openvino is None:
-            from latent_diffusion.backends.openvino import OpenVINOUNet
-            self._openvino = OpenVINOUNet(self.unet, self.precision)
+            from latent_diffusion.backends.openvino import OpenVINOUNet, default_cache_dir
+            self._openvino = OpenVINOUNet(self.unet, self.precision, default_cache_dir())
         return self._openvino
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
