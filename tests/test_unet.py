@@ -157,6 +157,8 @@ def test_convolution_as_one_matmul_equals_the_direct_one(shape, bias, monkeypatc
     with torch.no_grad():
         assert not conv.Conv2d(6, 7, 3, stride=2, padding=1)._as_matmul(x)
         assert not conv.Conv2d(6, 7, 3)._as_matmul(x)  # unpadded
+        traced = torch.jit.trace(layer, x)  # what OpenVINO converts: the plain convolution
+        assert "aten::_convolution" in {node.kind() for node in traced.graph.nodes()}
         monkeypatch.setattr(conv, "MATMUL_MAX_PIXELS", x[:, 0].numel() - 1)
         assert not layer._as_matmul(x)  # too many pixels: oneDNN's kernels are faster
 

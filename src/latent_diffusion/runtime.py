@@ -50,6 +50,14 @@ def channels_last_on_cpu(module: nn.Module, device: torch.device) -> nn.Module:
     return module.to(memory_format=torch.channels_last) if device.type == "cpu" else module
 
 
+def eager_cpu_inference(x: torch.Tensor) -> bool:
+    """Whether `x` is being computed on by PyTorch's eager CPU kernels without gradients: where the layers' CPU
+    inference paths (tuned against oneDNN's kernels) apply. Not when traced (OpenVINO converts the plain graph)
+    or compiled."""
+    return (x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling())
+
+
 def math_precision(precision: str, device: torch.device) -> str:
     """The precision the arithmetic runs at for `precision`: bf16 only where the device multiplies bf16 matrices
     faster than fp32. Some CPUs with native bf16 instructions do it at half their fp32 rate (this project's CI

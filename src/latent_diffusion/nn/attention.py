@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latent_diffusion.nn.embeddings import grid_position_embedding
+from latent_diffusion.runtime import eager_cpu_inference
 
 
 class CrossAttention(nn.Module):
@@ -67,7 +68,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.shape[:-1].numel()
-        if torch.is_grad_enabled() or x.device.type != "cpu" or tokens <= 2 * self.CHUNK_TOKENS:
+        if not eager_cpu_inference(x) or tokens <= 2 * self.CHUNK_TOKENS:
             return self.net(x)
         chunks = x.reshape(tokens, x.shape[-1]).split(self.CHUNK_TOKENS)
         return torch.cat([self.net(chunk) for chunk in chunks]).view(x.shape)

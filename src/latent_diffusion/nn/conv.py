@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latent_diffusion.runtime import eager_cpu_inference
+
 MATMUL_MAX_PIXELS = 512  # batch × height × width at or below which the weights, not the pixels, dominate
 MATMUL_MIN_WEIGHTS = 8_000_000  # elements: 1280 → 1280 channels is 14.7 M (59 MB in fp32)
 
@@ -17,7 +19,8 @@ class Conv2d(nn.Conv2d):
     The SD 1.5 UNet's 8×8 level at batch 2 has 128 pixels against 1280 × 1280 × 9 weights. oneDNN convolves
     that at ~40–120 GFLOP/s; one (C_out, 9·C_in) × (9·C_in, pixels) product streams the weights once at
     ~210: its 14 convolutions take 0.29 s instead of 0.55 s here. Where pixels are many the direct kernels
-    win (≥ 1.5× at 32×32), hence the limits above. Training and other devices run the plain convolution."""
+    win (≥ 1.5× at 32×32), hence the limits above. Training, other devices, tracing and `torch.compile` run
+    the plain convolution."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._as_matmul(x):
@@ -25,7 +28,7 @@ class Conv2d(nn.Conv2d):
         return super().forward(x)
 
     def _as_matmul(self, x: torch.Tensor) -> bool:
-        return (x.device.type == "cpu" and not torch.is_grad_enabled() and x.dim() == 4
+        return (eager_cpu_inference(x) and x.dim() == 4
                 and self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
                 and self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros"
                 and x.shape[0] * x.shape[2] * x.shape[3] <= MATMUL_MAX_PIXELS
