@@ -8,7 +8,7 @@ precision; later calls with the same signature reuse it. Optional dependency: `p
 Converting is the slow part (tracing the whole UNet), so each converted graph is kept on disk, keyed by a digest
 of the weights and the signature, with OpenVINO's own cache of compiled blobs beside it: a later process with
 the same weights reads them instead (`default_cache_dir`; LDM_OPENVINO_CACHE='' turns it off). For SD 1.5 on the
-CI host (bf16): the first call takes 71 s without the cache, 104 s while writing it (3.4 GB of graph with its
+CI host (bf16): the first call takes 63–71 s without the cache, 104 s while writing it (3.4 GB of graph with its
 fp32 weights, 3.3 GB of compiled blob), 17 s once it is there; each later call 10 s.
 """
 
