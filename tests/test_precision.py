@@ -43,20 +43,21 @@ def bf16_math(monkeypatch, request):
 
 
 def test_layerwise_casting_computes_in_fp32_with_bf16_weights_and_keeps_them_bf16():
-    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GroupNorm(4, 16), torch.nn.SiLU(),
-                              torch.nn.Linear(16, 4))
+    net = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 16), torch.nn.GroupNorm(4, 16),
+                              torch.nn.SiLU(), torch.nn.Linear(16, 4))
     rounded = copy.deepcopy(net)  # the same weights rounded to bf16, computed in fp32
     with torch.no_grad():
         for p in rounded.parameters():
             p.copy_(p.bfloat16().float())
     store_weights(net, torch.bfloat16, torch.float32)
-    x = torch.randn(3, 8)
+    assert not net[0]._forward_pre_hooks  # the table is not cast: the rows it returns are
+    x = torch.tensor([3, 1, 4])
     with torch.no_grad():
         out = net(x)
     assert out.dtype == torch.float32 and torch.equal(out, rounded(x).detach())
     assert all(p.dtype == torch.bfloat16 for p in net.parameters())  # back to bf16 after the forward
     with pytest.raises(RuntimeError):
-        net(torch.randn(3, 5))  # a failing forward puts the bf16 weights back too
+        net[1:](torch.randn(3, 5))  # a failing forward puts the bf16 weights back too
     assert all(p.dtype == torch.bfloat16 for p in net.parameters())
 
 
