@@ -140,7 +140,8 @@ def release_free_memory() -> None:
     PyTorch frees CPU tensors into the C heap, and a free hole between live blocks stays resident. Storing
     SD 1.5's fp32 weights in bf16 leaves ~950 MiB of such holes (resident 3,247 → 2,310 MiB once trimmed), and
     the UNet's activations ~550 MiB that the VAE's differently sized ones do not reuse; `Pipeline` trims before
-    sampling and before decoding (~30 ms), which takes its bf16 text-to-image peak from 3,270 to 2,960 MiB."""
+    sampling and before decoding (~30 ms), which takes its bf16 text-to-image peak from 3,270–3,293 MiB to
+    2,928–3,100."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
