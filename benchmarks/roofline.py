@@ -1,6 +1,6 @@
 """The machine's own limit and how close the UNet gets to it: measured fp32 and bf16 matmul GFLOP/s, the SD 1.5
-UNet's FLOPs per forward (counted by torch's FlopCounterMode), and the achieved fraction of the matmul rate by
-our UNet forward at batch 2 (64×64×4 latents, 77×768 context).
+UNet's FLOPs per forward (counted by torch's FlopCounterMode on diffusers' UNet), and the achieved fraction of
+the matmul rate by our UNet forward at batch 2 (64×64×4 latents, 77×768 context).
 
     python benchmarks/roofline.py [--dtype fp32 bf16] [--repeats 3]
 """
@@ -27,8 +27,9 @@ def matmul_rate(dtype: torch.dtype, device: str, n: int = 4096, repeats: int = 5
 
 
 def unet_flops(device: str) -> int:
-    """FLOPs of one SD 1.5 UNet forward at batch 2 (matmuls and convolutions; attention included)."""
-    _, call = build("ours", torch.float32, device)
+    """FLOPs of one SD 1.5 UNet forward at batch 2 (matmuls and convolutions; attention included), counted on
+    diffusers' UNet: the network's own count, which our CPU paths undercut (upsampling convolutions by phases)."""
+    _, call = build("diffusers", torch.float32, device)
     with FlopCounterMode(display=False) as counter:
         call()
     return counter.get_total_flops()

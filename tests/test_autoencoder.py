@@ -125,16 +125,21 @@ def test_tiled_decode_reconstructs_as_well_as_whole_decode():
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_inference_in_bands_of_rows_gives_the_whole_forward(layout):
+def test_inference_in_bands_of_rows_gives_the_whole_forward(layout, monkeypatch):
     """Encoding and decoding band by band (`autoencoder/bands.py`) gives the plain forward's outputs, for bands
-    of one row up to whole layers, with attention at a level, odd latent sizes and both memory formats."""
+    of one row up to whole layers, with attention at a level, odd latent sizes and both memory formats; so do
+    whole layers with the upsampling convolutions by phases (`nn.conv.upsampled_conv3x3`)."""
     from latent_diffusion.autoencoder.bands import RowBands
+    from latent_diffusion.nn import conv
     cfg = tiny_autoencoder_config(ch_mult=(1, 2, 2), resolution=40, attn_resolutions=(20,))
     model = randomised_autoencoder(cfg).to(memory_format=layout)
     x = torch.rand(2, 3, 40, 24) * 2 - 1
     z = torch.randn(2, 4, 5, 7)
+    expected = model.encode(x).mean.detach(), model.decode(z).detach()  # with gradients: the plain layers
     with torch.no_grad():
-        expected = model.encode(x).mean, model.decode(z)
+        torch.testing.assert_close(model.decode(z), expected[1], rtol=0, atol=0)  # 70 pixels: no phases
+        monkeypatch.setattr(conv, "PHASES_MIN_PIXELS", 0)
+        torch.testing.assert_close(model.decode(z), expected[1], rtol=0, atol=2e-5)
         for elements in (1, 300, 5000, 1 << 30):  # one row per band, a few rows, whole layers
             model.bands = RowBands(elements)
             encoded, decoded = model.encode(x).mean, model.decode(z)

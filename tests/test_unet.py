@@ -2,13 +2,15 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from latent_diffusion.config import ConfigError, UNetConfig
 from latent_diffusion.io.keymaps import unet_to_diffusers
 from latent_diffusion.nn import conv
 from latent_diffusion.nn.attention import FeedForward
 from latent_diffusion.runtime import store_weights
-from latent_diffusion.unet import UNetModel
+from latent_diffusion import unet as unet_module
+from latent_diffusion.unet import UNetModel, Upsample
 
 
 def tiny_unet_config(**kw) -> UNetConfig:
@@ -95,8 +97,9 @@ def test_stable_diffusion_layouts():
 @pytest.mark.parametrize("linear,inference_paths", [(False, False), (True, False), (False, True)])
 def test_parity_with_diffusers_unet(linear, inference_paths, monkeypatch):
     diffusers = pytest.importorskip("diffusers")
-    if inference_paths:  # the CPU inference paths at tiny sizes: convolutions as matmuls, feed-forward in chunks
-        monkeypatch.setattr(conv, "MATMUL_MIN_WEIGHTS", 0)
+    if inference_paths:  # the CPU inference paths at tiny sizes: convolutions as matmuls, feed-forward in chunks,
+        monkeypatch.setattr(conv, "MATMUL_MIN_WEIGHTS", 0)  # upsampling convolutions by phases
+        monkeypatch.setattr(conv, "PHASES_MIN_PIXELS", 0)
         monkeypatch.setattr(FeedForward, "CHUNK_TOKENS", 16)
     cfg = tiny_unet_config(channel_mult=(1, 2, 2), attention_resolutions=(1, 2), num_res_blocks=2,
                            use_linear_in_transformer=linear, transformer_depth=1 + linear)
@@ -161,6 +164,49 @@ def test_convolution_as_one_matmul_equals_the_direct_one(shape, bias, monkeypatc
         assert "aten::_convolution" in {node.kind() for node in traced.graph.nodes()}
         monkeypatch.setattr(conv, "MATMUL_MAX_PIXELS", x[:, 0].numel() - 1)
         assert not layer._as_matmul(x)  # too many pixels: oneDNN's kernels are faster
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_upsampled_convolution_equals_upsampling_then_convolving(layout):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 7).contiguous(memory_format=layout)
+    weight, bias = torch.randn(4, 6, 3, 3), torch.randn(4)
+    expected = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
+    got = conv.upsampled_conv3x3(x, weight, bias)
+    assert got.shape == (2, 4, 10, 14) and got.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)
+    torch.testing.assert_close(conv.upsampled_conv3x3(x, weight, None), expected - bias[:, None, None], rtol=0,
+                               atol=2e-5)
+    # bands of input rows [r0, r1), read with a row of halo where they do not touch the border, written in bf16
+    out = torch.empty(2, 4, 10, 14, dtype=torch.bfloat16)
+    for r0, r1 in [(0, 1), (1, 3), (3, 4), (4, 5)]:
+        band = x[:, :, max(r0 - 1, 0):r1 + 1]
+        conv.upsampled_conv3x3(band, weight, bias, padding=(int(r0 == 0), int(r1 == 5)), out=out[:, :, 2 * r0:2 * r1])
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_upsample_layers_take_the_phases_only_at_cpu_inference_from_enough_pixels(monkeypatch):
+    torch.manual_seed(0)
+    layer, x = _randomise(Upsample(6)).eval(), torch.randn(2, 6, 4, 5)
+    expected = layer.conv(F.interpolate(x, scale_factor=2.0, mode="nearest")).detach()
+    calls = []
+    monkeypatch.setattr(unet_module, "upsampled_conv3x3",
+                        lambda *a, **k: calls.append(1) or conv.upsampled_conv3x3(*a, **k))
+    with torch.no_grad():
+        layer(x)
+        assert not calls  # 40 pixels, below PHASES_MIN_PIXELS: the weight transform would cost more
+        monkeypatch.setattr(conv, "PHASES_MIN_PIXELS", 40)
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-5)
+        assert len(calls) == 1
+        layer(x, size=(9, 10))  # not ×2: interpolate, then convolve
+        traced = torch.jit.trace(layer, x, check_trace=False)  # what OpenVINO converts: the plain layers
+        assert "aten::upsample_nearest2d" in {node.kind() for node in traced.graph.nodes()}
+    layer(x)  # with gradients
+    assert len(calls) == 1
+    store_weights(layer, torch.bfloat16, torch.float32)  # stored bf16, fp32 math: cast before `forward`
+    with torch.no_grad():
+        out = layer(x)
+    assert len(calls) == 2 and out.dtype == torch.float32 and (out - expected).abs().max() < 0.05
 
 
 def test_feed_forward_in_chunks_gives_the_whole_output_and_casts_stored_weights_once(monkeypatch):

@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from latent_diffusion.config import UNetConfig
 from latent_diffusion.nn.attention import SpatialTransformer
-from latent_diffusion.nn.conv import Conv2d
+from latent_diffusion.nn.conv import Conv2d, upsample_by_phases, upsampled_conv3x3
 from latent_diffusion.nn.embeddings import timestep_embedding
 
 
@@ -50,13 +50,18 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour to the skip's size, then a 3×3 convolution (`conv`)."""
+    """Nearest-neighbour to the skip's size, then a 3×3 convolution (`conv`). At CPU inference a ×2 upsampling
+    and the convolution are one convolution of the input (`nn.conv.upsampled_conv3x3`: 2.25× fewer FLOPs)."""
+
+    cast_as_one = True  # `runtime.store_weights`: the conv's weights are cast before `forward` reads them
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        if upsample_by_phases(x) and (size is None or tuple(size) == (2 * x.shape[2], 2 * x.shape[3])):
+            return upsampled_conv3x3(x, self.conv.weight, self.conv.bias)
         x = F.interpolate(x, size=size, mode="nearest") if size else F.interpolate(x, scale_factor=2.0,
                                                                                     mode="nearest")
         return self.conv(x)

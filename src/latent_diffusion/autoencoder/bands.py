@@ -105,16 +105,6 @@ def plain_rows(x: torch.Tensor) -> Rows:
     return lambda a, b: x[:, :, a:b].float()
 
 
-def upsampled_rows(x: torch.Tensor) -> Rows:
-    """rows(a, b) of x upsampled ×2 (nearest), in fp32."""
-    def rows_of(a: int, b: int) -> torch.Tensor:
-        low = x[:, :, a // 2:(b + 1) // 2].float()
-        high = F.interpolate(low, scale_factor=2.0, mode="nearest")  # rows 2·(a // 2) onwards
-        return high[:, :, a % 2:a % 2 + b - a]
-
-    return rows_of
-
-
 def conv_in_bands(conv: nn.Conv2d, rows_of: Rows, height: int, rows: int, bands: RowBands, downsample: bool = False,
                   residual: Callable[[int, int], torch.Tensor] | None = None) -> torch.Tensor:
     """conv(input) + residual, `rows` output rows at a time: `rows_of(a, b)` gives rows a..b of the conv's input
@@ -139,7 +129,7 @@ def conv_in_bands(conv: nn.Conv2d, rows_of: Rows, height: int, rows: int, bands:
             skip = a - max(a, 0) + pad  # output rows before r0
             y = y[:, :, skip:skip + r1 - r0]
         if out is None:
-            layout = torch.channels_last if _channels_last(y) else torch.contiguous_format
+            layout = torch.channels_last if is_channels_last(y) else torch.contiguous_format
             out = torch.empty((y.shape[0], y.shape[1], out_height, y.shape[3]), device=y.device,
                               dtype=bands.storage or y.dtype, memory_format=layout)
         if residual is not None:
@@ -152,6 +142,12 @@ def conv_weights(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`conv`'s weight and bias in the math dtype (as stored under autocast, which casts them; else fp32)."""
     weight = conv.weight if _autocast(conv.weight.device) else conv.weight.float()
     return weight, None if conv.bias is None else conv.bias.to(weight.dtype)
+
+
+def math_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype a layer's output comes in, for `weight` from `conv_weights`: autocast's when it is on."""
+    device = weight.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
 
 
 def pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -167,6 +163,6 @@ def band_rows(bands: RowBands, x: torch.Tensor, channels_out: int, scale: int = 
     return max(1, bands.elements // per_row)
 
 
-def _channels_last(x: torch.Tensor) -> bool:
+def is_channels_last(x: torch.Tensor) -> bool:
     """Whether `x` (perhaps a band sliced out of a larger tensor) is laid out channels-last."""
     return x.shape[1] > 1 and x.stride(1) == 1
