@@ -129,9 +129,7 @@ def conv_in_bands(conv: nn.Conv2d, rows_of: Rows, height: int, rows: int, bands:
             skip = a - max(a, 0) + pad  # output rows before r0
             y = y[:, :, skip:skip + r1 - r0]
         if out is None:
-            layout = torch.channels_last if is_channels_last(y) else torch.contiguous_format
-            out = torch.empty((y.shape[0], y.shape[1], out_height, y.shape[3]), device=y.device,
-                              dtype=bands.storage or y.dtype, memory_format=layout)
+            out = empty_output(y, y.shape[1], out_height, y.shape[3], bands.storage or y.dtype)
         if residual is not None:
             y = y + residual(r0, r1).to(y.dtype)  # same dtypes: mixed-dtype adds take a slow path
         out[:, :, r0:r1] = y
@@ -146,8 +144,15 @@ def conv_weights(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def math_dtype(weight: torch.Tensor) -> torch.dtype:
     """The dtype a layer's output comes in, for `weight` from `conv_weights`: autocast's when it is on."""
-    device = weight.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    return torch.get_autocast_dtype(weight.device.type) if _autocast(weight.device) else weight.dtype
+
+
+def empty_output(like: torch.Tensor, channels: int, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """A layer's whole (B, `channels`, `height`, `width`) output to fill band by band, laid out like `like` (a
+    band of its input or output: channels-last or not)."""
+    layout = torch.channels_last if _channels_last(like) else torch.contiguous_format
+    return torch.empty((like.shape[0], channels, height, width), device=like.device, dtype=dtype,
+                       memory_format=layout)
 
 
 def pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -163,6 +168,6 @@ def band_rows(bands: RowBands, x: torch.Tensor, channels_out: int, scale: int = 
     return max(1, bands.elements // per_row)
 
 
-def is_channels_last(x: torch.Tensor) -> bool:
+def _channels_last(x: torch.Tensor) -> bool:
     """Whether `x` (perhaps a band sliced out of a larger tensor) is laid out channels-last."""
     return x.shape[1] > 1 and x.stride(1) == 1

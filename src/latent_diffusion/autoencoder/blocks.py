@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latent_diffusion.autoencoder.bands import (RowBands, band_rows, conv_in_bands, conv_weights, is_channels_last,
+from latent_diffusion.autoencoder.bands import (RowBands, band_rows, conv_in_bands, conv_weights, empty_output,
                                                 math_dtype, norm_silu_rows, plain_rows, pointwise, run_layer)
-from latent_diffusion.nn.conv import upsample_by_phases, upsampled_conv3x3
+from latent_diffusion.nn.conv import convolve_phases, phase_weights, upsample_by_phases, upsampled_conv3x3
 
 
 def Normalize(channels: int, groups: int = 32) -> nn.GroupNorm:
@@ -99,16 +99,14 @@ class Upsample(nn.Module):
 
     def forward_in_bands(self, x: torch.Tensor, bands: RowBands) -> torch.Tensor:
         """`forward` a band of input rows at a time (each read with a row of halo above and below)."""
-        b, _, height, width = x.shape
-        rows = band_rows(bands, x, x.shape[1], scale=4)
+        height, rows = x.shape[2], band_rows(bands, x, x.shape[1], scale=4)
         weight, bias = conv_weights(self.conv)
-        layout = torch.channels_last if is_channels_last(x) else torch.contiguous_format
-        out = torch.empty((b, weight.shape[0], 2 * height, 2 * width), device=x.device, memory_format=layout,
-                          dtype=bands.storage or math_dtype(weight))
+        out = empty_output(x, weight.shape[0], 2 * height, 2 * x.shape[3], bands.storage or math_dtype(weight))
+        phases = phase_weights(weight, bias)  # made once for all the bands
         for r0 in range(0, height, rows):
             r1 = min(height, r0 + rows)
-            upsampled_conv3x3(x[:, :, max(r0 - 1, 0):r1 + 1].to(weight.dtype), weight, bias,
-                              padding=(int(r0 == 0), int(r1 == height)), out=out[:, :, 2 * r0:2 * r1])
+            convolve_phases(x[:, :, max(r0 - 1, 0):r1 + 1].to(weight.dtype), *phases,
+                            padding=(int(r0 == 0), int(r1 == height)), out=out[:, :, 2 * r0:2 * r1])
         return out  # (B, C, 2H, 2W)
 
 
