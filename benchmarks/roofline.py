@@ -1,6 +1,7 @@
 """The machine's own limit and how close the UNet gets to it: measured fp32 and bf16 matmul GFLOP/s, the SD 1.5
 UNet's FLOPs per forward (counted by torch's FlopCounterMode on diffusers' UNet), and the achieved fraction of
-the matmul rate by our UNet forward at batch 2 (64×64×4 latents, 77×768 context).
+the matmul rate by our UNet forward at batch 2 (64×64×4 latents, 77×768 context): with the latent repeated, and
+shared by the two contexts as guidance runs it (the nominal FLOPs either way).
 
     python benchmarks/roofline.py [--dtype fp32 bf16] [--repeats 3]
 """
@@ -16,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import DTYPES, arguments, machine, timed, write_json  # noqa: E402
-from unet import build  # noqa: E402
+from unet import SHARED, build  # noqa: E402
 
 
 def matmul_rate(dtype: torch.dtype, device: str, n: int = 4096, repeats: int = 5) -> float:
@@ -40,17 +41,21 @@ def main() -> None:
     print(f"roofline — {machine()}")
     flops = unet_flops(args.device)
     print(f"\nSD 1.5 UNet forward, batch 2: {flops / 1e12:.3f} TFLOP ({flops / 2e12:.3f} per image)\n")
-    print("| dtype | matmul GFLOP/s | UNet forward s | UNet GFLOP/s | fraction of matmul rate |\n|---|---|---|---|---|")
+    print("| dtype | matmul GFLOP/s | UNet forward | s | UNet GFLOP/s | fraction of matmul rate |\n"
+          "|---|---|---|---|---|---|")
     figures = {"unet_flops_batch2": flops}
     for name in args.dtype:
         dtype = DTYPES[name]
         rate = matmul_rate(dtype, args.device)
-        _, call = build("ours", dtype, args.device)
-        call()
-        seconds = statistics.median(timed(call, args.repeats))
-        achieved = flops / seconds / 1e9
-        print(f"| {name} | {rate:.0f} | {seconds:.2f} | {achieved:.0f} | {achieved / rate:.0%} |")
-        figures[name] = {"matmul_gflops": rate, "unet_s": seconds, "unet_gflops": achieved}
+        figures[name] = {"matmul_gflops": rate}
+        for impl, key in (("ours", "unet"), (SHARED, "unet_shared_x")):
+            _, call = build(impl, dtype, args.device)
+            call()
+            seconds = statistics.median(timed(call, args.repeats))
+            achieved = flops / seconds / 1e9
+            print(f"| {name} | {rate:.0f} | {impl} | {seconds:.2f} | {achieved:.0f} | {achieved / rate:.0%} |")
+            figures[name].update({f"{key}_s": seconds, f"{key}_gflops": achieved})
+            del call
     write_json(args.json, figures)
 
 

@@ -4,12 +4,16 @@
     python benchmarks/unet.py [--dtype fp32 bf16] [--repeats 3] [--compile] [--openvino]
 
 Prints median seconds per forward, peer/ours ratios, peak memory and the max abs difference of the outputs.
+The batch is one latent under two conditions, as classifier-free guidance has it: "ours" takes it repeated, as
+any batch-2 call; "ours, shared x" takes the latent once for both contexts, as `Pipeline` runs it (the layers
+before the first cross-attention then run once; same outputs).
 `--openvino` adds our UNet on the OpenVINO backend (`--backend openvino`) and, as the peer, diffusers' UNet
 converted by `openvino.convert_model`, both compiled for the CPU at the inference precision of --dtype.
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 from pathlib import Path
 
@@ -24,7 +28,7 @@ from latent_diffusion.io.diffusers_config import unet_config_to_diffusers  # noq
 from latent_diffusion.io.keymaps import unet_state_to_diffusers  # noqa: E402
 from latent_diffusion.unet import UNetModel  # noqa: E402
 
-IMPLS = ("ours", "diffusers")
+IMPLS = ("ours", SHARED := "ours, shared x", "diffusers")
 OPENVINO = ("ours + openvino", "openvino")  # --openvino: our backend, and the peer (diffusers' UNet in OpenVINO)
 
 
@@ -41,7 +45,7 @@ def random_unet(cfg: UNetConfig) -> UNetModel:
 
 def as_impl(impl: str, cfg: UNetConfig, ours: UNetModel, sample_size: int) -> torch.nn.Module:
     """`ours` itself, or diffusers' UNet2DConditionModel holding its weights (moved by our converter)."""
-    if impl == "ours":
+    if impl.startswith("ours"):
         return ours
     from diffusers import UNet2DConditionModel
     model = UNet2DConditionModel.from_config(unet_config_to_diffusers(cfg, sample_size))
@@ -50,9 +54,9 @@ def as_impl(impl: str, cfg: UNetConfig, ours: UNetModel, sample_size: int) -> to
 
 
 def inputs(device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Batch 2 of 64×64×4 latents, timesteps and 77×768 contexts (seeded)."""
+    """Batch 2 of 64×64×4 latents (one latent twice, as guidance has it), timesteps and 77×768 contexts (seeded)."""
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, 64, 64, generator=gen).to(device, dtype)
+    x = torch.randn(1, 4, 64, 64, generator=gen).repeat(2, 1, 1, 1).to(device, dtype)
     context = torch.randn(2, 77, 768, generator=gen).to(device, dtype)
     return x, torch.tensor([500, 500], device=device), context
 
@@ -92,14 +96,16 @@ def build(impl: str, dtype: torch.dtype, device: str, compile_: bool = False):
     cfg = UNetConfig()
     model = as_impl(impl, cfg, random_unet(cfg), 64).to(device).eval()
     # compiled: a plain cast (Inductor does not trace the shipped path's weight-casting hooks)
-    model, input_dtype, region = at_dtype(model, impl == "ours" and not compile_, dtype, device)
+    model, input_dtype, region = at_dtype(model, impl.startswith("ours") and not compile_, dtype, device)
     x, t, context = inputs(device, input_dtype)
+    if impl == SHARED:
+        x, t = x[:1], t[:1]
     fn = torch.compile(model) if compile_ else model
 
     @torch.inference_mode()
     def call():
         with region():
-            out = fn(x, t, context) if impl == "ours" else fn(x, t, encoder_hidden_states=context).sample
+            out = fn(x, t, context) if impl.startswith("ours") else fn(x, t, encoder_hidden_states=context).sample
         return out.float()
 
     return model, call
@@ -133,11 +139,14 @@ def main() -> None:
         calls = {}
         for impl in impls:
             calls[impl] = build(impl, dtype, args.device)[1]
-            if args.compile and impl not in OPENVINO:
+            if args.compile and impl not in OPENVINO + (SHARED,):
                 calls[f"{impl} + torch.compile"] = build(impl, dtype, args.device, compile_=True)[1]
         outputs = {impl: fn() for impl, fn in calls.items()}
         times = alternate(calls, args.repeats, warmup=0)  # the outputs above were the warm-up
         rows = table(f"UNet forward {name}", times, peak)
+        if SHARED in times and "diffusers" in times:
+            ratio = statistics.median(times["diffusers"]) / statistics.median(times[SHARED])
+            print(f"\ndiffusers / {SHARED}: {ratio:.2f}")
         diffs = {impl: (outputs["ours"] - out).abs().max().item() for impl, out in outputs.items() if impl != "ours"}
         print("\nmax |ours − peer|: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
               + f" (output std {outputs['ours'].std().item():.3f})")

@@ -7,6 +7,8 @@ from latent_diffusion.conditioning.base import Conditioning
 from latent_diffusion.diffusion.guidance import drop_condition, guided_model, network_kwargs
 from latent_diffusion.diffusion.objective import diffusion_loss, min_snr_weight, q_sample, training_target
 from latent_diffusion.training.ema import EMA
+from latent_diffusion.unet import UNetModel
+from test_unet import _randomise, tiny_unet_config
 
 
 def _network(x, t, context=None, context_mask=None, class_labels=None):
@@ -32,6 +34,16 @@ def test_guidance_identities():
     assert torch.equal(guided_model(_network, cond, uncond, 0.0)(x, t), plain_uncond)
     guided = guided_model(_network, cond, uncond, 7.5)(x, t)  # one batched forward, padded tokens masked
     assert torch.allclose(guided, plain_uncond + 7.5 * (plain_cond - plain_uncond), atol=1e-5)
+
+
+def test_guidance_with_latents_shared_by_both_conditions_is_the_same_guidance():
+    unet = _randomise(UNetModel(tiny_unet_config(context_dim=4))).eval()
+    cond, uncond = _conditions()
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 20.0])
+    with torch.no_grad():
+        shared = guided_model(unet, cond, uncond, 7.5, shared_latents=True)(x, t)
+        repeated = guided_model(unet, cond, uncond, 7.5)(x, t)
+    assert torch.allclose(shared, repeated, atol=1e-5)
 
 
 def test_guidance_rescale_matches_conditional_std():

@@ -71,8 +71,43 @@ def test_bad_inputs_are_clear_errors():
         model(torch.randn(1, 3, 8, 8), torch.tensor([1.0]), torch.randn(1, 2, 8))
     with pytest.raises(ValueError, match=r"context tokens of shape \(B, L, 8\)"):
         model(torch.randn(1, 4, 8, 8), torch.tensor([1.0]), torch.randn(1, 2, 7))
+    with pytest.raises(ValueError, match=r"context with a batch size equal to x's \(2\) or a multiple of it"):
+        model(torch.randn(2, 4, 8, 8), torch.tensor([1.0, 2.0]), torch.randn(3, 2, 8))
+    with pytest.raises(ValueError, match=r"context_mask of shape \(2, 5\) \(B, L\), got \(2, 4\)"):
+        model(torch.randn(1, 4, 8, 8), torch.tensor([1.0]), torch.randn(2, 5, 8), torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ConfigError, match="multiple of norm_groups"):
         tiny_unet_config(model_channels=12)
+
+
+@pytest.mark.parametrize("cfg_kw,repeats", [
+    ({}, 2),
+    ({"attention_resolutions": (1, 2), "use_linear_in_transformer": True, "transformer_depth": 2}, 3),
+    ({"attention_resolutions": ()}, 2),  # no cross-attention: the latents meet their conditions at the output
+])
+def test_latents_shared_by_several_conditions_run_once_up_to_the_first_cross_attention(cfg_kw, repeats):
+    """x and t once for r conditions (CFG's ∅ and y) = x and t repeated r times; the first ResBlock runs on B."""
+    model = _randomise(UNetModel(tiny_unet_config(**cfg_kw))).eval()
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 600.0])
+    context = torch.randn(2 * repeats, 5, 8)
+    mask = torch.rand(2 * repeats, 5) < 0.7
+    mask[:, 0] = True
+    batches = []
+    model.input_blocks[1][0].register_forward_hook(lambda module, args, out: batches.append(out.shape[0]))
+    with torch.no_grad():
+        shared = model(x, t, context, mask)
+        repeated = model(x.repeat(repeats, 1, 1, 1), t.repeat(repeats), context, mask)
+    assert batches == [2, 2 * repeats]
+    assert shared.shape == repeated.shape == (2 * repeats, 4, 8, 8)
+    assert torch.allclose(shared, repeated, atol=1e-5)
+    assert not torch.allclose(shared[:2], shared[2:4], atol=1e-3)  # the conditions do tell the outputs apart
+
+
+def test_shared_latents_with_class_labels_join_them_at_once():
+    model = _randomise(UNetModel(tiny_unet_config(num_classes=3, context_dim=None))).eval()
+    x, t, labels = torch.randn(1, 4, 8, 8), torch.tensor([50.0]), torch.tensor([0, 2])
+    with torch.no_grad():
+        assert torch.allclose(model(x, t, class_labels=labels), model(x.repeat(2, 1, 1, 1), t.repeat(2),
+                                                                          class_labels=labels), atol=1e-6)
 
 
 def test_stable_diffusion_layouts():

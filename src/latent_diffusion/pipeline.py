@@ -269,7 +269,8 @@ class Pipeline:
                 return self.unet(x, t, **kwargs).float()
 
         spatial = self.spatial_input(image, mask, num_images, (h, w))
-        model = guided_model(with_spatial(network, spatial), cond, uncond, guidance_scale, guidance_rescale)
+        model = guided_model(with_spatial(network, spatial), cond, uncond, guidance_scale, guidance_rescale,
+                             shared_latents=True)
         denoiser = Denoiser(model, self.schedule, self.config.diffusion.prediction_type)
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn((num_images, self.ae_config.model.embed_dim, h, w), generator=generator)

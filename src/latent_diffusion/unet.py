@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from latent_diffusion.config import UNetConfig
-from latent_diffusion.nn.attention import SpatialTransformer
+from latent_diffusion.nn.attention import SpatialTransformer, repeat_batch
 from latent_diffusion.nn.conv import Conv2d, upsample_by_phases, upsampled_conv3x3
 from latent_diffusion.nn.embeddings import timestep_embedding
 
@@ -33,8 +33,10 @@ class ResBlock(nn.Module):
                                 else nn.Conv2d(channels, out_channels, 1))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W); emb (B, E), or one row per latent when x holds each latent for several conditions."""
         h = self.in_layers(x)
-        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]  # timestep added after the first conv
+        emb = repeat_batch(self.emb_layers(emb).to(h.dtype), h.shape[0])
+        h = h + emb[:, :, None, None]  # timestep added after the first conv
         return self.skip_connection(x) + self.out_layers(h)  # (B, C_out, H, W)
 
 
@@ -142,25 +144,43 @@ class UNetModel(nn.Module):
                                   cfg.use_linear_in_transformer, cfg.norm_groups, cfg.position_embedding)
 
     def check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None,
-                     class_labels: torch.Tensor | None) -> None:
-        """Raise a clear error for inputs this network cannot take."""
+                     context_mask: torch.Tensor | None, class_labels: torch.Tensor | None) -> int:
+        """Raise a clear error for inputs this network cannot take; the conditions' batch size."""
         cfg = self.config
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"expected x of shape (B, {cfg.in_channels}, h, w) (unet.in_channels, concatenated "
                              f"conditions included), got {tuple(x.shape)}")
         if t.ndim != 1 or t.shape[0] != x.shape[0]:
             raise ValueError(f"expected timesteps of shape ({x.shape[0]},), got {tuple(t.shape)}")
-        if cfg.context_dim is not None and (context is None or context.shape[-1] != cfg.context_dim):
+        if cfg.context_dim is not None and (context is None or context.ndim != 3
+                                            or context.shape[-1] != cfg.context_dim):
             got = None if context is None else tuple(context.shape)
             raise ValueError(f"expected context tokens of shape (B, L, {cfg.context_dim}), got {got}")
         if (cfg.num_classes is not None) != (class_labels is not None):
             raise ValueError("class_labels are required exactly when unet.num_classes is set "
                              f"(num_classes={cfg.num_classes})")
+        conditions = {name: value.shape[0] for name, value in (("context", context), ("class_labels", class_labels))
+                      if value is not None}
+        batch = next(iter(conditions.values()), x.shape[0])
+        if any(n != batch for n in conditions.values()) or batch % x.shape[0]:
+            raise ValueError(f"expected {', '.join(conditions)} with a batch size equal to x's ({x.shape[0]}) or a "
+                             f"multiple of it (each latent under several conditions), got {conditions}")
+        if context_mask is not None and (context is None or tuple(context_mask.shape) != tuple(context.shape[:2])):
+            want = "no mask without context" if context is None else f"shape {tuple(context.shape[:2])} (B, L)"
+            raise ValueError(f"expected context_mask of {want}, got {tuple(context_mask.shape)}")
+        return batch
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C_in, h, w), t (B,) (may be fractional), context (B, L, D), mask (B, L) bool → (B, C_out, h, w)."""
-        self.check_inputs(x, t, context, class_labels)
+        """x (B, C_in, h, w), t (B,) (may be fractional), context (B, L, D), mask (B, L) bool → (B, C_out, h, w).
+
+        The conditions may hold r·B entries for B latents: each latent under r conditions, ordered like
+        `torch.cat([conditions_1, …, conditions_r])` (classifier-free guidance: ∅ then y). The output then has
+        r·B entries, as if x and t had been repeated r times, but what comes before the first cross-attention
+        (the first ResBlock and self-attention) runs once per latent; class labels join at once."""
+        batch = self.check_inputs(x, t, context, context_mask, class_labels)
+        if class_labels is not None:
+            x, t = repeat_batch(x, batch), repeat_batch(t, batch)
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))  # (B, 4·ch)
         if class_labels is not None:
             emb = emb + self.label_emb(class_labels).to(emb.dtype)
@@ -172,8 +192,9 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             skip = skips.pop()
             upsample_size = tuple(skips[-1].shape[-2:]) if skips else None
-            h = self._run(block, torch.cat([h, skip], dim=1), emb, context, context_mask, upsample_size)
-        return self.out(h)  # (B, C_out, h, w)
+            h = self._run(block, torch.cat([h, repeat_batch(skip, h.shape[0])], dim=1), emb, context, context_mask,
+                          upsample_size)
+        return self.out(repeat_batch(h, batch))  # (B, C_out, h, w)
 
     def _run(self, block: TimestepEmbedSequential, *args) -> torch.Tensor:
         if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():

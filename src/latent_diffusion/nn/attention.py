@@ -13,6 +13,12 @@ from latent_diffusion.nn.embeddings import grid_position_embedding
 from latent_diffusion.runtime import eager_cpu_inference
 
 
+def repeat_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """x repeated along its first axis to `batch` entries (x, x, …, x): the tensors of latents shared by several
+    conditions (`UNetModel.forward`), for all of them."""
+    return x if x.shape[0] == batch else x.repeat(batch // x.shape[0], *(1,) * (x.ndim - 1))
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention of queries x over `context` (x itself when None), with an optional key mask."""
 
@@ -87,6 +93,8 @@ class BasicTransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))
+        if context is not None:  # latents shared by several conditions meet them here (`UNetModel.forward`)
+            x = repeat_batch(x, context.shape[0])
         x = x + self.attn2(self.norm2(x), context, mask)
         return x + self.ff(self.norm3(x))  # (B, N, D)
 
@@ -115,7 +123,7 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        b, c, h, w = x.shape
+        h, w = x.shape[2:]
         hidden = self.norm(x)
         if not self.use_linear:
             hidden = self.proj_in(hidden)
@@ -128,7 +136,7 @@ class SpatialTransformer(nn.Module):
             hidden = block(hidden, context, mask)
         if self.use_linear:
             hidden = self.proj_out(hidden)
-        hidden = hidden.transpose(1, 2).reshape(b, -1, h, w)
+        hidden = hidden.transpose(1, 2).reshape(hidden.shape[0], -1, h, w)  # x's batch, or more where x was shared
         if not self.use_linear:
             hidden = self.proj_out(hidden)
-        return x + hidden  # (B, C, H, W)
+        return repeat_batch(x, hidden.shape[0]) + hidden  # (B, C, H, W)
