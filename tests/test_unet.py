@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from latent_diffusion.config import ConfigError, UNetConfig
 from latent_diffusion.io.keymaps import unet_to_diffusers
 from latent_diffusion.nn import conv
+from latent_diffusion.nn.conv import phases_as_matmuls
 from latent_diffusion.nn.attention import FeedForward
 from latent_diffusion.runtime import store_weights
 from latent_diffusion import unet as unet_module
@@ -193,7 +194,12 @@ def test_convolution_as_one_matmul_equals_the_direct_one(shape, bias, monkeypatc
     assert torch.allclose(got, torch.nn.functional.conv2d(x, layer.weight, layer.bias, padding=1), atol=1e-5)
     assert not layer._as_matmul(x)  # gradients on: the plain convolution, for autograd
     with torch.no_grad():
-        assert not conv.Conv2d(6, 7, 3, stride=2, padding=1)._as_matmul(x)
+        strided = conv.Conv2d(shape[1], 7, 3, stride=2, padding=1, bias=bias)
+        assert strided._as_matmul(x)  # the UNet's downsampling
+        expected = torch.nn.functional.conv2d(x, strided.weight, strided.bias, stride=2, padding=1)
+        got = strided(x)
+        assert got.shape == expected.shape and torch.allclose(got, expected, atol=1e-5)
+        assert not conv.Conv2d(shape[1], 7, 3, stride=3, padding=1)._as_matmul(x)
         assert not conv.Conv2d(6, 7, 3)._as_matmul(x)  # unpadded
         traced = torch.jit.trace(layer, x)  # what OpenVINO converts: the plain convolution
         assert "aten::_convolution" in {node.kind() for node in traced.graph.nodes()}
@@ -218,6 +224,26 @@ def test_upsampled_convolution_equals_upsampling_then_convolving(layout):
         band = x[:, :, max(r0 - 1, 0):r1 + 1]
         conv.upsampled_conv3x3(band, weight, bias, padding=(int(r0 == 0), int(r1 == 5)), out=out[:, :, 2 * r0:2 * r1])
     torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_upsampled_convolution_of_few_pixels_as_matmuls_equals_upsampling_then_convolving(layout, monkeypatch):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 7).contiguous(memory_format=layout)
+    weight, bias = torch.randn(4, 6, 3, 3), torch.randn(4)
+    expected = F.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), weight, bias, padding=1)
+    calls = []
+    monkeypatch.setattr(conv, "phases_as_matmuls", lambda *a: calls.append(1) or phases_as_matmuls(*a))
+    conv.upsampled_conv3x3(x, weight, bias)
+    assert not calls  # small weights: one convolution by oneDNN
+    monkeypatch.setattr(conv, "MATMUL_MIN_WEIGHTS", 0)
+    torch.testing.assert_close(conv.upsampled_conv3x3(x, weight, bias), expected, rtol=0, atol=2e-5)
+    torch.testing.assert_close(conv.upsampled_conv3x3(x, weight, None), expected - bias[:, None, None], rtol=0,
+                               atol=2e-5)
+    assert len(calls) == 2
+    monkeypatch.setattr(conv, "MATMUL_MAX_PIXELS", x[:, 0].numel() - 1)
+    conv.upsampled_conv3x3(x, weight, bias)
+    assert len(calls) == 2  # too many pixels
 
 
 def test_upsample_layers_take_the_phases_only_at_cpu_inference_from_enough_pixels(monkeypatch):

@@ -9,54 +9,62 @@ from torch import nn
 
 from latent_diffusion.runtime import eager_cpu_inference
 
-MATMUL_MAX_PIXELS = 512  # batch × height × width at or below which the weights, not the pixels, dominate
+MATMUL_MAX_PIXELS = 512  # batch × height × width (of the output) at or below which the weights dominate
 MATMUL_MIN_WEIGHTS = 8_000_000  # elements: 1280 → 1280 channels is 14.7 M (59 MB in fp32)
 # batch × height × width of the input from which `upsampled_conv3x3` pays for its per-call weight transform
-PHASES_MIN_PIXELS = 1024
+PHASES_MIN_PIXELS = 512
 
 
 class Conv2d(nn.Conv2d):
-    """`nn.Conv2d` (same parameters, same state dict) that, at CPU inference, computes a padded 3×3 stride-1
-    convolution of few pixels with large weights as one matrix product over its unfolded input (im2col).
+    """`nn.Conv2d` (same parameters, same state dict) that, at CPU inference, computes a padded 3×3 convolution
+    (stride 1 or 2) of few pixels with large weights as one matrix product over its unfolded input (im2col).
 
     The SD 1.5 UNet's 8×8 level at batch 2 has 128 pixels against 1280 × 1280 × 9 weights. oneDNN convolves
     that at ~40–120 GFLOP/s; one (C_out, 9·C_in) × (9·C_in, pixels) product streams the weights once at
-    ~210: its 14 convolutions take 0.29 s instead of 0.55 s here. Where pixels are many the direct kernels
-    win (≥ 1.5× at 32×32), hence the limits above. Training, other devices, tracing and `torch.compile` run
-    the plain convolution."""
+    ~210: its 14 convolutions take 0.29 s instead of 0.55 s here, and its downsampling from 16×16 16 ms
+    instead of 34. Where pixels are many the direct kernels win (≥ 1.5× at 32×32), hence the limits above.
+    Training, other devices, tracing and `torch.compile` run the plain convolution."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._as_matmul(x):
-            return conv3x3_as_matmul(x, self.weight, self.bias)
+            return conv3x3_as_matmul(x, self.weight, self.bias, self.stride[0])
         return super().forward(x)
 
     def _as_matmul(self, x: torch.Tensor) -> bool:
+        stride = self.stride[0]
         return (eager_cpu_inference(x) and x.dim() == 4
-                and self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
+                and self.kernel_size == (3, 3) and self.stride in ((1, 1), (2, 2)) and self.padding == (1, 1)
                 and self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros"
-                and x.shape[0] * x.shape[2] * x.shape[3] <= MATMUL_MAX_PIXELS
+                and x.shape[0] * _strided(x.shape[2], stride) * _strided(x.shape[3], stride) <= MATMUL_MAX_PIXELS
                 and self.weight.numel() >= MATMUL_MIN_WEIGHTS)
 
 
-def conv3x3_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.conv2d(x, weight, bias, padding=1)` for 3×3 weights, as (C_out, 9·C_in) @ (9·C_in, B·H·W)."""
+def _strided(size: int, stride: int) -> int:
+    """Output size of a padded 3×3 convolution along an axis of `size`."""
+    return (size - 1) // stride + 1
+
+
+def conv3x3_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      stride: int = 1) -> torch.Tensor:
+    """`F.conv2d(x, weight, bias, stride, padding=1)` for 3×3 weights, as (C_out, 9·C_in) @ (9·C_in, B·H'·W')."""
     b, c, h, w = x.shape
-    out_channels = weight.shape[0]
+    out_channels, oh, ow = weight.shape[0], _strided(h, stride), _strided(w, stride)
     padded = F.pad(x, (1, 1, 1, 1))
-    columns = x.new_empty(c, 3, 3, b, h, w)  # rows ordered (c, ky, kx) like weight's; 3-5× faster than F.unfold
+    columns = x.new_empty(c, 3, 3, b, oh, ow)  # rows ordered (c, ky, kx) like weight's; 3-5× faster than F.unfold
     for dy in range(3):
         for dx in range(3):
-            columns[:, dy, dx].copy_(padded[:, :, dy:dy + h, dx:dx + w].transpose(0, 1))
-    columns = columns.view(c * 9, b * h * w)
+            window = padded[:, :, dy:dy + stride * (oh - 1) + 1:stride, dx:dx + stride * (ow - 1) + 1:stride]
+            columns[:, dy, dx].copy_(window.transpose(0, 1))
+    columns = columns.view(c * 9, b * oh * ow)
     weight = weight.reshape(out_channels, -1)
-    out = weight @ columns if bias is None else torch.addmm(bias[:, None], weight, columns)  # (C_out, B·H·W)
-    return out.view(out_channels, b, h, w).transpose(0, 1).contiguous()  # (B, C_out, H, W)
+    out = weight @ columns if bias is None else torch.addmm(bias[:, None], weight, columns)  # (C_out, B·H'·W')
+    return out.view(out_channels, b, oh, ow).transpose(0, 1).contiguous()  # (B, C_out, H', W')
 
 
 def upsample_by_phases(x: torch.Tensor) -> bool:
     """Whether an `Upsample` layer computes ×2 nearest + 3×3 convolution of `x` by `upsampled_conv3x3`: at CPU
-    inference, from `PHASES_MIN_PIXELS` pixels (below, as at SD's 8×8 and 16×16 levels with 1280 channels, the
-    per-call weight transform costs what the FLOPs save)."""
+    inference, from `PHASES_MIN_PIXELS` pixels (below, as at SD's 8×8 level with 1280 channels, the per-call
+    weight transform costs what the FLOPs save)."""
     return eager_cpu_inference(x) and x.shape[0] * x.shape[2] * x.shape[3] >= PHASES_MIN_PIXELS
 
 
@@ -68,10 +76,41 @@ def upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     3×3 kernel's taps that fall on the same input pixel summed: one 2×2 convolution of `x` with 4 × C_out
     outputs, interleaved. 16 instead of 36 multiply-adds per input pixel and channel pair, and the upsampled
     input is never made: 2.3× faster for SD's UNet at 32² → 64², 1.7× for its decoder's (CI host, fp32). Equal to
-    `F.conv2d(F.interpolate(x, scale_factor=2), weight, bias, padding=1)` up to rounding.
+    `F.conv2d(F.interpolate(x, scale_factor=2), weight, bias, padding=1)` up to rounding. Few pixels against
+    large weights (as `Conv2d` takes them) go by `phases_as_matmuls`: SD's 16² → 32² at 1280 channels, 1.5×.
 
     `padding` and `out`: as in `convolve_phases`, which takes the weights made once for many bands of rows."""
+    if (padding, out) == ((1, 1), None) and x.dim() == 4 and x[:, 0].numel() <= MATMUL_MAX_PIXELS \
+            and weight.numel() >= MATMUL_MIN_WEIGHTS:
+        return phases_as_matmuls(x, weight, bias)
     return convolve_phases(x, *phase_weights(weight, bias), padding, out)
+
+
+def phases_as_matmuls(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`upsampled_conv3x3` as four (4·C_out, C_in) @ (C_in, pixels) products, one per 2×2 tap (u, v), summed.
+
+    Each tap's (4·C_out, C_in) weights, all four phases' (`_TAP_PHASES`), come out of one (16, 9) @ (9, C_out·C_in)
+    product contiguous, where `phase_weights` needs a permuting copy: oneDNN is slow on few pixels, and this
+    weight transform costs 35 ms instead of 87 at 1280 channels."""
+    b, c, h, w = x.shape
+    out_channels = weight.shape[0]
+    taps = (_TAP_PHASES.to(weight.device) @ weight.float().reshape(out_channels * c, 9).t()).to(x.dtype)
+    taps = taps.view(4, 4 * out_channels, c)  # [2u + v][phase · C_out + o][i]
+    padded = F.pad(x, (1, 1, 1, 1))
+    columns = x.new_empty(4, c, b, h + 1, w + 1)  # position (p, q) reads x[p - 1 + u, q - 1 + v]
+    for u in range(2):
+        for v in range(2):
+            columns[2 * u + v].copy_(padded[:, :, u:u + h + 1, v:v + w + 1].transpose(0, 1))
+    columns = columns.view(4, c, -1)
+    phases = taps[0] @ columns[0] if bias is None else torch.addmm(bias.repeat(4)[:, None], taps[0], columns[0])
+    for k in range(1, 4):
+        phases.addmm_(taps[k], columns[k])
+    phases = phases.view(2, 2, out_channels, b, h + 1, w + 1)
+    out = x.new_empty(b, out_channels, 2 * h, 2 * w)
+    for row in range(2):
+        for col in range(2):
+            out.transpose(0, 1)[:, :, row::2, col::2] = phases[row, col, :, :, row:row + h, col:col + w]
+    return out  # (B, C_out, 2H, 2W)
 
 
 def phase_weights(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -112,3 +151,4 @@ def convolve_phases(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 # an odd one (i, i+1) with (w0 + w1, w2): _AXIS[phase, input, tap]. In 2-D: rows (ky, kx) → (phase, u, v).
 _AXIS = torch.tensor([[[1.0, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]])
 _PHASE_TAPS = torch.einsum("auy,cvx->yxacuv", _AXIS, _AXIS).reshape(9, 16)
+_TAP_PHASES = _PHASE_TAPS.view(9, 4, 4).permute(2, 1, 0).reshape(16, 9)  # (u, v, phase) × (ky, kx)
