@@ -161,8 +161,9 @@ class UNetModel(nn.Module):
                              f"(num_classes={cfg.num_classes})")
         conditions = {name: value.shape[0] for name, value in (("context", context), ("class_labels", class_labels))
                       if value is not None}
-        batch = next(iter(conditions.values()), x.shape[0])
-        if any(n != batch for n in conditions.values()) or batch % x.shape[0]:
+        latents = x.shape[0]
+        batch = next(iter(conditions.values()), latents)
+        if any(n != batch for n in conditions.values()) or (batch % latents if latents else batch):
             raise ValueError(f"expected {', '.join(conditions)} with a batch size equal to x's ({x.shape[0]}) or a "
                              f"multiple of it (each latent under several conditions), got {conditions}")
         if context_mask is not None and (context is None or tuple(context_mask.shape) != tuple(context.shape[:2])):

@@ -29,7 +29,7 @@ def guided_model(network: Callable[..., torch.Tensor], cond: Conditioning, uncon
 
     `uncond` is ∅ (or a negative prompt). w = 1 is the conditional model, w = 0 the unconditional one.
     `shared_latents`: the network takes x_t and t once for both branches' conditions, as `UNetModel` does (what
-    comes before its first cross-attention then runs once: −6 % per SD 1.5 step); otherwise they are repeated.
+    comes before its first cross-attention then runs once: 2–6 % off an SD 1.5 step); otherwise they are repeated.
     """
     if scale < 0:
         raise ValueError(f"guidance scale must be >= 0, got {scale}")
