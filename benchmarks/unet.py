@@ -118,7 +118,7 @@ def main() -> None:
         p.add_argument("--openvino", action="store_true",
                        help="also time our UNet on the OpenVINO backend and diffusers' UNet under OpenVINO")
         p.add_argument("--skip", nargs="+", default=[], choices=IMPLS[1:] + OPENVINO,
-                       help="leave these out (four SD UNets and two OpenVINO copies do not fit in 24 GB)")
+                       help="leave these out (five SD UNets and two OpenVINO copies do not fit in 24 GB)")
 
     args = arguments(__doc__, extra)
     if args.compile:  # inference: let Inductor fold the weights in as constants and prepack them for oneDNN
