@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 LDM := $(VENV)/bin/ldm
 DEMO := runs/demo
 
-.PHONY: setup test demo demo-autoencoder fashion-mnist clean
+.PHONY: setup test demo demo-autoencoder demo-ldm fashion-mnist clean
 
 # torch==2.13.0 first: a CPU build; an unpinned torch would pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml Makefile
@@ -24,7 +24,7 @@ test: setup
 PROMPT ?= a large red circle in the top left and a small blue square at the bottom
 
 demo: setup
-	$(LDM) generate "$(PROMPT)" -o demo.png
+	$(LDM) generate "$(PROMPT)" -o demo.png --seed 0
 	@echo "the picture: demo.png"
 
 # The stage-1 walk-through: captioned shapes, a small f=4 autoencoder (~4 min on 2 cores), a reconstruction grid.
@@ -32,8 +32,15 @@ demo-autoencoder: setup
 	$(LDM) make-shapes $(DEMO)/shapes --count 2000 --seed 0
 	$(LDM) make-shapes $(DEMO)/held-out --count 200 --seed 1
 	$(LDM) train-autoencoder --config configs/autoencoder/demo.yaml --data $(DEMO)/shapes --out $(DEMO)/autoencoder
-	$(LDM) eval-autoencoder $(DEMO)/autoencoder --data $(DEMO)/held-out
+	$(LDM) eval-autoencoder $(DEMO)/autoencoder --data $(DEMO)/held-out --write-scale --out $(DEMO)/eval
 	@echo "reconstructions (originals above, reconstructions below): $$(ls $(DEMO)/autoencoder/samples/*.png | tail -1)"
+
+# Stage two of the walk-through: a small text-to-image LDM on that autoencoder (~10 min), then a picture from it.
+demo-ldm: setup
+	test -f $(DEMO)/autoencoder/config.yaml || $(MAKE) demo-autoencoder
+	$(LDM) train --config configs/ldm/demo.yaml --data $(DEMO)/shapes --out $(DEMO)/ldm --set autoencoder=$(DEMO)/autoencoder
+	$(LDM) generate "a small green triangle in the center" --model $(DEMO)/ldm -o $(DEMO)/triangle.png --seed 0
+	@echo "samples during training: $(DEMO)/ldm/samples/; the picture: $(DEMO)/triangle.png"
 
 # Real photographs for the Fashion-MNIST tests and configs (Debian package; needs root).
 fashion-mnist:

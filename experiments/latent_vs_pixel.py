@@ -114,11 +114,11 @@ def main() -> None:
     fs = [r["f"] for r in done]
     line_plot({"FID after the budget": (fs, [r["fid"] for r in done])}, args.out / "fid.png",
               f"Fashion-MNIST, {args.budget_minutes:g} min of training each", "downsampling factor f", "FID",
-              log_x=True)
+              log_x=True, log_y=True)
     rows = [Pipeline.from_pretrained(args.out / f"f{f}").generate_tensors(
         [str(label) for label in range(10)], steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
         seed=0, progress=False) for f in fs]  # one row per f, one class per column
-    save_image(make_grid(rows, scale=2), args.out / "samples.png")
+    save_image(make_grid(rows, scale=2, captions=[f"f = {f}" for f in fs]), args.out / "samples.png")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def autoencoder_run(tmp_path_factory, shapes_folder):
     """A tiny trained autoencoder run with its latent scale (the first stage of the tiny LDMs)."""
     run = tmp_path_factory.mktemp("ae")
     train_autoencoder(tiny_run_config(max_steps=2), shapes_folder, run, device="cpu", progress=False)
-    evaluate_autoencoder_run(run, shapes_folder, device="cpu", progress=False)
+    evaluate_autoencoder_run(run, shapes_folder, run / "eval", device="cpu", write_scale=True, progress=False)
     return run
 
 

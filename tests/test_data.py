@@ -101,3 +101,60 @@ def test_real_fashion_mnist():
     assert sorted(np.bincount(test.labels).tolist()) == [1000] * 10
     item = test[0]
     assert item["image"].shape == (1, 32, 32) and item["caption"] == caption_for(item["label"])
+
+
+@pytest.mark.parametrize("column", ["text", "caption", "prompt"])
+def test_metadata_captions_are_read_from_the_columns_people_use(tmp_path, column):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    Image.new("RGB", (8, 8)).save(root / "x.png")
+    (root / "metadata.jsonl").write_text(json.dumps({"file_name": "x.png", column: "a dark square"}) + "\n")
+    assert ImageFolder(root, resolution=8).caption(0) == "a dark square"
+
+
+def test_a_caption_that_is_not_utf8_names_its_file(tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    Image.new("RGB", (8, 8)).save(root / "x.png")
+    (root / "x.txt").write_bytes("un carré foncé".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"x\.txt: captions must be UTF-8"):
+        ImageFolder(root, resolution=8)
+    assert ImageFolder(root, resolution=8, captions=False)[0]["caption"] == ""  # image-only training reads none
+
+
+def test_a_decompression_bomb_is_skipped_like_other_unreadable_images(tmp_path, caplog, monkeypatch):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(root / "a_huge.png")
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(root / "b.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 3)  # 4,096 pixels is then > 2 × the limit
+    with caplog.at_level(logging.WARNING):
+        item = ImageFolder(root, resolution=8)[0]
+    assert "skipping an unreadable image" in caplog.text and "a_huge.png" in caplog.text
+    assert item["image"][2].mean() == 1.0  # the next image, b.png (blue)
+    (root / "b.png").unlink()
+    with pytest.raises(ValueError, match="none of its 1 images can be read"):
+        ImageFolder(root, resolution=8)[0]
+
+
+def _modes(root):
+    """One mid-grey image in each mode people's files come in: 16-bit PNG, 32-bit int, float, palette, CMYK."""
+    root.mkdir()
+    Image.fromarray(np.full((8, 8), 32896, dtype=np.uint16)).save(root / "a_16bit.png")  # 32896 / 257 = 128
+    Image.fromarray(np.full((8, 8), 32896, dtype=np.int32), "I").save(root / "b_int.tiff")
+    Image.fromarray(np.full((8, 8), 128 / 255, dtype=np.float32), "F").save(root / "c_float.tiff")
+    Image.new("RGB", (8, 8), (128, 128, 128)).convert("P").save(root / "d_palette.png")
+    Image.new("CMYK", (8, 8), (0, 0, 0, 127)).save(root / "e_cmyk.jpg", quality=100)
+    return root
+
+
+def test_16_bit_float_palette_and_cmyk_images_keep_their_tones(tmp_path):
+    root = _modes(tmp_path / "imgs")
+    folder = ImageFolder(root, resolution=8)
+    folder.files = sorted(root.iterdir())  # .tiff is no image-folder extension: read them through the same loader
+    assert [p.name for p in folder.files][:3] == ["a_16bit.png", "b_int.tiff", "c_float.tiff"]
+    for i, path in enumerate(folder.files):
+        assert Image.open(path).mode in ("I;16", "I", "F", "P", "CMYK")
+        image = folder[i]["image"]
+        assert image.shape == (3, 8, 8)
+        assert abs(image.mean().item()) < 0.02, f"{path.name}: mean {image.mean().item():.3f}, expected mid-grey"

@@ -1,4 +1,4 @@
-"""FID and KID against closed forms, the domain feature network, generative evaluation and the PNG plots."""
+"""FID and KID against closed forms, the domain feature network and generative evaluation (plots: test_plot.py)."""
 
 import gzip
 import json
@@ -15,7 +15,6 @@ from latent_diffusion.data.shapes import write_shapes_folder
 from latent_diffusion.evaluation.features import (FeatureNet, FeatureNetConfig, extract, load_feature_net,
                                                   save_feature_net, train_feature_net)
 from latent_diffusion.evaluation.fid import fid, frechet_distance, kid
-from latent_diffusion.evaluation.plot import line_plot
 from latent_diffusion.training.ldm import train_ldm
 
 from conftest import tiny_ldm_config
@@ -70,24 +69,15 @@ def test_feature_net_learns_classes_and_round_trips_through_its_folder(tmp_path)
     assert json.loads((tmp_path / "features" / "features.json").read_text())["test_accuracy"] == 1.0
 
 
-def test_line_plot_writes_a_readable_png(tmp_path):
-    line_plot({"FID": ([1, 2, 3, 5], [30.0, 20.0, 18.0, 25.0]), "KID": ([1, 2, 3, 5], [3.0, 2.0, 1.5, 2.5])},
-              tmp_path / "plot.png", "FID against guidance", "w", "FID")
-    image = Image.open(tmp_path / "plot.png")
-    assert image.size == (640, 420) and len(image.getcolors(maxcolors=100000)) > 3
-    with pytest.raises(ValueError, match="nothing to plot"):
-        line_plot({"x": ([1], [float("nan")])}, tmp_path / "empty.png", "t", "x", "y")
-
-
 def test_eval_autoencoder_reports_rfid_with_a_feature_network(tmp_path, autoencoder_run, capsys):
     net = FeatureNet(FeatureNetConfig(in_channels=3, num_classes=2, width=8, feature_dim=8)).eval()
     save_feature_net(net, tmp_path / "features")
     held_out = write_shapes_folder(tmp_path / "held-out", 8, seed=5, progress=False)
-    assert main(["eval-autoencoder", str(autoencoder_run), "--data", str(held_out), "--no-write-scale",
+    assert main(["eval-autoencoder", str(autoencoder_run), "--data", str(held_out), "--out", str(tmp_path / "eval"),
                  "--features", str(tmp_path / "features")]) == 0
     figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert figures["rfid"] >= 0 and figures["num_images"] == 8
-    grid = Image.open(autoencoder_run / "eval.png")  # 8 held-out images above their reconstructions
+    grid = Image.open(tmp_path / "eval" / "eval.png")  # 8 held-out images above their reconstructions
     assert grid.size[0] > 2 * grid.size[1]
 
 
@@ -97,7 +87,7 @@ def _write_idx(path, array, dims):
         f.write(header + array.astype("uint8").tobytes())
 
 
-def test_eval_fid_measures_a_class_conditional_model_per_guidance(tmp_path, autoencoder_run, capsys):
+def test_eval_fid_measures_a_class_conditional_model_per_guidance(tmp_path, autoencoder_run, capsys, monkeypatch):
     rng = np.random.default_rng(0)
     data = tmp_path / "fashion"
     data.mkdir()
@@ -111,13 +101,17 @@ def test_eval_fid_measures_a_class_conditional_model_per_guidance(tmp_path, auto
     run = tmp_path / "run"
     train_ldm(cfg, data, run, device="cpu", progress=False)
     save_feature_net(FeatureNet(FeatureNetConfig(in_channels=3, width=8, feature_dim=8)).eval(), tmp_path / "f")
+    model_files = sorted(p.relative_to(run) for p in run.rglob("*"))
+    monkeypatch.chdir(tmp_path)
     assert main(["eval-fid", str(run), "--data", str(data), "--features", str(tmp_path / "f"), "--num", "20",
                  "--guidance", "1", "3", "--steps", "2", "--device", "cpu"]) == 0
-    figures = json.loads((run / "fid" / "fid.json").read_text())
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == model_files  # measuring writes elsewhere
+    out = tmp_path / "runs" / "eval-fid" / run.name
+    figures = json.loads((out / "fid.json").read_text())
     assert figures["reference_images"] == 20 and [f["guidance"] for f in figures["results"]] == [1.0, 3.0]
     for f in figures["results"]:
         assert f["fid"] >= 0 and 0 <= f["class_accuracy"] <= 1 and f["diversity"] > 0
-    assert (run / "fid" / "fid.png").is_file() and (run / "fid" / "accuracy.png").is_file()
+    assert (out / "fid.png").is_file() and (out / "accuracy.png").is_file()
     assert "dpmpp_2m 2 steps w=3.0: FID" in capsys.readouterr().out
 
     random_inception_file(tmp_path / "inception.pth")  # the standard FID on top, from a weights file

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may be downloaded: every model here is built in the test
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -193,6 +194,25 @@ def test_native_to_diffusers_to_native_is_exact(kind, tmp_path):
     assert again.tokenizer.pad_id == tokenizer.pad_id
 
 
+@pytest.mark.parametrize("sd2", [False, True])
+def test_folder_whose_tokenizer_transformers_saved_as_tokenizer_json_loads(sd2, tmp_path):
+    """transformers 5 saves a CLIPTokenizer as tokenizer.json + tokenizer_config.json: the model loads, with the
+    vocabulary, pad token and ids of the tokenizer saved."""
+    parts = tiny_parts(sd2=sd2)
+    write_diffusers(parts, tmp_path)
+    theirs = transformers.CLIPTokenizer.from_pretrained(tmp_path / "tokenizer")
+    shutil.rmtree(tmp_path / "tokenizer")
+    theirs.save_pretrained(tmp_path / "tokenizer")
+    for name in ("vocab.json", "merges.txt"):  # what transformers 4 writes besides: test the tokenizer.json alone
+        (tmp_path / "tokenizer" / name).unlink(missing_ok=True)
+    loaded = load_model(tmp_path)
+    assert_same_parts(parts, loaded)
+    prompts = [p for p in AWKWARD_PROMPTS if not sd2 or "!" not in p]  # "!": see the test above
+    expected = theirs(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with pytest.warns(UserWarning, match="5 tokens were cut"):
+        assert torch.equal(loaded.tokenizer(prompts), expected)
+
+
 @pytest.mark.parametrize("diffusion,sampling", [
     (DiffusionConfig(), SamplingConfig()),
     (DiffusionConfig(schedule="cosine", zero_terminal_snr=True, prediction_type="v_prediction"),
@@ -353,10 +373,12 @@ def test_unsupported_settings_are_clear_errors(file, changes, message, tmp_path)
         read_diffusers(tmp_path)
 
 
-def test_missing_tokenizer_is_a_clear_error(tmp_path):
+def test_missing_tokenizer_is_a_clear_error_naming_the_files_accepted(tmp_path):
     write_diffusers(tiny_parts(), tmp_path)
     (tmp_path / "tokenizer" / "vocab.json").unlink()
-    with pytest.raises(CheckpointError, match=r"tokenizer/vocab.json is missing: a diffusers folder needs its CLIP"):
+    with pytest.raises(CheckpointError, match=r"needs its CLIP tokenizer: tokenizer folder .*tokenizer holds "
+                                              r"merges.txt, .*: expected vocab.json with merges.txt .* or "
+                                              r"tokenizer.json"):
         read_diffusers(tmp_path)
 
 

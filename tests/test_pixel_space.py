@@ -37,7 +37,7 @@ def test_pixel_space_is_the_identity():
 
 def test_pixel_run_trains_and_its_folder_is_a_model(pixel_run, shapes_folder):
     losses = [json.loads(line)["loss"] for line in (pixel_run / "log.jsonl").read_text().splitlines()]
-    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert len(losses) == 5 and losses[-1] < losses[0]  # steps 1, 5, 10, 15, 20
     ae = load_config(pixel_run / "autoencoder" / "config.yaml")
     assert ae.model.pixel_space and ae.model.latent_scale == 1.0 and ae.model.embed_dim == 3
     assert load_weights(pixel_run / "autoencoder" / "autoencoder.safetensors") == {}

@@ -10,7 +10,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from latent_diffusion.diffusion.denoiser import Denoiser
 from latent_diffusion.diffusion.schedule import interpolate, make_schedule
-from latent_diffusion.samplers import SAMPLERS, get_sampler
+from latent_diffusion.samplers import SAMPLERS, get_sampler, resolve_sampler, sampler_label, sampler_options
 
 SHAPE = (2, 4, 6, 10)  # non-square latents
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -151,3 +151,35 @@ def test_unknown_sampler_and_bad_step_counts_are_clear_errors():
             get_sampler(name)(denoiser, torch.randn(1, 4, 2, 2), 0)
     with pytest.raises(ValueError, match="unknown prediction_type 'x0'; expected one of: epsilon, v_prediction"):
         Denoiser(gaussian_model(make_schedule()), make_schedule(), "x0")
+
+
+@pytest.mark.parametrize("name,options", [(name, {}) for name in SAMPLERS] + [("ddim", {"eta": 0.7}),
+                                                                             ("euler_a", {"karras": True})])
+def test_with_a_generator_per_item_each_item_is_its_own_generators_alone(name, options):
+    """Item k of a batch drawn with generators seeded 10 + k equals the batch of one drawn with seed 10 + k: the
+    stochastic samplers' step noise too (A1111's seed + k per image)."""
+    schedule = make_schedule()
+    denoiser = Denoiser(gaussian_model(schedule, wobble=0.05), schedule)
+
+    def draw(seeds):
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        noise = torch.cat([torch.randn((1, 4, 3, 5), generator=g) for g in generators])
+        return get_sampler(name)(denoiser, noise, 4, generator=generators, **options)
+
+    batch = draw([10, 11, 12])
+    for k in range(3):
+        torch.testing.assert_close(batch[k:k + 1], draw([10 + k]), atol=1e-6, rtol=0)
+
+
+def test_a1111_sampler_names_resolve_in_any_case_and_karras_is_a_suffix():
+    assert resolve_sampler("DPM++ 2M Karras") == ("dpmpp_2m", True)
+    assert resolve_sampler("euler A") == ("euler_a", False)
+    assert [resolve_sampler(n)[0] for n in ("Euler", "Heun", "DDIM", "PLMS", "DPM++ 2M", "ddpm")] == \
+        ["euler", "heun", "ddim", "plms", "dpmpp_2m", "ddpm"]
+    assert sampler_label("dpmpp_2m", karras=True) == "DPM++ 2M Karras" and sampler_label("ddpm") == "ddpm"
+    assert all(resolve_sampler(sampler_label(n))[0] == n for n in SAMPLERS)
+    with pytest.raises(ValueError, match="unknown sampler ''; known samplers: ddim, ddpm"):
+        resolve_sampler("")
+    with pytest.raises(ValueError, match="ddim has no Karras σ spacing"):
+        resolve_sampler("DDIM Karras")
+    assert "eta" in sampler_options("ddim") and "eta" not in sampler_options("euler")

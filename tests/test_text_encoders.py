@@ -71,6 +71,25 @@ def test_tokenizer_folder_round_trip(clip_tokenizer, tmp_path):
     assert clip_tokenizer.decode(clip_tokenizer.encode("A Photo, of 2 cats!")) == "a photo , of 2 cats !"
 
 
+def test_tokenizer_reads_the_tokenizer_json_that_transformers_saves(hf_clip_tokenizer, tmp_path):
+    """transformers 5's CLIPTokenizer.save_pretrained writes tokenizer.json alone: the ids read from it are theirs."""
+    hf_clip_tokenizer.save_pretrained(tmp_path)
+    for name in ("vocab.json", "merges.txt"):  # what transformers 4 writes besides: test the tokenizer.json alone
+        (tmp_path / name).unlink(missing_ok=True)
+    ours = ClipTokenizer.from_folder(tmp_path)
+    prompts = AWKWARD_PROMPTS + ["A PHOTO of an Astronaut, Riding a HORSE!!! (4K, HDR) -- on MARS?!",
+                                 " ".join(["Cat,", "DOG;"] * 40)]  # 160 tokens: cut to 75
+    with pytest.warns(UserWarning, match="85 tokens were cut"):
+        assert torch.equal(ours(prompts), hf_ids(hf_clip_tokenizer, prompts))
+
+
+def test_tokenizer_folder_without_a_vocabulary_names_the_files_it_accepts(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"holds tokenizer_config.json: expected vocab.json with merges.txt "
+                                                 r"\(what transformers 4 saves\) or tokenizer.json"):
+        ClipTokenizer.from_folder(tmp_path)
+
+
 def hf_tiny_clip():
     transformers = pytest.importorskip("transformers")
     config = transformers.CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,

@@ -53,14 +53,19 @@ def test_resume_with_another_model_is_refused(tmp_path, shapes_folder):
         train_autoencoder(other, shapes_folder, run, device="cpu", progress=False)
 
 
-def test_eval_writes_latent_scale_into_the_run_config(tmp_path, shapes_folder):
-    run = tmp_path / "run"
+def test_eval_measures_without_changing_the_run_and_writes_the_scale_only_when_asked(tmp_path, shapes_folder):
+    run, out = tmp_path / "run", tmp_path / "eval"
     train_autoencoder(tiny_run_config(max_steps=2), shapes_folder, run, device="cpu", progress=False)
-    figures = evaluate_autoencoder_run(run, shapes_folder, device="cpu", progress=False)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    figures = evaluate_autoencoder_run(run, shapes_folder, out, device="cpu", progress=False)
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     assert figures["latent_shape"] == [4, 16, 16]
     assert figures["latent_scale"] == pytest.approx(1 / figures["latent_std"])
+    assert json.loads((out / "eval.json").read_text())["psnr"] == pytest.approx(figures["psnr"])
+    assert (out / "eval.png").is_file()
+    assert load_config(run / "config.yaml").model.latent_scale is None
+    evaluate_autoencoder_run(run, shapes_folder, out, device="cpu", write_scale=True, progress=False)
     assert load_config(run / "config.yaml").model.latent_scale == pytest.approx(figures["latent_scale"])
-    assert json.loads((run / "eval.json").read_text())["psnr"] == pytest.approx(figures["psnr"])
     train_autoencoder(tiny_run_config(max_steps=3), shapes_folder, run, device="cpu", progress=False)  # still resumable
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -196,6 +197,27 @@ class TrainConfig:
     max_bad_steps: int = 5
     init_from: str | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_steps", "log_every", "image_every", "checkpoint_every", "max_bad_steps"):
+            _check(getattr(self, name) >= 1, f"training.{name}", getattr(self, name), "a positive integer")
+        _check(self.micro_batch_size is None or self.micro_batch_size >= 1, "training.micro_batch_size",
+               self.micro_batch_size, "a positive integer or null")
+        _check(self.learning_rate >= 0 and math.isfinite(self.learning_rate), "training.learning_rate",
+               self.learning_rate, "a finite number >= 0")
+        _check(all(0 <= b < 1 for b in self.adam_betas), "training.adam_betas", self.adam_betas,
+               "two numbers in [0, 1)")
+        _check(self.lr_warmup_steps >= 0 and self.num_workers >= 0, "training.lr_warmup_steps/num_workers",
+               (self.lr_warmup_steps, self.num_workers), "integers >= 0")
+        _check(0 <= self.lr_min_ratio <= 1, "training.lr_min_ratio", self.lr_min_ratio, "a number in [0, 1]")
+        _check(self.weight_decay >= 0, "training.weight_decay", self.weight_decay, "a number >= 0")
+        _check(self.grad_clip is None or self.grad_clip > 0, "training.grad_clip", self.grad_clip,
+               "a positive number or null")
+        _check(self.ema_decay is None or 0 < self.ema_decay < 1, "training.ema_decay", self.ema_decay,
+               "a number in (0, 1) or null")
+        _check(self.max_minutes is None or self.max_minutes > 0, "training.max_minutes", self.max_minutes,
+               "a positive number or null")
+        _check(0 <= self.seed < 2 ** 63, "training.seed", self.seed, "an integer in [0, 2**63)")
+
 
 @dataclass(frozen=True)
 class AutoencoderRunConfig:
@@ -320,6 +342,11 @@ class SamplingConfig:
     steps_offset: int = 0
     set_alpha_to_one: bool | None = None
 
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "sampling.steps", self.steps, "a positive integer")
+        _check(0 <= self.guidance_scale <= 100, "sampling.guidance_scale", self.guidance_scale, "a number in [0, 100]")
+        _check(0 <= self.seed < 2 ** 63, "sampling.seed", self.seed, "an integer in [0, 2**63)")
+
 
 @dataclass(frozen=True)
 class LDMRunConfig:
@@ -382,7 +409,9 @@ def read_yaml(path: str | os.PathLike, error: type[Exception] = ConfigError) -> 
     try:
         return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise error(f"{path}: not valid YAML: {exc}") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise error(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
 
 
 def load_config(path: str | os.PathLike, cls: type = AutoencoderRunConfig,
@@ -391,11 +420,42 @@ def load_config(path: str | os.PathLike, cls: type = AutoencoderRunConfig,
 
     `overrides` are `section.key=value` strings (value parsed as YAML), applied before validation.
     """
-    data = apply_overrides(read_yaml(path) or {}, overrides or [])
+    data = read_yaml(path)
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"{path}: expected a YAML mapping of config sections (see configs/), got "
+                          f"{'an empty file' if data is None else type(data).__name__}")
+    data = apply_overrides(data, overrides or [])
     try:
         return from_dict(cls, data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+
+
+PATH_FIELDS = ("autoencoder", "training.init_from", "conditioning.path", "loss.lpips_vgg_weights",
+               "loss.lpips_head_weights")  # the config values that name files or folders
+
+
+def resolve_paths(config: Any, config_file: str | os.PathLike) -> Any:
+    """`config` with its relative paths (`PATH_FIELDS`) made absolute: relative to the config file's folder where
+    that exists, else to the current directory (a path found in neither stays as written); so a config names its
+    models the same from any directory."""
+    base = Path(config_file).resolve().parent
+    for dotted in PATH_FIELDS:
+        *parents, leaf = dotted.split(".")
+        owners = [config]
+        for part in parents:
+            owners.append(getattr(owners[-1], part, None))
+        value = getattr(owners[-1], leaf, None) if owners[-1] is not None else None
+        if not isinstance(value, str) or not value or Path(value).is_absolute() or value == "pixel":
+            continue
+        found = next((path for path in (base / value, Path(value)) if path.exists()), None)
+        if found is None:  # left as written: the error that follows names it as the user wrote it
+            continue
+        node = dataclasses.replace(owners[-1], **{leaf: str(found.resolve())})
+        for owner, part in zip(reversed(owners[:-1]), reversed(parents)):
+            node = dataclasses.replace(owner, **{part: node})
+        config = node
+    return config
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

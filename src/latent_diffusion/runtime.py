@@ -21,7 +21,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     """'auto' → CUDA when available, else CPU; otherwise the named device, checked."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or another PyTorch device name") \
+            from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine (use 'cpu' or 'auto')")
     return device

@@ -8,6 +8,7 @@ so weights load with no renaming.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -17,7 +18,8 @@ from torch import nn
 from latent_diffusion.conditioning.base import Conditioning, FrozenEncoder, check_prompts
 from latent_diffusion.conditioning.tokenizer import ClipTokenizer
 from latent_diffusion.config import ClipTextConfig, ConfigError, from_dict
-from latent_diffusion.io.checkpoint import CheckpointError, load_module_weights, load_weights
+from latent_diffusion.io.checkpoint import (CheckpointError, load_module_weights, load_weights, module_from_weights,
+                                           read_weights)
 
 SD1_TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
 
@@ -113,9 +115,9 @@ class ClipTextTransformer(nn.Module):
         return x, x[torch.arange(x.shape[0], device=x.device), eos]  # (B, N, D), (B, D)
 
 
-def load_clip_text_state_dict(model: ClipTextTransformer, state_dict: dict[str, torch.Tensor],
-                              what: str = "CLIP text weights") -> None:
-    """Load Hugging Face `CLIPTextModel` weights, keys with or without the `text_model.` prefix; strict."""
+def clip_text_tensors(state_dict: Mapping[str, torch.Tensor], what: str = "CLIP text weights"
+                      ) -> dict[str, torch.Tensor]:
+    """Hugging Face `CLIPTextModel` weights under our names: keys with or without the `text_model.` prefix."""
     tensors: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         name = key.removeprefix("text_model.")
@@ -124,20 +126,49 @@ def load_clip_text_state_dict(model: ClipTextTransformer, state_dict: dict[str, 
         if name in tensors:
             raise CheckpointError(f"{what}: '{name}' appears both with and without the 'text_model.' prefix")
         tensors[name] = value
-    load_module_weights(model, tensors, what)
+    return tensors
+
+
+def load_clip_text_state_dict(model: ClipTextTransformer, state_dict: Mapping[str, torch.Tensor],
+                              what: str = "CLIP text weights") -> None:
+    """Load Hugging Face `CLIPTextModel` weights, keys with or without the `text_model.` prefix; strict."""
+    load_module_weights(model, clip_text_tensors(state_dict, what), what)
+
+
+def clip_text_transformer(cfg: ClipTextConfig, weights: str | os.PathLike | Mapping[str, torch.Tensor] | None,
+                          dtype: torch.dtype = torch.float32) -> ClipTextTransformer:
+    """A `ClipTextTransformer` holding `weights` (as `ClipTextEncoder` takes them) in `dtype`, built on the meta
+    device: no random weights are drawn first, and tensors already in `dtype` are used, not copied."""
+    if weights is None:
+        return ClipTextTransformer(cfg).to(dtype)
+    what = "CLIP text weights" if isinstance(weights, Mapping) else str(weights)
+    tensors = weights if isinstance(weights, Mapping) else _read_text_weights(weights, dtype)
+    return module_from_weights(lambda: ClipTextTransformer(cfg), clip_text_tensors(tensors, what), what, dtype)
+
+
+def _read_text_weights(path: str | os.PathLike, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The `CLIPTextModel` weights of a file of them or of a whole SD 1.x checkpoint, read in `dtype`."""
+    sd1 = any(k.startswith(SD1_TEXT_ENCODER_PREFIX) for k in load_weights(path))  # memory-mapped: names only
+    tensors = read_weights(path, dtype, keys=lambda k: not sd1 or k.startswith(SD1_TEXT_ENCODER_PREFIX))
+    if not sd1:
+        return tensors
+    return {k.removeprefix(SD1_TEXT_ENCODER_PREFIX): v for k, v in tensors.items()
+            if k.startswith(SD1_TEXT_ENCODER_PREFIX)}
 
 
 class ClipTextEncoder(FrozenEncoder):
     """Frozen CLIP text encoder: prompts → Conditioning(tokens (B, 77, width), mask all True), as SD 1.x conditions.
 
     :param config: a `ClipTextConfig` (or its dictionary); default CLIP ViT-L/14.
-    :param weights: a safetensors file of `CLIPTextModel` weights, or a whole SD 1.x checkpoint (its
-        `cond_stage_model.transformer.` keys are used); None leaves the weights random (tests only).
+    :param weights: `CLIPTextModel` weights: a state dict, a safetensors file of them, or a whole SD 1.x
+        checkpoint (its `cond_stage_model.transformer.` keys are used); None leaves the weights random (tests only).
     :param tokenizer: default: the bundled CLIP vocabulary.
+    :param dtype: the dtype the weights are held in (a state dict's tensors already in it are used, not copied).
     """
 
     def __init__(self, config: ClipTextConfig | dict[str, Any] | None = None,
-                 weights: str | os.PathLike | None = None, tokenizer: ClipTokenizer | None = None):
+                 weights: str | os.PathLike | Mapping[str, torch.Tensor] | None = None,
+                 tokenizer: ClipTokenizer | None = None, dtype: torch.dtype = torch.float32):
         super().__init__()
         config = from_dict(ClipTextConfig, config, "clip") if isinstance(config, dict) else config
         self.config = config or ClipTextConfig()
@@ -146,13 +177,7 @@ class ClipTextEncoder(FrozenEncoder):
         if self.tokenizer.context_length > self.config.max_positions:
             raise ConfigError(f"tokenizer context_length {self.tokenizer.context_length} exceeds the text "
                               f"transformer's max_positions {self.config.max_positions}")
-        self.transformer = ClipTextTransformer(self.config)
-        if weights is not None:
-            tensors = load_weights(weights)
-            if any(k.startswith(SD1_TEXT_ENCODER_PREFIX) for k in tensors):
-                tensors = {k.removeprefix(SD1_TEXT_ENCODER_PREFIX): v for k, v in tensors.items()
-                           if k.startswith(SD1_TEXT_ENCODER_PREFIX)}
-            load_clip_text_state_dict(self.transformer, tensors, str(weights))
+        self.transformer = clip_text_transformer(self.config, weights, dtype)
         self.dim = self.config.width
         self.freeze()
 

@@ -12,9 +12,11 @@ clause's tokens carry only their own object's colour, shape, size and place, so 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,20 @@ _CLAUSE_BREAK = re.compile(r"\s*(?:[,;]|\band\b)\s*", re.IGNORECASE)
 def split_clauses(prompt: str) -> list[str]:
     """The non-empty pieces of `prompt` between commas, semicolons and the word "and"."""
     return [piece for piece in _CLAUSE_BREAK.split(prompt.strip()) if piece]
+
+
+@contextlib.contextmanager
+def _no_loading_bar() -> Iterator[None]:
+    """transformers' "Loading weights 103/103" bar off while a local model loads (it is no download), then as it was."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def bundled_minilm_path() -> Path:
@@ -59,7 +75,8 @@ class MiniLMEncoder(FrozenEncoder):
         if not path.is_dir():
             raise FileNotFoundError(f"MiniLM model folder not found: {path}")
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(path, local_files_only=True).float()  # fp16 copies load as fp32
+        with _no_loading_bar():
+            self.model = AutoModel.from_pretrained(path, local_files_only=True).float()  # fp16 copies load as fp32
         if max_length < 2 or max_length > self.model.config.max_position_embeddings:
             raise ValueError(f"max_length = {max_length}: expected 2 to {self.model.config.max_position_embeddings}")
         self.max_length = max_length

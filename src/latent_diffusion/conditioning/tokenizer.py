@@ -11,12 +11,14 @@ import gzip
 import itertools
 import json
 import os
+import tempfile
 import unicodedata
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import regex
+import tokenizers
 import torch
 
 from latent_diffusion.io.atomic import atomic_write_bytes
@@ -27,6 +29,11 @@ START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
 END_OF_WORD = "</w>"
 NUM_MERGES = 49152 - 256 - 2  # merges CLIP uses from the 16e6 file: 49408 tokens = 2·256 bytes + merges + 2 specials
+
+VOCAB_FILES = ("vocab.json", "merges.txt")
+TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_FOLDER_FILES = ("vocab.json with merges.txt (what transformers 4 saves) or tokenizer.json (what "
+                          "transformers 5 saves)")
 
 _PATTERN = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""")
@@ -52,6 +59,28 @@ def clean_text(text: str) -> str:
     """NFC-normalise, collapse whitespace to single spaces, strip and lower-case."""
     text = unicodedata.normalize("NFC", text)
     return _WHITESPACE.sub(" ", text).strip().lower()
+
+
+def read_vocab_and_merges(folder: Path) -> tuple[dict[str, int], list[tuple[str, ...]]]:
+    """The vocabulary and merges of a folder's `vocab.json` and `merges.txt` (with or without `#version`)."""
+    vocab = json.loads((folder / VOCAB_FILES[0]).read_text(encoding="utf-8"))
+    lines = (folder / VOCAB_FILES[1]).read_text(encoding="utf-8").split("\n")
+    return vocab, [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
+
+
+def read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, ...]]]:
+    """The vocabulary and merges of a `tokenizers` file (`tokenizer.json`) holding CLIP's byte-level BPE."""
+    try:
+        model = tokenizers.Tokenizer.from_file(str(path)).model
+    except Exception as exc:  # tokenizers raises a bare Exception for an unreadable or malformed file
+        raise ValueError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(model, tokenizers.models.BPE) or model.end_of_word_suffix != END_OF_WORD:
+        suffix = getattr(model, "end_of_word_suffix", None)
+        raise ValueError(f"{path} holds a {type(model).__name__} model with end_of_word_suffix {suffix!r}: "
+                         f"expected CLIP's byte-level BPE (a BPE model with end_of_word_suffix {END_OF_WORD!r})")
+    with tempfile.TemporaryDirectory() as tmp:  # the BPE model gives its merges only by saving them
+        model.save(tmp)
+        return read_vocab_and_merges(Path(tmp))
 
 
 class ClipTokenizer:
@@ -96,15 +125,15 @@ class ClipTokenizer:
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, context_length: int = 77,
                     pad_id: int | None = None) -> ClipTokenizer:
-        """Load a Hugging Face / diffusers tokenizer folder holding `vocab.json` and `merges.txt`."""
+        """Load a Hugging Face / diffusers tokenizer folder: `vocab.json` + `merges.txt`, else `tokenizer.json`."""
         folder = Path(folder)
-        for name in ("vocab.json", "merges.txt"):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"tokenizer folder {folder} has no {name}")
-        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-        lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
-        merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
-        return cls(vocab, merges, context_length, pad_id)
+        if all((folder / name).is_file() for name in VOCAB_FILES):
+            return cls(*read_vocab_and_merges(folder), context_length, pad_id)
+        if (folder / TOKENIZER_JSON).is_file():
+            return cls(*read_tokenizer_json(folder / TOKENIZER_JSON), context_length, pad_id)
+        found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        raise FileNotFoundError(f"tokenizer folder {folder} holds {', '.join(found) or 'nothing'}: expected "
+                                f"{TOKENIZER_FOLDER_FILES}")
 
     def save_folder(self, folder: str | os.PathLike) -> None:
         """Write `vocab.json` and `merges.txt` (the Hugging Face / diffusers layout)."""

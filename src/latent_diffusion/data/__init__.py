@@ -15,12 +15,13 @@ FASHION_MNIST = "fashion-mnist"
 
 
 def open_dataset(spec: str | os.PathLike, resolution: int, channels: int, split: str = "train",
-                 random_crop: bool = False, flip: bool = False, seed: int = 0) -> Dataset:
+                 random_crop: bool = False, flip: bool = False, seed: int = 0, captions: bool = True) -> Dataset:
     """A dataset from a command-line spec.
 
     `spec` is an image folder, a folder of WebDataset tar shards, a folder holding Fashion-MNIST's IDX files, or
     `fashion-mnist`
-    (the Debian package's copy). `split` picks Fashion-MNIST's train/test split.
+    (the Debian package's copy). `split` picks Fashion-MNIST's train/test split; `captions=False` reads no
+    caption files (image-only training).
     """
     if channels not in (1, 3):
         raise ValueError(f"model.in_channels = {channels}: image data has 1 (grayscale) or 3 (RGB) channels")
@@ -34,8 +35,15 @@ def open_dataset(spec: str | os.PathLike, resolution: int, channels: int, split:
     if is_fashion_mnist_dir(path):
         return FashionMNIST(path, split, resolution, channels, flip, seed)
     if is_shard_folder(path):
-        return TarShards(path, resolution, channels, random_crop, flip, seed)
-    return ImageFolder(path, resolution, channels, random_crop, flip, seed)
+        return TarShards(path, resolution, channels, random_crop, flip, seed, captions)
+    return ImageFolder(path, resolution, channels, random_crop, flip, seed, captions)
 
 
-__all__ = ["FashionMNIST", "ImageFolder", "TarShards", "open_dataset"]
+def count_captioned(dataset: Dataset) -> int:
+    """How many items of `dataset` have a non-empty caption (read from the index: no image is decoded)."""
+    if isinstance(dataset, FashionMNIST):  # a caption per label
+        return len(dataset)
+    return sum(1 for i in range(len(dataset)) if dataset.caption(i).strip())
+
+
+__all__ = ["FashionMNIST", "ImageFolder", "TarShards", "count_captioned", "open_dataset"]

@@ -8,10 +8,10 @@ import os
 import random
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
-from latent_diffusion.images import pil_to_tensor
+from latent_diffusion.images import open_image, pil_to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -31,23 +31,46 @@ def resize_and_crop(img: Image.Image, resolution: int, random_crop: bool, rng: r
     return img.crop((left, top, left + resolution, top + resolution))
 
 
+CAPTION_COLUMNS = ("text", "caption", "prompt")  # metadata.jsonl's caption column, as the ecosystem names it
+
+
+def _read_text(path: Path) -> str:
+    """A caption file's text, with an error naming the file when it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: captions must be UTF-8 text ({exc.reason} at byte {exc.start}); re-save the "
+                         "file as UTF-8") from None
+
+
+def _caption_of(record: dict) -> str | None:
+    """The caption in a metadata.jsonl record: its first column named as in `CAPTION_COLUMNS`, else None."""
+    for column in CAPTION_COLUMNS:
+        if column in record and record[column] is not None:
+            return str(record[column]).strip()
+    return None
+
+
 def _read_captions(root: Path, files: list[Path]) -> dict[Path, str]:
     captions: dict[Path, str] = {}
     metadata = root / "metadata.jsonl"
     if metadata.is_file():
-        for number, line in enumerate(metadata.read_text().splitlines(), 1):
+        for number, line in enumerate(_read_text(metadata).splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-                captions[(root / record["file_name"]).resolve()] = str(record.get("text", ""))
+                name = record["file_name"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ValueError(f"{metadata}:{number}: expected a JSON object with 'file_name' and 'text' "
-                                 f"({exc})") from exc
+                raise ValueError(f"{metadata}:{number}: expected a JSON object with 'file_name' and a caption "
+                                 f"column ({' / '.join(CAPTION_COLUMNS)}) ({exc})") from exc
+            caption = _caption_of(record)
+            if caption is not None:
+                captions[(root / name).resolve()] = caption
     for path in files:
         txt = path.with_suffix(".txt")
         if txt.is_file():
-            captions[path.resolve()] = txt.read_text().strip()
+            captions[path.resolve()] = _read_text(txt).strip()
     return captions
 
 
@@ -57,11 +80,13 @@ class ImageFolder(Dataset):
     :param channels: 3 (RGB) or 1 (grayscale).
     :param random_crop: crop at a random place instead of the centre.
     :param flip: random horizontal flip with probability ½.
-    A file that cannot be decoded is skipped with a warning naming it; the next image is returned instead.
+    :param captions: read the captions (`caption()` is "" for every image when False: the autoencoder's data).
+    A file that cannot be decoded (or is a decompression bomb) is skipped with a warning naming it; the next image
+    is returned instead.
     """
 
     def __init__(self, root: str | os.PathLike, resolution: int, channels: int = 3, random_crop: bool = False,
-                 flip: bool = False, seed: int = 0):
+                 flip: bool = False, seed: int = 0, captions: bool = True):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
@@ -70,7 +95,7 @@ class ImageFolder(Dataset):
         self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not self.files:
             raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {self.root}")
-        self.captions = _read_captions(self.root, self.files)
+        self.captions = _read_captions(self.root, self.files) if captions else {}
         self.resolution, self.channels = resolution, channels
         self.random_crop, self.flip = random_crop, flip
         self.rng = random.Random(seed)
@@ -84,9 +109,7 @@ class ImageFolder(Dataset):
 
     def load(self, index: int) -> Image.Image:
         """The image at `index`, decoded and converted, before cropping."""
-        with Image.open(self.files[index]) as img:
-            img.load()
-            return img.convert("RGB" if self.channels == 3 else "L")
+        return open_image(self.files[index], "RGB" if self.channels == 3 else "L")
 
     def __getitem__(self, index: int) -> dict:
         for offset in range(len(self.files)):
@@ -95,12 +118,13 @@ class ImageFolder(Dataset):
                 continue
             try:
                 img = self.load(i)
-            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+            except (OSError, ValueError) as exc:  # `open_image`'s errors name the file
                 self.bad.add(i)
-                log.warning("skipping unreadable image %s: %s", self.files[i], exc)
+                log.warning("skipping an unreadable image: %s", exc)
                 continue
             img = resize_and_crop(img, self.resolution, self.random_crop, self.rng)
             if self.flip and self.rng.random() < 0.5:
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             return {"image": pil_to_tensor(img), "caption": self.caption(i)}
-        raise RuntimeError(f"no readable image in {self.root}")
+        raise ValueError(f"--data {self.root}: none of its {len(self.files)} images can be read (see the warnings "
+                         "above for each file)")

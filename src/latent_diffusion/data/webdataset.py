@@ -15,6 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from latent_diffusion.data.imagefolder import IMAGE_EXTENSIONS, ImageFolder
+from latent_diffusion.images import decode_image
 
 
 def is_shard_folder(path: Path) -> bool:
@@ -53,7 +54,7 @@ class TarShards(ImageFolder):
     for the same images and captions, so training on shards equals training on the folder."""
 
     def __init__(self, root: str | os.PathLike, resolution: int, channels: int = 3, random_crop: bool = False,
-                 flip: bool = False, seed: int = 0):
+                 flip: bool = False, seed: int = 0, captions: bool = True):
         self.root = Path(root)
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
@@ -68,18 +69,17 @@ class TarShards(ImageFolder):
         self.random_crop, self.flip = random_crop, flip
         self.rng = random.Random(seed)
         self.bad: set[int] = set()
+        self.read_captions = captions
 
     def caption(self, index: int) -> str:
-        return self.samples[index][1]["caption"]
+        return self.samples[index][1]["caption"] if self.read_captions else ""
 
     def load(self, index: int) -> Image.Image:
         shard, sample = self.samples[index]
         with open(shard, "rb") as f:
             f.seek(sample["offset"])
             data = f.read(sample["size"])
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return img.convert("RGB" if self.channels == 3 else "L")
+        return decode_image(data, str(self.files[index]), "RGB" if self.channels == 3 else "L")
 
 
 def write_shards(samples: list[tuple[str, bytes, str]], folder: str | os.PathLike, per_shard: int = 1000,

@@ -17,7 +17,7 @@ from latent_diffusion.data import open_dataset
 from latent_diffusion.evaluation.features import FeatureNet, extract, load_feature_net
 from latent_diffusion.evaluation.fid import fid
 from latent_diffusion.evaluation.metrics import psnr, ssim
-from latent_diffusion.io.atomic import atomic_write_bytes
+from latent_diffusion.io.atomic import atomic_write_bytes, check_writable
 from latent_diffusion.io.autoencoder import CONFIG_FILE, load_autoencoder
 from latent_diffusion.runtime import resolve_device
 from latent_diffusion.training.autoencoder import write_reconstruction_grid
@@ -61,23 +61,28 @@ def evaluate_reconstruction(model: AutoencoderKL, dataset: Dataset, num_images: 
     return figures
 
 
-def evaluate_autoencoder_run(run_dir: str | os.PathLike, data: str | os.PathLike, split: str = "test",
-                             num_images: int | None = None, batch_size: int = 64, device: str = "auto",
-                             write_scale: bool = True, progress: bool = True,
+def evaluate_autoencoder_run(run_dir: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
+                             split: str = "test", num_images: int | None = None, batch_size: int = 64,
+                             device: str = "auto", write_scale: bool = False, progress: bool = True,
                              features: str | os.PathLike | None = None) -> dict:
-    """Evaluate a run folder on `data`; writes eval.json, eval.png (held-out images above their reconstructions)
-    and (by default) latent_scale into config.yaml."""
-    run_dir = Path(run_dir)
+    """Evaluate a run folder on `data`; writes eval.json and eval.png (held-out images above their
+    reconstructions) to `out`. The run folder is only read, unless `write_scale` asks for the measured
+    latent_scale to be stored in its config.yaml (what `ldm train` needs of a stage-1 model)."""
+    run_dir, out = Path(run_dir), Path(out)
+    if num_images is not None and num_images < 1:
+        raise ValueError(f"--num-images = {num_images}: expected at least 1")
+    check_writable(out, "--out", folder=True)
     dev = resolve_device(device)
     model, cfg = load_autoencoder(run_dir, dev)
-    dataset = open_dataset(data, cfg.data.resolution, cfg.model.in_channels, split)
+    dataset = open_dataset(data, cfg.data.resolution, cfg.model.in_channels, split, captions=False)
     feature_net = load_feature_net(features) if features else None
     figures = evaluate_reconstruction(model, dataset, num_images, batch_size, progress=progress,
                                       features=feature_net)
     figures["data"] = str(data)
-    atomic_write_bytes(run_dir / "eval.json", (json.dumps(figures, indent=2) + "\n").encode())
+    figures["model"] = str(run_dir)
+    atomic_write_bytes(out / "eval.json", (json.dumps(figures, indent=2) + "\n").encode())
     images = torch.stack([dataset[i]["image"] for i in range(min(8, len(dataset)))]).to(dev)  # first 8 held out
-    write_reconstruction_grid(model, images, run_dir / "eval.png", dev, size=128)
+    write_reconstruction_grid(model, images, out / "eval.png", dev, size=128)
     if write_scale:
         save_config(replace(cfg, model=replace(cfg.model, latent_scale=figures["latent_scale"])), run_dir / CONFIG_FILE)
     return figures

@@ -6,9 +6,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image
 
 from latent_diffusion.data.shapes import BACKGROUNDS, COLOURS, IMAGE_SIZE, SIZES, parse_caption
+from latent_diffusion.images import make_grid, pil_to_tensor
 
 ATTRIBUTES = ("colour", "shape", "size", "position")
 MIN_AREA = 20  # px; smaller blobs are noise (a small circle covers ~113 px)
@@ -128,3 +130,13 @@ def evaluate_model_adherence(pipe, captions: list[str], sweep: list, seed: int =
         results.append({**setting.as_dict(), **caption_adherence(images, captions)})
         images_by_setting.append(images)
     return {"captions": len(captions), "seed": seed, "results": results, "images": images_by_setting}
+
+
+def adherence_grid(images: list[Image.Image], captions: list[str], columns: int = 10, rows: int = 4,
+                   scale: int = 2) -> Image.Image:
+    """The first `rows` × `columns` images in a grid, each with the caption it was asked for written under it."""
+    count = min(len(images), columns * rows)
+    tensors = torch.stack([pil_to_tensor(image) for image in images[:count]])
+    starts = range(0, count, columns)
+    return make_grid([tensors[s:s + columns] for s in starts], scale=scale,
+                     captions=[captions[s:min(s + columns, count)] for s in starts])

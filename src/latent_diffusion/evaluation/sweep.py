@@ -62,8 +62,10 @@ def sweep_series(results: list[dict], metrics: dict[str, str]) -> tuple[str, dic
 
 
 def plot_sweep(results: list[dict], metrics: dict[str, str], path: str | os.PathLike, title: str,
-               ylabel: str) -> None:
-    """`sweep_series` as a PNG line plot (steps on a log axis)."""
+               ylabel: str, log_y: bool = False, share: bool = False) -> None:
+    """`sweep_series` as a PNG line plot (steps on a log axis); `log_y` for figures like FID, `share` for shares
+    (a linear 0..1 axis)."""
     x_key, series = sweep_series(results, metrics)
     by_steps = x_key == "steps"
-    line_plot(series, path, title, "sampling steps" if by_steps else "guidance scale w", ylabel, log_x=by_steps)
+    line_plot(series, path, title, "sampling steps" if by_steps else "guidance scale w", ylabel, log_x=by_steps,
+              log_y=log_y, y_limits=(-0.02, 1.02) if share else None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -43,6 +44,31 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[Path], object])
     """Call `writer(tmp_path)` and move the result onto `path` atomically."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files (`.NAME.*.tmp`) that interrupted atomic writes left anywhere under `folder`;
+    returns them. Only for a folder no other process is writing in (see `io/lock.py`)."""
+    removed = [path for path in Path(folder).rglob(".*.tmp") if path.is_file()]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
+def check_writable(path: str | os.PathLike, what: str, folder: bool = False) -> None:
+    """Raise a clear OSError now, before any work, if `path` (a file, or with `folder` a folder) cannot be written:
+    it is a folder where a file is wanted (or the reverse), lies under a regular file, or its folder is read-only.
+    Nothing is created."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise OSError(errno.EISDIR if path.is_dir() else errno.ENOTDIR,
+                      f"{what} {path} is {'a folder' if path.is_dir() else 'a file'}, expected "
+                      f"{'a folder' if folder else 'a file'}")
+    existing = path if path.exists() else next(p for p in path.absolute().parents if p.exists())
+    if not existing.is_dir():
+        raise OSError(errno.ENOTDIR, f"{what} {path} lies under {existing}, which is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OSError(errno.EACCES, f"{what} {path}: cannot write in {existing} (read-only)")
 
 
 def _link_over(source: Path, target: Path) -> None:

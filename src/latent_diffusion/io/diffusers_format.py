@@ -2,7 +2,8 @@
 
 A folder holds `model_index.json`, `unet/`, `vae/` (config.json + diffusion_pytorch_model.safetensors),
 `text_encoder/` (a transformers CLIPTextModel: config.json + model.safetensors), `tokenizer/` (vocab.json,
-merges.txt, tokenizer_config.json, special_tokens_map.json) and `scheduler/scheduler_config.json`. Weights and
+merges.txt, tokenizer_config.json, special_tokens_map.json; transformers 5 writes tokenizer.json in place of the
+first two, which the reader takes too) and `scheduler/scheduler_config.json`. Weights and
 configs are renamed by the explicit maps of `keymaps` and `diffusers_config`. What diffusers has no field for
 (training settings such as `p_uncond`, the sampling defaults of `ldm generate`) is kept in model_index.json under
 `_latent_diffusion`, which diffusers ignores, so a folder we write reads back exactly.
@@ -29,7 +30,7 @@ from latent_diffusion.conditioning.tokenizer import END_TOKEN, START_TOKEN, Clip
 from latent_diffusion.config import (ClipTextConfig, ConditioningConfig, ConfigError, DiffusionConfig, SamplingConfig,
                                      UNetConfig, from_dict, to_dict)
 from latent_diffusion.io.atomic import atomic_write_bytes
-from latent_diffusion.io.checkpoint import CheckpointError, load_pickle, load_weights, save_weights
+from latent_diffusion.io.checkpoint import CheckpointError, load_pickle, place_weights, read_weights, save_weights
 from latent_diffusion.io.diffusers_config import (DIFFUSERS_VERSION, clip_config_from_transformers,
                                                   clip_config_to_transformers, scheduler_class,
                                                   scheduler_config_from_diffusers, scheduler_config_to_diffusers,
@@ -42,7 +43,6 @@ from latent_diffusion.io.model import ModelParts
 
 MODEL_INDEX = "model_index.json"
 SCHEDULER_FILE = "scheduler/scheduler_config.json"
-TOKENIZER_FILES = ("vocab.json", "merges.txt")  # what the reader needs; the pad token comes from the configs below
 PAD_TOKEN_FILES = ("special_tokens_map.json", "tokenizer_config.json")
 # (safetensors name, PyTorch pickle name) of each component's weights, without the ".safetensors" / ".bin"
 WEIGHT_FILES = {"unet": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
@@ -147,8 +147,10 @@ def model_index(parts: ModelParts) -> dict[str, Any]:
 
 # --- reading -----------------------------------------------------------------------------------------------------
 
-def read_diffusers(folder: str | os.PathLike, prediction_type: str | None = None) -> ModelParts:
-    """A diffusers Stable Diffusion 1.x/2.x folder as `ModelParts`; `prediction_type` overrides the scheduler's."""
+def read_diffusers(folder: str | os.PathLike, prediction_type: str | None = None, dtype: torch.dtype | None = None,
+                   device: str | torch.device = "cpu") -> ModelParts:
+    """A diffusers Stable Diffusion 1.x/2.x folder as `ModelParts`; `prediction_type` overrides the scheduler's;
+    `dtype` and `device` as in `load_model`."""
     folder = Path(folder)
     extra = _read_index(folder).get(METADATA_KEY, {})
     unet_cfg, latent_size = unet_config_from_diffusers(*_read_config(folder / "unet" / "config.json"))
@@ -160,9 +162,9 @@ def read_diffusers(folder: str | os.PathLike, prediction_type: str | None = None
     diffusion, sampling = _read_scheduler(folder / SCHEDULER_FILE, extra, prediction_type)
     return ModelParts(
         unet_config=unet_cfg, autoencoder_config=vae_cfg,
-        unet=unet_state_from_diffusers(unet_cfg, *_read_weights(folder, "unet")),
-        autoencoder=vae_state_from_diffusers(vae_cfg, *_read_weights(folder, "vae")),
-        text_encoder=clip_state_from_transformers(clip, *_read_weights(folder, "text_encoder")),
+        unet=unet_state_from_diffusers(unet_cfg, *_read_weights(folder, "unet", dtype, device)),
+        autoencoder=vae_state_from_diffusers(vae_cfg, *_read_weights(folder, "vae", dtype, device)),
+        text_encoder=clip_state_from_transformers(clip, *_read_weights(folder, "text_encoder", dtype, device)),
         conditioning=_conditioning(unet_cfg, clip, extra), diffusion=diffusion, sampling=sampling,
         tokenizer=tokenizer, **({} if latent_size is None else {"resolution": latent_size * vae_cfg.downsample_factor}))
 
@@ -205,17 +207,17 @@ def _read_index(folder: Path) -> dict[str, Any]:
 
 def read_tokenizer(folder: Path, context_length: int = 77) -> ClipTokenizer:
     """The CLIP tokenizer of a `tokenizer/` folder, padding with its configured pad token (default: the end token)."""
-    for name in TOKENIZER_FILES:
-        if not (folder / name).is_file():
-            raise CheckpointError(f"{folder / name} is missing: a diffusers folder needs its CLIP tokenizer "
-                                  "(tokenizer/vocab.json and tokenizer/merges.txt, as CLIPTokenizer.save_pretrained "
-                                  "writes them)")
-    tokenizer = ClipTokenizer.from_folder(folder, context_length)
+    try:
+        tokenizer = ClipTokenizer.from_folder(folder, context_length)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"a diffusers folder needs its CLIP tokenizer: {exc}") from exc
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from exc
     pad = _pad_token(folder)
     if pad is None:
         return tokenizer
     if pad not in tokenizer.vocab:
-        raise CheckpointError(f"{folder}: the pad token {pad!r} is not in vocab.json")
+        raise CheckpointError(f"{folder}: the pad token {pad!r} is not in the tokenizer's vocabulary")
     return ClipTokenizer(tokenizer.vocab, tokenizer.merges, context_length, tokenizer.vocab[pad])
 
 
@@ -256,14 +258,18 @@ def _conditioning(unet_cfg: UNetConfig, clip: ClipTextConfig, extra: dict[str, A
     return dataclasses.replace(conditioning, spatial="inpaint")
 
 
-def _read_weights(folder: Path, component: str) -> tuple[dict[str, torch.Tensor], str]:
-    """The weights of `folder/component` (safetensors, else a PyTorch .bin, else fp16 variants) and their path."""
+def _read_weights(folder: Path, component: str, dtype: torch.dtype | None = None,
+                  device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], str]:
+    """The weights of `folder/component` (safetensors, else a PyTorch .bin, else fp16 variants) and their path;
+    `dtype` and `device` as in `read_weights`."""
     stem, bin_stem = WEIGHT_FILES[component]
     names = [f"{stem}.safetensors", f"{bin_stem}.bin", f"{stem}.fp16.safetensors", f"{bin_stem}.fp16.bin"]
     for name in names:
         path = folder / component / name
         if path.is_file():
-            return (load_weights(path) if path.suffix == ".safetensors" else _load_bin(path)), str(path)
+            tensors = (read_weights(path, dtype, device) if path.suffix == ".safetensors"
+                       else place_weights(_load_bin(path), dtype, device))
+            return tensors, str(path)
     present = sorted(p.name for p in (folder / component).iterdir()) if (folder / component).is_dir() else []
     raise CheckpointError(f"{folder / component}: no weights file; expected one of {', '.join(names)} (sharded "
                           f"weights are not supported); found: {', '.join(present) or 'nothing'}")

@@ -22,9 +22,9 @@ import torch
 
 from latent_diffusion.conditioning.tokenizer import ClipTokenizer
 from latent_diffusion.config import (AutoencoderConfig, AutoencoderRunConfig, ConditioningConfig, ConfigError,
-                                     DataConfig, DiffusionConfig, LDMRunConfig, SamplingConfig, UNetConfig,
-                                     load_config, save_config)
-from latent_diffusion.io.checkpoint import CheckpointError, load_weights, save_weights
+                                     DataConfig, DiffusionConfig, LDMRunConfig, SamplingConfig, TrainConfig,
+                                     UNetConfig, load_config, save_config)
+from latent_diffusion.io.checkpoint import CheckpointError, read_weights, save_weights
 
 Format = Literal["native", "original", "diffusers"]
 FORMATS: tuple[str, ...] = ("native", "original", "diffusers")
@@ -39,6 +39,15 @@ AE_WEIGHTS_FILE = "autoencoder.safetensors"
 TOKENIZER_DIR = "tokenizer"
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """The training sections of a native model: the diffusion run's data and training, the autoencoder's run."""
+
+    data: DataConfig
+    training: TrainConfig
+    autoencoder: AutoencoderRunConfig
+
+
 @dataclass
 class ModelParts:
     """Configs and weights (our names) of UNet, autoencoder and condition encoder, plus the diffusion settings.
@@ -48,6 +57,8 @@ class ModelParts:
         weights with `conditioning.adapter_layers`, else None.
     :param tokenizer: a tokenizer read from the source (a diffusers `tokenizer/` folder); None: the bundled one.
     :param resolution: the image size the model was trained at (SD 1.x: 512, SD 2.x v-prediction: 768).
+    :param recipe: how the model was trained, when the source says (a native folder's `data` and `training`
+        sections, and its autoencoder's run config): kept as read, so that converting keeps a model's recipe.
     """
 
     unet_config: UNetConfig
@@ -61,18 +72,27 @@ class ModelParts:
     tokenizer: ClipTokenizer | None = None
     resolution: int = 512
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    recipe: Recipe | None = None
 
     def __post_init__(self) -> None:
         if self.autoencoder_config.latent_scale is None:
-            raise CheckpointError("the autoencoder has no latent_scale: run `ldm eval-autoencoder` on it first")
+            raise CheckpointError("the autoencoder has no latent_scale: run `ldm eval-autoencoder RUN --data HELD_OUT "
+                                  "--write-scale` on it first")
         if self.conditioning.encoder == "clip" and self.text_encoder is None and self.conditioning.path is None:
             raise CheckpointError("a CLIP-conditioned model needs its text encoder weights")
 
     def run_config(self) -> LDMRunConfig:
         """The `LDMRunConfig` this model would have been trained with (what a native folder's config.yaml holds)."""
+        data = self.recipe.data if self.recipe else DataConfig(resolution=self.resolution)
         return LDMRunConfig(autoencoder=AUTOENCODER_DIR, unet=self.unet_config, conditioning=self.conditioning,
-                            diffusion=self.diffusion, data=DataConfig(resolution=self.resolution),
-                            sampling=self.sampling)
+                            diffusion=self.diffusion, data=dataclasses.replace(data, resolution=self.resolution),
+                            sampling=self.sampling, **({"training": self.recipe.training} if self.recipe else {}))
+
+    def autoencoder_run_config(self) -> AutoencoderRunConfig:
+        """The autoencoder's run config (what a native folder's `autoencoder/config.yaml` holds)."""
+        if self.recipe is None:
+            return AutoencoderRunConfig(model=self.autoencoder_config, data=DataConfig(resolution=self.resolution))
+        return dataclasses.replace(self.recipe.autoencoder, model=self.autoencoder_config)
 
     def to(self, dtype: torch.dtype) -> ModelParts:
         """The same model with every floating-point tensor cast to `dtype` (e.g. fp16 for storage)."""
@@ -83,8 +103,10 @@ class ModelParts:
                                    text_encoder=cast(self.text_encoder), conditioner=cast(self.conditioner))
 
 
-def read_native(folder: str | os.PathLike) -> ModelParts:
-    """A model folder written by `ldm train` or `save_model(..., "native")`."""
+def read_native(folder: str | os.PathLike, dtype: torch.dtype | None = None,
+                device: str | torch.device = "cpu") -> ModelParts:
+    """A model folder written by `ldm train` or `save_model(..., "native")`; `dtype` and `device` as in
+    `load_model`."""
     folder = Path(folder)
     for path in (folder / CONFIG_FILE, folder / UNET_FILE, folder / AUTOENCODER_DIR / AE_CONFIG_FILE):
         if not path.is_file():
@@ -93,17 +115,19 @@ def read_native(folder: str | os.PathLike) -> ModelParts:
                                   "writes them)")
     cfg = load_config(folder / CONFIG_FILE, LDMRunConfig)
     ae_cfg = load_config(folder / AUTOENCODER_DIR / AE_CONFIG_FILE, AutoencoderRunConfig)
-    optional = {name: load_weights(folder / name) if (folder / name).is_file() else None
-                for name in (TEXT_ENCODER_FILE, CONDITIONER_FILE)}
+    optional = {name: read_weights(folder / name, dtype if name == TEXT_ENCODER_FILE else None, device)
+                if (folder / name).is_file() else None for name in (TEXT_ENCODER_FILE, CONDITIONER_FILE)}
     tokenizer = None
     if (folder / TOKENIZER_DIR).is_dir():
         tokenizer = ClipTokenizer.from_folder(folder / TOKENIZER_DIR, cfg.conditioning.clip.max_positions,
                                               cfg.conditioning.clip.pad_token_id)
-    return ModelParts(unet_config=cfg.unet, unet=load_weights(folder / UNET_FILE), autoencoder_config=ae_cfg.model,
-                      autoencoder=load_weights(folder / AUTOENCODER_DIR / AE_WEIGHTS_FILE),
+    return ModelParts(unet_config=cfg.unet, unet=read_weights(folder / UNET_FILE, dtype, device),
+                      autoencoder_config=ae_cfg.model,
+                      autoencoder=read_weights(folder / AUTOENCODER_DIR / AE_WEIGHTS_FILE, dtype, device),
                       conditioning=cfg.conditioning, diffusion=cfg.diffusion,
                       text_encoder=optional[TEXT_ENCODER_FILE], conditioner=optional[CONDITIONER_FILE],
-                      tokenizer=tokenizer, resolution=cfg.data.resolution, sampling=cfg.sampling)
+                      tokenizer=tokenizer, resolution=cfg.data.resolution, sampling=cfg.sampling,
+                      recipe=Recipe(cfg.data, cfg.training, ae_cfg))
 
 
 def write_native(parts: ModelParts, folder: str | os.PathLike) -> None:
@@ -112,9 +136,7 @@ def write_native(parts: ModelParts, folder: str | os.PathLike) -> None:
     (folder / AUTOENCODER_DIR).mkdir(parents=True, exist_ok=True)
     save_weights(parts.unet, folder / UNET_FILE)
     save_weights(parts.autoencoder, folder / AUTOENCODER_DIR / AE_WEIGHTS_FILE)
-    save_config(AutoencoderRunConfig(model=parts.autoencoder_config,
-                                     data=DataConfig(resolution=parts.resolution)),
-                folder / AUTOENCODER_DIR / AE_CONFIG_FILE)
+    save_config(parts.autoencoder_run_config(), folder / AUTOENCODER_DIR / AE_CONFIG_FILE)
     for name, tensors in ((TEXT_ENCODER_FILE, parts.text_encoder), (CONDITIONER_FILE, parts.conditioner)):
         if tensors is not None:
             save_weights(tensors, folder / name)
@@ -142,21 +164,26 @@ def detect_format(path: str | os.PathLike) -> Format:
                           f"{', '.join(sorted(p.name for p in path.iterdir())[:10]) or 'nothing'}")
 
 
-def load_model(path: str | os.PathLike, fmt: Format | None = None, **options) -> ModelParts:
+def load_model(path: str | os.PathLike, fmt: Format | None = None, dtype: torch.dtype | None = None,
+               device: str | torch.device = "cpu", **options) -> ModelParts:
     """Read a model in any format (detected when `fmt` is None); `options` go to the format's reader, e.g.
-    `prediction_type="v_prediction"` or `config="v2-inference-v.yaml"` for an original checkpoint."""
+    `prediction_type="v_prediction"` or `config="v2-inference-v.yaml"` for an original checkpoint.
+
+    Weights are read one tensor at a time into their final form: floating-point ones of the UNet, autoencoder and
+    text encoder cast to `dtype` (None: as stored; a trained class embedder or text adapter keeps its own), all
+    put on `device`. Loading holds each weight once, plus one stored tensor at most (`read_weights`)."""
     fmt = fmt or detect_format(path)
     if fmt == "native":
         if options:
             raise ValueError(f"a native model folder takes no reader options (got {sorted(options)}): its "
                              "config.yaml says it all")
-        return read_native(path)
+        return read_native(path, dtype, device)
     if fmt == "original":
         from latent_diffusion.io.original_format import read_original
-        return read_original(path, **options)
+        return read_original(path, dtype=dtype, device=device, **options)
     if fmt == "diffusers":
         from latent_diffusion.io.diffusers_format import read_diffusers
-        return read_diffusers(path, **options)
+        return read_diffusers(path, dtype=dtype, device=device, **options)
     raise ValueError(f"unknown model format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 

@@ -16,6 +16,7 @@ import math
 import os
 import re
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,8 @@ from latent_diffusion.conditioning.spatial import infer_spatial
 from latent_diffusion.config import (AutoencoderConfig, ClipTextConfig, ConditioningConfig, ConfigError, read_yaml,
                                      DiffusionConfig, SamplingConfig, UNetConfig)
 from latent_diffusion.io.atomic import atomic_path, atomic_write_bytes
-from latent_diffusion.io.checkpoint import CheckpointError, load_module_weights, load_pickle, load_weights, save_weights
+from latent_diffusion.io.checkpoint import (CheckpointError, load_module_weights, load_pickle, load_weights,
+                                           place_weights, read_weights, save_weights)
 from latent_diffusion.io.model import ModelParts
 from latent_diffusion.io.openclip_keys import (OPENCLIP_PREFIX, check_writable, clip_to_openclip, infer_clip_config,
                                                openclip_to_clip)
@@ -59,10 +61,13 @@ _OPENCLIP_TARGET = "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder"
 
 
 def read_original(path: str | os.PathLike, config: str | os.PathLike | None = None,
-                  prediction_type: str | None = None, ema: bool = False) -> ModelParts:
-    """A Stable Diffusion 1.x/2.x checkpoint file as `ModelParts`; `ema=True` takes the UNet from `model_ema.*`."""
+                  prediction_type: str | None = None, ema: bool = False, dtype: torch.dtype | None = None,
+                  device: str | torch.device = "cpu") -> ModelParts:
+    """A Stable Diffusion 1.x/2.x checkpoint file as `ModelParts`; `ema=True` takes the UNet from `model_ema.*`;
+    `dtype` and `device` as in `load_model`."""
     path = Path(path)
-    state_dict = load_original_state_dict(path)
+    used = (EMA_PREFIX if ema else UNET_PREFIX, VAE_PREFIX, "cond_stage_model.")
+    state_dict = load_original_state_dict(path, dtype, device, keys=lambda key: key.startswith(used))
     yaml_path = Path(config) if config is not None else path.with_suffix(".yaml")
     params = read_inference_config(yaml_path) if config is not None or yaml_path.is_file() else {}
     return from_original_state_dict(state_dict, params, prediction_type, ema, where=str(path))
@@ -83,21 +88,27 @@ def write_original(parts: ModelParts, path: str | os.PathLike) -> None:
     atomic_write_bytes(path.with_suffix(".yaml"), text.encode())
 
 
-def load_original_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a `.safetensors` or `.ckpt` file (`state_dict` nesting removed); pickles load weights-only."""
+def load_original_state_dict(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                             device: str | torch.device = "cpu",
+                             keys: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a `.safetensors` or `.ckpt` file (`state_dict` nesting removed); pickles load weights-only.
+    Floating-point tensors are cast to `dtype` (None: as stored) and all put on `device`, one at a time; of a
+    .safetensors file, only those `keys` selects are read (`read_weights`), the others stay memory-mapped."""
     path = Path(path)
     if path.suffix != ".safetensors" and path.suffix not in PICKLE_SUFFIXES:
         raise CheckpointError(f"{path}: unknown checkpoint type {path.suffix!r}; expected .safetensors or .ckpt")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        return load_weights(path)
+        return read_weights(path, dtype, device, keys)
     obj = load_pickle(path)
     while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # training checkpoints: {"state_dict": {...}, "global_step": ..., ...}
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a state dict of tensors")
-    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    del obj  # `tensors` is now each tensor's only holder: casting one frees the stored one
+    return place_weights(tensors, dtype, device)
 
 
 def read_inference_config(path: str | os.PathLike) -> dict[str, Any]:

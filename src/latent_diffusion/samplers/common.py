@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -12,13 +12,15 @@ from latent_diffusion.diffusion.schedule import (NoiseSchedule, TimestepSpacing,
                                                  timestep_grid)
 
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step index, x after the step, x̂_0 of the step)
+# One generator for the whole batch, or one per batch item (item k's noise from generator k, as diffusers' randn_tensor)
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 class Sampler(Protocol):
     """sample(denoiser, noise, num_steps, *, generator, callback, **options) -> x̂_0 latents."""
 
     def __call__(self, denoiser: Denoiser, noise: torch.Tensor, num_steps: int, *,
-                 generator: torch.Generator | None = None, callback: Callback | None = None,
+                 generator: Generators = None, callback: Callback | None = None,
                  **options: Any) -> torch.Tensor: ...
 
 
@@ -27,10 +29,21 @@ def check_num_steps(num_steps: int) -> None:
         raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
 
 
-def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal noise of x's shape, drawn on the generator's device (as diffusers' randn_tensor)."""
-    device = x.device if generator is None else generator.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+def randn(shape: Sequence[int], generator: Generators, device: torch.device | str | None = None,
+          dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Standard normal noise of `shape` on `device`, drawn on the generator's device (as diffusers' randn_tensor);
+    with one generator per batch item, item k's noise comes from generator k alone, whatever the batch."""
+    if isinstance(generator, Sequence):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}: expected one per item")
+        return torch.cat([randn((1, *shape[1:]), g, device, dtype) for g in generator])
+    draw_on = device if generator is None else generator.device
+    return torch.randn(tuple(shape), generator=generator, device=draw_on, dtype=dtype).to(device)
+
+
+def randn_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """Standard normal noise of x's shape, dtype and device (see `randn`)."""
+    return randn(x.shape, generator, x.device, x.dtype)
 
 
 def report(callback: Callback | None, i: int, x: torch.Tensor, denoised: torch.Tensor) -> None:

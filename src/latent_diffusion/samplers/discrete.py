@@ -13,8 +13,8 @@ import torch
 
 from latent_diffusion.diffusion.denoiser import Denoiser
 from latent_diffusion.diffusion.schedule import TimestepSpacing
-from latent_diffusion.samplers.common import (Callback, DiscreteStep, discrete_steps, model_kwargs, randn_like,
-                                              report)
+from latent_diffusion.samplers.common import (Callback, DiscreteStep, Generators, discrete_steps, model_kwargs,
+                                              randn_like, report)
 
 
 def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, alpha_cumprod: float) -> torch.Tensor:
@@ -36,7 +36,7 @@ def ddim_update(x0: torch.Tensor, eps: torch.Tensor, alpha_cumprod_prev: float, 
 
 
 def _ddim_loop(denoiser: Denoiser, x: torch.Tensor, steps: list[DiscreteStep], eta: float,
-               generator: torch.Generator | None, callback: Callback | None, extra: dict[str, Any]) -> torch.Tensor:
+               generator: Generators, callback: Callback | None, extra: dict[str, Any]) -> torch.Tensor:
     for i, step in enumerate(steps):
         x0, eps = denoiser.predict(x, step.t, **extra)
         std = ddim_std(step, eta)
@@ -46,7 +46,7 @@ def _ddim_loop(denoiser: Denoiser, x: torch.Tensor, steps: list[DiscreteStep], e
 
 
 def sample_ddim(denoiser: Denoiser, noise: torch.Tensor, num_steps: int, *,
-                generator: torch.Generator | None = None, callback: Callback | None = None, eta: float = 0.0,
+                generator: Generators = None, callback: Callback | None = None, eta: float = 0.0,
                 spacing: TimestepSpacing = "leading", steps_offset: int = 0, set_alpha_to_one: bool = True,
                 extra_args: Mapping[str, Any] | None = None) -> torch.Tensor:
     """DDIM (Song et al. 2021); η = 0 is deterministic. The last step lands on ᾱ = 1 or, without
@@ -59,7 +59,7 @@ def sample_ddim(denoiser: Denoiser, noise: torch.Tensor, num_steps: int, *,
 
 
 def sample_ddpm(denoiser: Denoiser, noise: torch.Tensor, num_steps: int, *,
-                generator: torch.Generator | None = None, callback: Callback | None = None,
+                generator: Generators = None, callback: Callback | None = None,
                 spacing: TimestepSpacing = "leading", steps_offset: int = 0,
                 extra_args: Mapping[str, Any] | None = None) -> torch.Tensor:
     """Ancestral sampling from p(x_{t−1} | x_t) with variance β̃_t (Ho et al. 2020, eq. 6–7), on a grid of
@@ -89,7 +89,7 @@ def _transfer(x: torch.Tensor, eps: torch.Tensor, step: DiscreteStep) -> torch.T
 
 
 def sample_plms(denoiser: Denoiser, noise: torch.Tensor, num_steps: int, *,
-                generator: torch.Generator | None = None, callback: Callback | None = None,
+                generator: Generators = None, callback: Callback | None = None,
                 spacing: TimestepSpacing = "leading", steps_offset: int = 0, set_alpha_to_one: bool = False,
                 extra_args: Mapping[str, Any] | None = None) -> torch.Tensor:
     """PLMS: PNDM's pseudo linear multistep method (Liu et al. 2022) without Runge–Kutta warm-up (diffusers'

@@ -15,8 +15,8 @@ import torch
 
 from latent_diffusion.diffusion.denoiser import Denoiser
 from latent_diffusion.diffusion.schedule import TimestepSpacing, interpolate, karras_sigmas, timestep_grid
-from latent_diffusion.samplers.common import (Callback, check_num_steps, initial_latents, model_kwargs, randn_like,
-                                              report, sigma_grid)
+from latent_diffusion.samplers.common import (Callback, Generators, check_num_steps, initial_latents, model_kwargs,
+                                              randn_like, report, sigma_grid)
 
 
 def euler_update(x: torch.Tensor, denoised: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
@@ -38,7 +38,7 @@ def _start(denoiser: Denoiser, noise: torch.Tensor, num_steps: int, spacing: Tim
 
 
 def sample_euler(denoiser: Denoiser, noise: torch.Tensor, num_steps: int, *,
-                 generator: torch.Generator | None = None, callback: Callback | None = None,
+                 generator: Generators = None, callback: Callback | None = None,
                  spacing: TimestepSpacing = "linspace", steps_offset: int = 0, karras: bool = False,
                  extra_args: Mapping[str, Any] | None = None) -> torch.Tensor:
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 1 without the correction): the η = 0
@@ -48,7 +48,7 @@ def sample_euler(denoiser: Denoiser, noise: torch.Tensor, num_steps: int, *,
 
 
 def sample_euler_a(denoiser: Denoiser, noise: torch.Tensor, num_steps: int, *,
-                   generator: torch.Generator | None = None, callback: Callback | None = None, eta: float = 1.0,
+                   generator: Generators = None, callback: Callback | None = None, eta: float = 1.0,
                    spacing: TimestepSpacing = "linspace", steps_offset: int = 0, karras: bool = False,
                    extra_args: Mapping[str, Any] | None = None) -> torch.Tensor:
     """Ancestral Euler (k-diffusion): an Euler step down to σ_down, then fresh noise of std σ_up."""
@@ -64,7 +64,7 @@ def sample_euler_a(denoiser: Denoiser, noise: torch.Tensor, num_steps: int, *,
 
 
 def sample_heun(denoiser: Denoiser, noise: torch.Tensor, num_steps: int, *,
-                generator: torch.Generator | None = None, callback: Callback | None = None,
+                generator: Generators = None, callback: Callback | None = None,
                 spacing: TimestepSpacing = "linspace", steps_offset: int = 0, karras: bool = False,
                 extra_args: Mapping[str, Any] | None = None) -> torch.Tensor:
     """Heun's 2nd-order method (Karras et al. 2022, Alg. 1); 2·num_steps − 1 network evaluations."""
@@ -100,7 +100,7 @@ def dpm_solver_sigmas(denoiser: Denoiser, num_steps: int, spacing: TimestepSpaci
 
 
 def sample_dpmpp_2m(denoiser: Denoiser, noise: torch.Tensor, num_steps: int, *,
-                    generator: torch.Generator | None = None, callback: Callback | None = None,
+                    generator: Generators = None, callback: Callback | None = None,
                     spacing: TimestepSpacing = "linspace", steps_offset: int = 0, karras: bool = False,
                     extra_args: Mapping[str, Any] | None = None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2) in λ = −log σ (the half log-SNR); first-order first and last step.

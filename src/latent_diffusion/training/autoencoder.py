@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -21,14 +22,14 @@ from latent_diffusion.images import make_grid, save_image
 from latent_diffusion.io.autoencoder import CONFIG_FILE, WEIGHTS_FILE
 from latent_diffusion.io.checkpoint import resume_training_state, save_training_state, save_weights
 from latent_diffusion.runtime import autocast, check_precision, resolve_device
-from latent_diffusion.training.common import append_jsonl, learning_rate, set_learning_rate
+from latent_diffusion.training.common import learning_rate, run_in_folder, set_learning_rate
 from latent_diffusion.training.distributed import DistributedContext, RankBatches, micro_batches, no_sync, wrap
 from latent_diffusion.training.faults import NonFiniteGuard, StopSignals
+from latent_diffusion.training.run_log import RunLog, TimeEstimate, is_log_step, log_summary, parameter_counts
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "checkpoints/last.safetensors"
-LOG_FILE = "log.jsonl"
 
 
 @dataclass
@@ -48,10 +49,6 @@ class RunPaths:
     @property
     def state(self) -> Path:
         return self.root / STATE_FILE
-
-    @property
-    def log(self) -> Path:
-        return self.root / LOG_FILE
 
     def recon_grid(self, step: int) -> Path:
         return self.root / "samples" / f"recon_{step:07d}.png"
@@ -110,17 +107,23 @@ def train_autoencoder(cfg: AutoencoderRunConfig, data: str | os.PathLike, out: s
     Runs unchanged under `torchrun`; SIGTERM/SIGINT save a checkpoint and return; a NaN/inf loss skips its step.
     (Under DDP the adaptive GAN weight is computed from each process's own micro-batch.)
     """
-    paths, tcfg = RunPaths(Path(out)), cfg.training
+    paths = RunPaths(Path(out))
     ctx = DistributedContext.from_env(resolve_device(device))
-    check_precision(tcfg.precision, ctx.device)
+    check_precision(cfg.training.precision, ctx.device)
+    if cfg.training.strategy != "ddp":
+        raise ConfigError(f"training.strategy = '{cfg.training.strategy}': the autoencoder trains with 'ddp' "
+                          "(sharding is for diffusion UNets too large to replicate)")
+    return run_in_folder(paths.root, ctx.is_main, lambda signals: _train(cfg, data, paths, ctx, signals, progress))
+
+
+def _train(cfg: AutoencoderRunConfig, data, paths: RunPaths, ctx: DistributedContext, signals: StopSignals,
+           progress: bool) -> dict:
+    tcfg = cfg.training
     _, accumulation = micro_batches(tcfg, ctx.world_size)
-    if tcfg.strategy != "ddp":
-        raise ConfigError(f"training.strategy = '{tcfg.strategy}': the autoencoder trains with 'ddp' (sharding is "
-                          "for diffusion UNets too large to replicate)")
     if paths.config.is_file():
         check_resumable(load_config(paths.config), cfg, paths.root)
     dataset = open_dataset(data, cfg.data.resolution, cfg.model.in_channels, "train",
-                           cfg.data.random_crop, cfg.data.flip, tcfg.seed)
+                           cfg.data.random_crop, cfg.data.flip, tcfg.seed, captions=False)
     if len(dataset) < tcfg.batch_size:
         raise ValueError(f"training.batch_size = {tcfg.batch_size} but {data} holds only {len(dataset)} images")
     run = _build_run(cfg, ctx)
@@ -130,15 +133,16 @@ def train_autoencoder(cfg: AutoencoderRunConfig, data: str | os.PathLike, out: s
         step = state["step"]
         run.scaler.load_state_dict(state["extra"].get("scaler", {}))
         log.info("resuming %s from step %d", paths.root, step)
+    fixed = torch.stack([dataset[i]["image"] for i in range(min(8, len(dataset)))]).to(ctx.device)  # readable?
     if ctx.is_main:
-        paths.root.mkdir(parents=True, exist_ok=True)
         save_config(cfg, paths.config)
-    fixed = torch.stack([dataset[i]["image"] for i in range(min(8, len(dataset)))]).to(ctx.device)
+        log_summary(len(dataset), tcfg.batch_size, tcfg.max_steps,
+                    *parameter_counts([run.model, run.loss_fn.discriminator], [run.loss_fn]))
+    signals.check(step)
     loader = DataLoader(dataset, batch_sampler=RankBatches(len(dataset), tcfg, ctx, accumulation, step),
                         num_workers=tcfg.num_workers,
                         generator=torch.Generator().manual_seed(tcfg.seed + step))  # not the global RNG
-    with StopSignals() as signals:
-        return _train_loop(run, paths, loader, accumulation, fixed, step, signals, progress)
+    return _train_loop(run, paths, loader, accumulation, fixed, step, signals, progress)
 
 
 def _build_run(cfg: AutoencoderRunConfig, ctx: DistributedContext) -> _Run:
@@ -165,6 +169,7 @@ def _train_loop(run: _Run, paths: RunPaths, loader: DataLoader, accumulation: in
                dynamic_ncols=True)
     timer, seen = time.perf_counter(), 0
     micro: list[torch.Tensor] = []
+    run_log, estimate = RunLog(paths.root, step, ctx.is_main), TimeEstimate(step, tcfg.max_steps, enabled=ctx.is_main)
     try:
         for batch in loader:
             micro.append(batch["image"].to(ctx.device, non_blocking=True))
@@ -182,19 +187,21 @@ def _train_loop(run: _Run, paths: RunPaths, loader: DataLoader, accumulation: in
             seen += sum(len(x) for x in micro) * ctx.world_size
             micro = []
             bar.update(1)
-            if (step % tcfg.log_every == 0 or step == tcfg.max_steps) and terms is not None:
+            estimate.step(step)
+            if is_log_step(tcfg, step) and terms is not None:
                 last = _log_line(step, lr, terms, d_loss, seen / (time.perf_counter() - timer))
                 last["skipped_steps"] = run.guard.skipped
-                if ctx.is_main:
-                    append_jsonl(paths.log, last)
+                run_log.write(last)
                 bar.set_postfix(l1=f"{last['l1']:.4f}", kl=f"{last['kl']:.0f}")
                 timer, seen = time.perf_counter(), 0
             if (step % tcfg.image_every == 0 or step == tcfg.max_steps) and ctx.is_main:
-                write_reconstruction_grid(run.model, fixed, paths.recon_grid(step), ctx.device, tcfg.precision)
+                grid = write_reconstruction_grid(run.model, fixed, paths.recon_grid(step), ctx.device, tcfg.precision)
+                run_log.add_image("reconstructions", grid, step)
             if step % tcfg.checkpoint_every == 0 or step == tcfg.max_steps:
                 _save(run, paths, step)
     finally:
         bar.close()
+        run_log.close()
     return last
 
 
@@ -233,13 +240,16 @@ def _train_step(run: _Run, micro: list[torch.Tensor], step: int) -> tuple[LossTe
 
 @torch.no_grad()
 def write_reconstruction_grid(model: AutoencoderKL, images: torch.Tensor, path: Path, dev: torch.device,
-                              precision: str = "fp32", size: int = 256) -> None:
-    """Originals (top row) above their reconstructions (bottom row), enlarged to about `size` pixels high each."""
+                              precision: str = "fp32", size: int = 256) -> Image.Image:
+    """Originals (top row) above their reconstructions (bottom row), enlarged to about `size` pixels high each;
+    written to `path` and returned."""
     model.eval()
     with autocast(dev, precision):
         recon = model(images, sample_posterior=False)[0]
     scale = max(1, size // images.shape[-1])
-    save_image(make_grid([images, recon.float()], scale=scale), path)
+    grid = make_grid([images, recon.float()], scale=scale, captions=["originals", "reconstructions"])
+    save_image(grid, path)
+    return grid
 
 
 def _log_line(step: int, lr: float, terms: LossTerms, d_loss, images_per_s: float) -> dict:

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from latent_diffusion.config import TrainConfig
+from latent_diffusion.io.lock import run_folder_lock
+from latent_diffusion.training.faults import StopRequested, StopSignals
+
+log = logging.getLogger(__name__)
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -30,3 +36,14 @@ def append_jsonl(path: Path, record: dict) -> None:
     """Append one JSON line (the log survives crashes line by line)."""
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def run_in_folder(folder: Path, is_main: bool, train: Callable[[StopSignals], dict]) -> dict:
+    """`train(signals)` holding `folder`'s lock (rank 0), with SIGTERM/SIGINT caught from the very start: a stop
+    during start-up (loading, caching latents) returns {"step", "stopped"} once what start-up wrote is whole."""
+    with run_folder_lock(folder, enabled=is_main), StopSignals() as signals:
+        try:
+            return train(signals)
+        except StopRequested as stop:
+            log.info("stopped during start-up (%s)", stop.signal)
+            return {"step": stop.step, "stopped": stop.signal}

@@ -9,6 +9,14 @@ import threading
 log = logging.getLogger(__name__)
 
 
+class StopRequested(Exception):
+    """A stop signal that arrived during start-up, where there is no step to finish: start-up ends early."""
+
+    def __init__(self, signal_name: str, step: int = 0):
+        super().__init__(f"{signal_name} during start-up")
+        self.signal, self.step = signal_name, step
+
+
 class StopSignals:
     """While active, SIGTERM and SIGINT set `requested` (the signal's name) instead of killing the process;
     the training loop checks it after each step, saves a checkpoint and returns."""
@@ -25,6 +33,12 @@ class StopSignals:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         self.requested = name
         log.warning("%s received: saving a checkpoint after this step, then stopping", name)
+
+    def check(self, step: int = 0) -> None:
+        """Raise `StopRequested` if a signal has arrived (start-up's checkpoints; `step`: where a resume would
+        start)."""
+        if self.requested is not None:
+            raise StopRequested(self.requested, step)
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():

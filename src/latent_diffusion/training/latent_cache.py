@@ -96,11 +96,12 @@ def _join(parts: list[LatentCache]) -> LatentCache:
 
 @torch.no_grad()
 def encode_dataset(autoencoder: AutoencoderKL, dataset: Dataset, cache_dir: Path, batch_size: int = 64,
-                   progress: bool = True, keep_images: bool = False, ctx=None) -> LatentCache:
+                   progress: bool = True, keep_images: bool = False, ctx=None, signals=None) -> LatentCache:
     """Load the cache in `cache_dir` if it matches, else encode `dataset` and write it (atomically).
 
     Under torchrun (`ctx` a `DistributedContext`) each rank encodes its contiguous shard of the dataset into its
-    own file once; then every rank reads all shards.
+    own file once; then every rank reads all shards. A stop signal (`signals`, a `StopSignals`) ends the encoding
+    after the current batch: what was encoded is kept, and the next run continues from there.
     """
     world, rank = (ctx.world_size, ctx.rank) if ctx is not None else (1, 0)
     key = fingerprint(autoencoder, dataset, keep_images)
@@ -109,7 +110,7 @@ def encode_dataset(autoencoder: AutoencoderKL, dataset: Dataset, cache_dir: Path
     mine = _read_cache(paths[rank], key)
     if mine is None:
         shard = Subset(dataset, range(rank * n // world, (rank + 1) * n // world))
-        mine = _encode(autoencoder, shard, paths[rank], key, batch_size, progress, keep_images)
+        mine = _encode(autoencoder, shard, paths[rank], key, batch_size, progress, keep_images, signals)
     if ctx is not None:
         ctx.barrier()
     parts = [mine if r == rank else _read_cache(path, key) for r, path in enumerate(paths)]
@@ -118,22 +119,40 @@ def encode_dataset(autoencoder: AutoencoderKL, dataset: Dataset, cache_dir: Path
     return parts[0] if world == 1 else _join(parts)
 
 
+def partial_path(path: Path) -> Path:
+    """Where the images encoded so far are kept when encoding into `path` was stopped."""
+    return path.with_name(f"{path.stem}.partial{path.suffix}")
+
+
 def _encode(autoencoder: AutoencoderKL, dataset: Dataset, path: Path, key: str, batch_size: int, progress: bool,
-            keep_images: bool) -> LatentCache:
-    """Encode `dataset`, write its cache file to `path` and return it."""
+            keep_images: bool, signals=None) -> LatentCache:
+    """Encode `dataset` (continuing a stopped encoding), write its cache file to `path` and return it."""
     device = next(itertools.chain(autoencoder.parameters(), autoencoder.buffers())).device
-    means, stds, captions, labels, images = [], [], [], [], []
-    for batch in tqdm(DataLoader(dataset, batch_size=batch_size), desc="encode latents", disable=not progress):
+    done = _read_cache(partial_path(path), key)
+    parts = [done] if done is not None else []
+    start = len(done) if done is not None else 0
+    if start:
+        log.info("continuing the latent cache from image %d of %d", start, len(dataset))
+    loader = DataLoader(Subset(dataset, range(start, len(dataset))), batch_size=batch_size)
+    for batch in tqdm(loader, desc="encode latents", disable=not progress, initial=start // batch_size,
+                      total=-(-len(dataset) // batch_size)):
+        if signals is not None and signals.requested is not None:
+            if parts:
+                _write(_join(parts), partial_path(path), key)
+            signals.check()
         posterior = autoencoder.encode(batch["image"].to(device))
-        means.append(posterior.mean.float().cpu())
-        stds.append(posterior.std.float().cpu())
-        if keep_images:
-            images.append(((batch["image"] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
-        captions += list(batch["caption"])
-        labels += batch["label"].tolist() if "label" in batch else [-1] * len(batch["image"])
-    cache = LatentCache(torch.cat(means), torch.cat(stds), captions, labels,
-                        torch.cat(images) if keep_images else None)
-    tensors = {"mean": cache.mean, "std": cache.std, **({"images": cache.images} if keep_images else {})}
-    save_weights(tensors, path, metadata={"fingerprint": key, "captions": json.dumps(captions),
-                                          "labels": json.dumps(labels)})
+        labels = batch["label"].tolist() if "label" in batch else [-1] * len(batch["image"])
+        images = ((batch["image"] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8) if keep_images else None
+        parts.append(LatentCache(posterior.mean.float().cpu(), posterior.std.float().cpu(), list(batch["caption"]),
+                                 labels, images))
+    cache = _join(parts)
+    _write(cache, path, key)
+    partial_path(path).unlink(missing_ok=True)
     return cache
+
+
+def _write(cache: LatentCache, path: Path, key: str) -> None:
+    """Store `cache` in `path` (atomically), keyed by the fingerprint of its inputs."""
+    tensors = {"mean": cache.mean, "std": cache.std, **({"images": cache.images} if cache.images is not None else {})}
+    save_weights(tensors, path, metadata={"fingerprint": key, "captions": json.dumps(cache.captions),
+                                          "labels": json.dumps(cache.labels)})

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import nn
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from latent_diffusion.autoencoder import AutoencoderKL, pixel_space_config
@@ -23,10 +25,11 @@ from latent_diffusion.conditioning.cache import CachedEncoder
 from latent_diffusion.conditioning.spatial import (check_spatial, low_res_condition, random_masks, spatial_condition,
                                                    with_spatial)
 from latent_diffusion.config import AutoencoderRunConfig, ConfigError, LDMRunConfig, load_config, save_config
-from latent_diffusion.data import open_dataset
+from latent_diffusion.data import count_captioned, open_dataset
 from latent_diffusion.diffusion.guidance import apply_drop, network_kwargs
 from latent_diffusion.diffusion.objective import diffusion_loss
 from latent_diffusion.images import make_grid, save_image
+from latent_diffusion.io.atomic import atomic_path
 from latent_diffusion.io.autoencoder import CONFIG_FILE as AE_CONFIG, WEIGHTS_FILE as AE_WEIGHTS, load_autoencoder
 from latent_diffusion.io.checkpoint import (CheckpointError, load_module_weights, load_training_state,
                                             resume_training_state, save_training_state, save_weights)
@@ -34,43 +37,42 @@ from latent_diffusion.io.model import load_model
 from latent_diffusion.pipeline import (AUTOENCODER_DIR, CONDITIONER_FILE, CONFIG_FILE, UNET_FILE, Conditioner,
                                        Pipeline, build_conditioner, build_schedule)
 from latent_diffusion.runtime import autocast, check_precision, resolve_device
-from latent_diffusion.training.common import append_jsonl, learning_rate, set_learning_rate
+from latent_diffusion.training.common import learning_rate, run_in_folder, set_learning_rate
 from latent_diffusion.training.distributed import (DistributedContext, gather, gather_optimizer, index_batches,
                                                    micro_batches, no_sync, rank_chunks, wrap)
 from latent_diffusion.training.ema import EMA
 from latent_diffusion.training.faults import NonFiniteGuard, StopSignals
 from latent_diffusion.training.latent_cache import LatentCache, encode_dataset
+from latent_diffusion.training.run_log import RunLog, TimeEstimate, is_log_step, log_summary, parameter_counts
 from latent_diffusion.unet import UNetModel
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "checkpoints/last.safetensors"
 PIXEL = "pixel"  # `autoencoder: pixel`: diffusion in pixel space (f = 1)
-LOG_FILE = "log.jsonl"
 
 
-def prepare_run_folder(cfg: LDMRunConfig, out: Path) -> LDMRunConfig:
-    """Copy the stage-1 autoencoder into the run (so the run folder is a self-contained model) and check fit;
-    for `autoencoder: pixel`, write the identity first stage's config there instead."""
+def stage_one_config(cfg: LDMRunConfig, out: Path) -> AutoencoderRunConfig:
+    """The run's first stage, checked against `cfg` (nothing is written): the copy in `out` when the run exists
+    (whose config must then have the same model sections), else the autoencoder `cfg` names, or pixel space."""
     if (out / CONFIG_FILE).is_file():
         stored = load_config(out / CONFIG_FILE, LDMRunConfig)
         for section in ("unet", "conditioning", "diffusion"):
             if getattr(stored, section) != getattr(cfg, section):
                 raise ConfigError(f"{out} was started with a different '{section}' section; use a new --out "
                                   f"folder or the stored {out / CONFIG_FILE}")
-        return cfg
+        return load_config(out / AUTOENCODER_DIR / AE_CONFIG)
     if cfg.autoencoder == PIXEL:
         channels = cfg.unet.in_channels - cfg.unet.concat_channels
-        ae_cfg = AutoencoderRunConfig(model=pixel_space_config(channels, cfg.data.resolution), data=cfg.data)
-    else:
-        source = Path(cfg.autoencoder)
-        if not (source / AE_CONFIG).is_file():
-            raise ConfigError(f"autoencoder = {cfg.autoencoder!r}: expected a run folder of `ldm train-autoencoder` "
-                              f"(with {AE_CONFIG} and {AE_WEIGHTS}), or '{PIXEL}' for pixel-space diffusion")
-        ae_cfg = load_config(source / AE_CONFIG)
+        return AutoencoderRunConfig(model=pixel_space_config(channels, cfg.data.resolution), data=cfg.data)
+    source = Path(cfg.autoencoder)
+    if not (source / AE_CONFIG).is_file():
+        raise ConfigError(f"autoencoder = {cfg.autoencoder!r}: expected a run folder of `ldm train-autoencoder` "
+                          f"(with {AE_CONFIG} and {AE_WEIGHTS}), or '{PIXEL}' for pixel-space diffusion")
+    ae_cfg = load_config(source / AE_CONFIG)
     if ae_cfg.model.latent_scale is None:
         raise ConfigError(f"{source}: the autoencoder has no latent_scale yet; run `ldm eval-autoencoder "
-                          f"{source} --data HELD_OUT` first")
+                          f"{source} --data HELD_OUT --write-scale` first")
     latent_channels = ae_cfg.model.embed_dim + cfg.unet.concat_channels
     if cfg.unet.in_channels != latent_channels:
         raise ConfigError(f"unet.in_channels = {cfg.unet.in_channels}: expected {latent_channels} "
@@ -81,15 +83,22 @@ def prepare_run_folder(cfg: LDMRunConfig, out: Path) -> LDMRunConfig:
         raise ConfigError(f"data.resolution = {cfg.data.resolution}: expected a multiple of "
                           f"{ae_cfg.model.downsample_factor * cfg.unet.downsample_factor} (autoencoder f × UNet "
                           "downsampling)")
+    return ae_cfg
+
+
+def prepare_run_folder(cfg: LDMRunConfig, out: Path, ae_cfg: AutoencoderRunConfig) -> None:
+    """Copy the stage-1 autoencoder into a new run (so the run folder is a self-contained model), atomically; for
+    `autoencoder: pixel`, write the identity first stage's config there instead."""
     target = out / AUTOENCODER_DIR
-    target.mkdir(parents=True, exist_ok=True)
+    if (out / CONFIG_FILE).is_file():
+        return
     if cfg.autoencoder == PIXEL:  # the same folder layout as a trained autoencoder's, with no weights in it
         save_weights({}, target / AE_WEIGHTS)
         save_config(ae_cfg, target / AE_CONFIG)
-        return cfg
-    for name in (AE_CONFIG, AE_WEIGHTS):
-        shutil.copyfile(source / name, target / name)
-    return cfg
+        return
+    for name in (AE_WEIGHTS, AE_CONFIG):
+        with atomic_path(target / name) as tmp:
+            shutil.copyfile(Path(cfg.autoencoder) / name, tmp)
 
 
 class TrainedNetwork(nn.Module):
@@ -128,6 +137,7 @@ class _Run:
     guard: NonFiniteGuard
     model: nn.Module | None = None  # the UNet (+ class embedder) as trained: DDP- or FSDP-wrapped under torchrun
     optimizer: torch.optim.Optimizer | None = None
+    run_log: RunLog | None = None  # log.jsonl and TensorBoard, while the training loop runs
     alphas_cumprod: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
@@ -141,14 +151,24 @@ def train_ldm(cfg: LDMRunConfig, data: str | os.PathLike, out: str | os.PathLike
     Runs unchanged under `torchrun` (one process per device). SIGTERM/SIGINT save a checkpoint and return
     (the line then has "stopped"); a NaN/inf loss skips its step.
     """
-    out, tcfg = Path(out), cfg.training
+    out = Path(out)
     ctx = DistributedContext.from_env(resolve_device(device))
-    check_precision(tcfg.precision, ctx.device)
+    check_precision(cfg.training.precision, ctx.device)
+    check_trainable(cfg)
+    return run_in_folder(out, ctx.is_main, lambda signals: _train(cfg, data, out, ctx, signals, progress))
+
+
+def _train(cfg: LDMRunConfig, data, out: Path, ctx: DistributedContext, signals: StopSignals,
+           progress: bool) -> dict:
+    tcfg = cfg.training
     _, accumulation = micro_batches(tcfg, ctx.world_size)
+    ae_cfg = stage_one_config(cfg, out)
+    dataset = open_dataset(data, cfg.data.resolution, ae_cfg.model.in_channels, "train", seed=tcfg.seed)
+    captioned = check_data(cfg, data, dataset)
     if ctx.is_main:
-        cfg = prepare_run_folder(cfg, out)
+        prepare_run_folder(cfg, out, ae_cfg)
     ctx.barrier()
-    run = _build_run(cfg, data, out, ctx, accumulation, progress)
+    run = _build_run(cfg, dataset, captioned, out, ctx, accumulation, progress, signals)
     if ctx.is_main:
         save_config(cfg, out / CONFIG_FILE)
     state = resume_training_state(out / STATE_FILE, _modules(run), {}, {"batches": run.rng})  # whole weights
@@ -165,14 +185,24 @@ def train_ldm(cfg: LDMRunConfig, data: str | os.PathLike, out: str | os.PathLike
         step = state["step"]
         run.scaler.load_state_dict(state["extra"].get("scaler", {}))
         log.info("resuming %s from step %d", out, step)
-    with StopSignals() as signals:
-        return _train_loop(run, out, step, signals, progress)
+    signals.check(step)
+    return _train_loop(run, out, step, signals, progress)
 
 
-def _build_run(cfg: LDMRunConfig, data, out: Path, ctx: DistributedContext, accumulation: int,
-               progress: bool) -> _Run:
+def check_trainable(cfg: LDMRunConfig) -> None:
+    """Refuse, before any work, a configuration that would train against an untrained condition encoder."""
+    c = cfg.conditioning
+    if c.encoder == "clip" and c.path is None:
+        raise ConfigError("conditioning.encoder = 'clip' with no conditioning.path: the CLIP text encoder would "
+                          "have random weights, and the UNet would learn to follow noise. Set conditioning.path to "
+                          "CLIP text weights (a .safetensors file of CLIPTextModel weights, or a whole SD 1.x "
+                          "checkpoint), or use encoder 'minilm' (pretrained, installed as a package)")
+
+
+def _build_run(cfg: LDMRunConfig, dataset: Dataset, captioned: int | None, out: Path, ctx: DistributedContext,
+               accumulation: int, progress: bool, signals: StopSignals) -> _Run:
     dev, tcfg = ctx.device, cfg.training
-    autoencoder, ae_cfg = load_autoencoder(out / AUTOENCODER_DIR, dev)
+    autoencoder, _ = load_autoencoder(out / AUTOENCODER_DIR, dev)
     conditioner = build_conditioner(cfg.conditioning, dev, cfg.unet.context_dim)
     if cfg.conditioning.cache and cfg.conditioning.encoder != "class":
         conditioner.encoder = CachedEncoder(conditioner.encoder, out / "cache" / "text")
@@ -182,11 +212,6 @@ def _build_run(cfg: LDMRunConfig, data, out: Path, ctx: DistributedContext, accu
     if cfg.data.flip or cfg.data.random_crop:
         log.warning("data.flip / data.random_crop are not applied: the latent cache holds each image once, "
                     "centre-cropped and unflipped")
-    dataset = open_dataset(data, cfg.data.resolution, ae_cfg.model.in_channels, "train", seed=tcfg.seed)
-    cache = encode_dataset(autoencoder, dataset, out / "cache", batch_size=64, progress=progress and ctx.is_main,
-                           keep_images=cfg.conditioning.spatial != "none", ctx=ctx)
-    if len(cache) < tcfg.batch_size:
-        raise ValueError(f"training.batch_size = {tcfg.batch_size} but {data} holds only {len(cache)} images")
     torch.manual_seed(tcfg.seed)
     unet = UNetModel(cfg.unet).to(dev)
     if tcfg.init_from:
@@ -194,9 +219,36 @@ def _build_run(cfg: LDMRunConfig, data, out: Path, ctx: DistributedContext, accu
     trainable = conditioner.trainable
     ema = EMA(unet, tcfg.ema_decay).to(dev) if tcfg.ema_decay else None
     conditioner_ema = EMA(trainable, tcfg.ema_decay).to(dev) if tcfg.ema_decay and trainable is not None else None
+    if ctx.is_main:  # before the latent cache, which can take a while
+        text = conditioner.encoder.encoder if isinstance(conditioner.encoder, CachedEncoder) else conditioner.encoder
+        log_summary(len(dataset), tcfg.batch_size, tcfg.max_steps,
+                    *parameter_counts([unet, trainable], [autoencoder, text]), captioned)
+    signals.check()
+    cache = encode_dataset(autoencoder, dataset, out / "cache", batch_size=64, progress=progress and ctx.is_main,
+                           keep_images=cfg.conditioning.spatial != "none", ctx=ctx, signals=signals)
     scaler = torch.amp.GradScaler(dev.type, enabled=tcfg.precision == "fp16")
     return _Run(cfg, ctx, unet, ema, conditioner_ema, conditioner, autoencoder, cache, scaler,
                 torch.Generator().manual_seed(tcfg.seed), accumulation, NonFiniteGuard(tcfg.max_bad_steps, "diffusion"))
+
+
+def check_data(cfg: LDMRunConfig, data, dataset: Dataset) -> int | None:
+    """The number of captioned images (None for a class-conditional model); refuses too few images for a batch,
+    and a text-conditional model on data without a single caption (warns about uncaptioned images)."""
+    images = len(dataset)
+    if images < cfg.training.batch_size:
+        raise ValueError(f"training.batch_size = {cfg.training.batch_size} but {data} holds only {images} images")
+    if cfg.conditioning.encoder == "class":
+        return None
+    captioned = count_captioned(dataset)
+    if captioned == 0:
+        raise ValueError(f"--data {data}: none of its {images} images has a caption, and this model is "
+                         f"text-conditional (conditioning.encoder = '{cfg.conditioning.encoder}'). Give captions as "
+                         "NAME.txt beside each image or in metadata.jsonl ({\"file_name\": ..., \"text\": ...}; "
+                         "columns text, caption or prompt)")
+    if captioned < images:
+        log.warning("%d of %d images have no caption: they train the unconditional model only",
+                    images - captioned, images)
+    return captioned
 
 
 def init_weights(path: str, unet: UNetModel, trainable: nn.Module | None) -> None:
@@ -227,6 +279,7 @@ def _train_loop(run: _Run, out: Path, step: int, signals: StopSignals, progress:
                dynamic_ncols=True)
     timer, seen, losses = time.perf_counter(), 0, []
     deadline = time.perf_counter() + 60 * tcfg.max_minutes if tcfg.max_minutes else float("inf")
+    run.run_log, estimate = RunLog(out, step, ctx.is_main), TimeEstimate(step, tcfg.max_steps, enabled=ctx.is_main)
     try:
         for indices in index_batches(len(run.cache), tcfg.batch_size, tcfg.seed, step):
             stop = ctx.any(signals.requested is not None or time.perf_counter() > deadline)
@@ -243,13 +296,13 @@ def _train_loop(run: _Run, out: Path, step: int, signals: StopSignals, progress:
             seen += len(indices)
             losses.append(loss)
             bar.update(1)
-            if step % tcfg.log_every == 0 or step == tcfg.max_steps:
+            estimate.step(step)
+            if is_log_step(tcfg, step):
                 finite = [v for v in losses if math.isfinite(v)]
                 last = {"step": step, "lr": lr, "loss": sum(finite) / max(1, len(finite)),
                         "images_per_s": round(seen / (time.perf_counter() - timer), 2),
                         "skipped_steps": run.guard.skipped}
-                if ctx.is_main:
-                    append_jsonl(out / LOG_FILE, last)
+                run.run_log.write(last)
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
                 timer, seen, losses = time.perf_counter(), 0, []
             samples = bool(run.cfg.sampling.prompts) and (step % tcfg.image_every == 0 or step == tcfg.max_steps)
@@ -259,6 +312,7 @@ def _train_loop(run: _Run, out: Path, step: int, signals: StopSignals, progress:
                 _write_samples(run, out, step, _sampling_weights(run, _gathered_states(run)))
     finally:
         bar.close()
+        run.run_log.close()
     return last
 
 
@@ -369,7 +423,9 @@ def _write_samples(run: _Run, out: Path, step: int, weights: dict[str, dict[str,
     ae_cfg = AutoencoderRunConfig(model=run.autoencoder.config, data=run.cfg.data)
     pipe = Pipeline(run.cfg, unet.eval(), run.autoencoder, ae_cfg, conditioner, run.ctx.device,
                     run.cfg.training.precision)
-    write_sample_grid(out, step, pipe, sample_inputs(run.cfg.conditioning.spatial, run.cache))
+    grid = write_sample_grid(out, step, pipe, sample_inputs(run.cfg.conditioning.spatial, run.cache))
+    if run.run_log is not None:
+        run.run_log.add_image("samples", grid, step)
 
 
 def sample_inputs(kind: str, cache: LatentCache, count: int = 4) -> dict[str, torch.Tensor]:
@@ -386,9 +442,10 @@ def sample_inputs(kind: str, cache: LatentCache, count: int = 4) -> dict[str, to
 
 
 @torch.no_grad()
-def write_sample_grid(out: Path, step: int, pipe: Pipeline, inputs: dict[str, torch.Tensor] | None = None) -> None:
-    """One row per sampling prompt, at the configured sampler and guidance; a spatial model's `inputs`
-    (images, masks) condition every row and are shown as the first row."""
+def write_sample_grid(out: Path, step: int, pipe: Pipeline,
+                      inputs: dict[str, torch.Tensor] | None = None) -> Image.Image:
+    """One row per sampling prompt (written under it), at the configured sampler and guidance; a spatial model's
+    `inputs` (images, masks) condition every row and are shown as the first row. Written and returned."""
     s, inputs = pipe.config.sampling, inputs or {}
     count = inputs["image"].shape[0] if inputs else 4
     rows = [pipe.generate_tensors(prompt, num_images=count, steps=s.steps, guidance_scale=s.guidance_scale,
@@ -397,5 +454,7 @@ def write_sample_grid(out: Path, step: int, pipe: Pipeline, inputs: dict[str, to
         shown = inputs["image"] * (1 - inputs["mask"]) if "mask" in inputs else \
             low_res_condition(inputs["image"], pipe.latent_size(None, None))
         rows.insert(0, torch.nn.functional.interpolate(shown, size=rows[0].shape[-2:], mode="nearest"))
-    scale = max(1, 128 // rows[0].shape[-1])
-    save_image(make_grid(rows, scale=scale), out / "samples" / f"samples_{step:07d}.png")
+    captions = ([f"input ({'masked' if 'mask' in inputs else 'low resolution'})"] if inputs else []) + list(s.prompts)
+    grid = make_grid(rows, scale=max(1, 128 // rows[0].shape[-1]), captions=captions)
+    save_image(grid, out / "samples" / f"samples_{step:07d}.png")
+    return grid
