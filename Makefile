@@ -27,7 +27,7 @@ demo: setup
 	$(LDM) generate "$(PROMPT)" -o demo.png --seed 0
 	@echo "the picture: demo.png"
 
-# The stage-1 walk-through: captioned shapes, a small f=4 autoencoder (~4 min on 2 cores), a reconstruction grid.
+# The stage-1 walk-through: captioned shapes, a small f=4 autoencoder (5-7 min on 2 cores), a reconstruction grid.
 demo-autoencoder: setup
 	$(LDM) make-shapes $(DEMO)/shapes --count 2000 --seed 0
 	$(LDM) make-shapes $(DEMO)/held-out --count 200 --seed 1
@@ -35,7 +35,7 @@ demo-autoencoder: setup
 	$(LDM) eval-autoencoder $(DEMO)/autoencoder --data $(DEMO)/held-out --write-scale --out $(DEMO)/eval
 	@echo "reconstructions (originals above, reconstructions below): $$(ls $(DEMO)/autoencoder/samples/*.png | tail -1)"
 
-# Stage two of the walk-through: a small text-to-image LDM on that autoencoder (~10 min), then a picture from it.
+# Stage two of the walk-through: a small text-to-image LDM on that autoencoder (~10 min on 2 cores), then a picture.
 demo-ldm: setup
 	test -f $(DEMO)/autoencoder/config.yaml || $(MAKE) demo-autoencoder
 	$(LDM) train --config configs/ldm/demo.yaml --data $(DEMO)/shapes --out $(DEMO)/ldm --set autoencoder=$(DEMO)/autoencoder

@@ -132,3 +132,20 @@ def test_a_diverging_run_ends_with_one_line_and_exit_1(inputs, shapes_folder, tm
     errors = [line for line in err.splitlines() if "error:" in line]
     assert code == 1 and len(errors) == 1 and "5 non-finite diffusion losses in a row" in errors[0]
     assert errors[0] == err.splitlines()[-1] and "Traceback" not in err
+
+
+def test_a_full_disk_is_one_line_naming_the_file(inputs, shapes_folder, tmp_path, capsys, monkeypatch):
+    from safetensors import SafetensorError
+
+    from latent_diffusion.io import checkpoint
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    code = _run(["train-autoencoder", "--config", f"{inputs}/ae.yaml", "--data", str(shapes_folder), "--out",
+                 str(tmp_path / "run"), "--device", "cpu"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert code == 2 and len(errors) == 1
+    assert "No space left on device: " in errors[0] and "the disk is full" in errors[0]
+    assert not list((tmp_path / "run").rglob("*.tmp"))  # the torn temporary file is gone

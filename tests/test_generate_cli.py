@@ -216,8 +216,8 @@ BAD = {
     "gif": (["-o", "{out}/x.gif"], "-o: {out}/x.gif: unknown image format '.gif'"),
     "no extension": (["-o", "{out}/x"], "unknown image format '(no extension)'"),
     "under a file": (["-o", "{file}/x.png"], "is a file, not a folder"),
-    "folder in the way": (["-o", "{out}/taken.png"], "a folder of that name is in the way"),
-    "folder in the way of image 1": (["-o", "{out}/y.png", "--num-images", "2"], "y-1.png: a folder"),
+    "folder in the way": (["-o", "{out}/taken.png"], "taken.png is a folder, expected a file"),
+    "folder in the way of image 1": (["-o", "{out}/y.png", "--num-images", "2"], "y-1.png is a folder, expected a"),
     "image missing": (["--image", "{missing}"], "--image: {missing} does not exist"),
     "image folder": (["--image", "{inputs}"], "--image: {inputs} is a folder"),
     "image empty": (["--image", "{empty}"], "--image: {empty} is empty"),
@@ -270,7 +270,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(loads, inputs, capsys,
 def test_an_unwritable_folder_is_refused_before_sampling(loads, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
     code, _, err = generate(capsys, PROMPT, "-o", tmp_path / "x.png", "--steps", 2)
-    assert code == 2 and f"cannot write in {tmp_path}: {tmp_path} is not writable" in err
+    assert code == 2 and f"cannot write in {tmp_path} (read-only)" in err
     assert not (tmp_path / "x.png").exists()
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from latent_diffusion.io.atomic import check_writable as check_file_writable
 from latent_diffusion.images import IMAGE_FORMATS, image_format, make_grid, pil_to_tensor, save_image
 
 DEFAULT_NAME = "out.png"
@@ -59,16 +60,10 @@ def plan_outputs(output: str | os.PathLike, num_prompts: int, num_images: int,
 
 
 def check_writable(paths: list[Path]) -> None:
-    """That each file can be written: not a folder, inside a folder (or under one that can be made) we may write."""
-    for folder in sorted({p.parent for p in paths}):
-        existing = next(p for p in (folder, *folder.parents) if p.exists())
-        if not existing.is_dir():
-            raise ValueError(f"cannot write in {folder}: {existing} is a file, not a folder")
-        if not os.access(existing, os.W_OK | os.X_OK):
-            raise ValueError(f"cannot write in {folder}: {existing} is not writable (permission denied)")
+    """That each file can be written: no folder in its way, inside a folder (or under one that can be made) we may
+    write in; an OSError naming the file otherwise."""
     for path in paths:
-        if path.is_dir():
-            raise ValueError(f"cannot write the image {path}: a folder of that name is in the way")
+        check_file_writable(path, "-o")
 
 
 def grid_image(images: list[Image.Image]) -> Image.Image:

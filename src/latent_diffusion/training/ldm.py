@@ -67,8 +67,10 @@ def stage_one_config(cfg: LDMRunConfig, out: Path) -> AutoencoderRunConfig:
         return AutoencoderRunConfig(model=pixel_space_config(channels, cfg.data.resolution), data=cfg.data)
     source = Path(cfg.autoencoder)
     if not (source / AE_CONFIG).is_file():
+        where = "" if source.is_absolute() else " (a relative path is looked for beside the config file, then in " \
+                                                "the current directory; --set autoencoder=PATH names another)"
         raise ConfigError(f"autoencoder = {cfg.autoencoder!r}: expected a run folder of `ldm train-autoencoder` "
-                          f"(with {AE_CONFIG} and {AE_WEIGHTS}), or '{PIXEL}' for pixel-space diffusion")
+                          f"(with {AE_CONFIG} and {AE_WEIGHTS}), or '{PIXEL}' for pixel-space diffusion{where}")
     ae_cfg = load_config(source / AE_CONFIG)
     if ae_cfg.model.latent_scale is None:
         raise ConfigError(f"{source}: the autoencoder has no latent_scale yet; run `ldm eval-autoencoder "
