@@ -7,7 +7,6 @@ EMA), `autoencoder/` (the frozen first stage with its latent scale) and, for cla
 
 from __future__ import annotations
 
-import inspect
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -268,13 +267,12 @@ class Pipeline:
                              f"free on {self.device}; ask for a smaller size{tiles}")
         return free // per_image
 
-    def sampler_options(self, sample) -> dict:
-        """The configured timestep grid settings that `sample` takes (samplers differ in which they accept)."""
+    def grid_options(self, sampler: str) -> dict:
+        """The configured timestep grid settings that `sampler` takes (samplers differ in which they accept)."""
         s = self.config.sampling
         options = {"spacing": s.timestep_spacing, "steps_offset": s.steps_offset,
                    "set_alpha_to_one": s.set_alpha_to_one}
-        accepted = inspect.signature(sample).parameters
-        return {k: v for k, v in options.items() if v is not None and k in accepted}
+        return {k: v for k, v in options.items() if v is not None and k in sampler_options(sampler)}
 
     def check_spatial_inputs(self, image: bool, mask: bool, names: Mapping[str, str] | None = None) -> None:
         """That a request gives this model the image (and mask) its spatial condition needs, and no more."""
@@ -358,7 +356,8 @@ class Pipeline:
         # outermost region ends, so the UNet's weights are cast once per image, not once per step.
         with autocast(self.device, self.math):
             latents = sample(denoiser, noise.to(self.device), steps, generator=generator,
-                             callback=lambda *_: bar.update(1), **self.sampler_options(sample), **settings.options)
+                             callback=lambda *_: bar.update(1), **self.grid_options(settings.sampler),
+                             **settings.options)
             bar.close()
             release_free_memory()  # the UNet's activations: the decoder's are of other sizes
             images = self.decode(latents.float() / self.latent_scale)

@@ -22,7 +22,7 @@ from latent_diffusion.images import make_grid, save_image
 from latent_diffusion.io.autoencoder import CONFIG_FILE, WEIGHTS_FILE
 from latent_diffusion.io.checkpoint import resume_training_state, save_training_state, save_weights
 from latent_diffusion.runtime import autocast, check_precision, resolve_device
-from latent_diffusion.training.common import learning_rate, run_in_folder, set_learning_rate
+from latent_diffusion.training.common import check_batch_fits, learning_rate, run_in_folder, set_learning_rate
 from latent_diffusion.training.distributed import DistributedContext, RankBatches, micro_batches, no_sync, wrap
 from latent_diffusion.training.faults import NonFiniteGuard, StopSignals
 from latent_diffusion.training.run_log import RunLog, TimeEstimate, is_log_step, log_summary, parameter_counts
@@ -124,8 +124,7 @@ def _train(cfg: AutoencoderRunConfig, data, paths: RunPaths, ctx: DistributedCon
         check_resumable(load_config(paths.config), cfg, paths.root)
     dataset = open_dataset(data, cfg.data.resolution, cfg.model.in_channels, "train",
                            cfg.data.random_crop, cfg.data.flip, tcfg.seed, captions=False)
-    if len(dataset) < tcfg.batch_size:
-        raise ValueError(f"training.batch_size = {tcfg.batch_size} but {data} holds only {len(dataset)} images")
+    check_batch_fits(tcfg, data, len(dataset))
     run = _build_run(cfg, ctx)
     step = 0
     state = resume_training_state(paths.state, run.modules, run.optimizers)

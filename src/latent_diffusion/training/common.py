@@ -38,6 +38,12 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def check_batch_fits(cfg: TrainConfig, data, images: int) -> None:
+    """Refuse a dataset smaller than one batch."""
+    if images < cfg.batch_size:
+        raise ValueError(f"training.batch_size = {cfg.batch_size} but {data} holds only {images} images")
+
+
 def run_in_folder(folder: Path, is_main: bool, train: Callable[[StopSignals], dict]) -> dict:
     """`train(signals)` holding `folder`'s lock (rank 0), with SIGTERM/SIGINT caught from the very start: a stop
     during start-up (loading, caching latents) returns {"step", "stopped"} once what start-up wrote is whole."""

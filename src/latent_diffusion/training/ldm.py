@@ -37,7 +37,7 @@ from latent_diffusion.io.model import load_model
 from latent_diffusion.pipeline import (AUTOENCODER_DIR, CONDITIONER_FILE, CONFIG_FILE, UNET_FILE, Conditioner,
                                        Pipeline, build_conditioner, build_schedule)
 from latent_diffusion.runtime import autocast, check_precision, resolve_device
-from latent_diffusion.training.common import learning_rate, run_in_folder, set_learning_rate
+from latent_diffusion.training.common import check_batch_fits, learning_rate, run_in_folder, set_learning_rate
 from latent_diffusion.training.distributed import (DistributedContext, gather, gather_optimizer, index_batches,
                                                    micro_batches, no_sync, rank_chunks, wrap)
 from latent_diffusion.training.ema import EMA
@@ -237,8 +237,7 @@ def check_data(cfg: LDMRunConfig, data, dataset: Dataset) -> int | None:
     """The number of captioned images (None for a class-conditional model); refuses too few images for a batch,
     and a text-conditional model on data without a single caption (warns about uncaptioned images)."""
     images = len(dataset)
-    if images < cfg.training.batch_size:
-        raise ValueError(f"training.batch_size = {cfg.training.batch_size} but {data} holds only {images} images")
+    check_batch_fits(cfg.training, data, images)
     if cfg.conditioning.encoder == "class":
         return None
     captioned = count_captioned(dataset)
