@@ -19,6 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 setup: $(VENV)/.installed
 
 test: setup
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 PROMPT ?= a large red circle in the top left and a small blue square at the bottom

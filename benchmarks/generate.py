@@ -21,8 +21,8 @@ from unet import random_unet  # noqa: E402
 from latent_diffusion.autoencoder import AutoencoderKL  # noqa: E402
 from latent_diffusion.conditioning.clip import ClipTextConfig, ClipTextTransformer  # noqa: E402
 from latent_diffusion.config import AutoencoderConfig, ConditioningConfig, SamplingConfig, UNetConfig  # noqa: E402
-from latent_diffusion.io.diffusers_format import write_diffusers  # noqa: E402
-from latent_diffusion.io.model import ModelParts  # noqa: E402
+from latent_diffusion.formats.diffusers_format import write_diffusers  # noqa: E402
+from latent_diffusion.formats.model import ModelParts  # noqa: E402
 from latent_diffusion.pipeline import Pipeline  # noqa: E402
 
 IMPLS = ("ours", "diffusers")

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from generate import sd15_parts  # noqa: E402
 from harness import arguments, machine, write_json  # noqa: E402
 
-from latent_diffusion.io.model import FORMATS, save_model  # noqa: E402
+from latent_diffusion.formats.model import FORMATS, save_model  # noqa: E402
 from latent_diffusion.pipeline import Pipeline  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon"

@@ -16,8 +16,8 @@ from harness import (DTYPES, alternate, arguments, at_dtype, machine, measure_pe
                      write_json)
 
 from latent_diffusion.conditioning.clip import ClipTextConfig, ClipTextTransformer  # noqa: E402
-from latent_diffusion.io.diffusers_config import clip_config_to_transformers  # noqa: E402
-from latent_diffusion.io.keymaps import clip_state_to_transformers  # noqa: E402
+from latent_diffusion.formats.diffusers_config import clip_config_to_transformers  # noqa: E402
+from latent_diffusion.formats.keymaps import clip_state_to_transformers  # noqa: E402
 
 IMPLS = ("ours", "transformers")
 

@@ -24,8 +24,8 @@ from harness import (DTYPES, alternate, arguments, at_dtype, machine, measure_pe
                      write_json)
 
 from latent_diffusion.config import UNetConfig  # noqa: E402
-from latent_diffusion.io.diffusers_config import unet_config_to_diffusers  # noqa: E402
-from latent_diffusion.io.keymaps import unet_state_to_diffusers  # noqa: E402
+from latent_diffusion.formats.diffusers_config import unet_config_to_diffusers  # noqa: E402
+from latent_diffusion.formats.keymaps import unet_state_to_diffusers  # noqa: E402
 from latent_diffusion.unet import UNetModel  # noqa: E402
 
 IMPLS = ("ours", SHARED := "ours, shared x", "diffusers")
@@ -75,7 +75,7 @@ class _SampleOnly(torch.nn.Module):
 def build_openvino(impl: str, dtype: torch.dtype):
     """(runner, call) through OpenVINO at the inference precision of `dtype`: our UNet as `--backend openvino`
     runs it ("ours + openvino"), or diffusers' UNet with the same weights ("openvino", the peer)."""
-    from latent_diffusion.backends.openvino import OpenVINOUNet
+    from latent_diffusion.inference.openvino import OpenVINOUNet
     cfg = UNetConfig()
     module = random_unet(cfg)
     if impl == "openvino":

@@ -24,11 +24,11 @@ from harness import (DTYPES, alternate, arguments, at_dtype, machine, measure_pe
                      write_json)
 
 from latent_diffusion.autoencoder import AutoencoderKL  # noqa: E402
-from latent_diffusion.autoencoder.bands import inference_bands  # noqa: E402
+from latent_diffusion.inference.bands import inference_bands  # noqa: E402
 from latent_diffusion.config import AutoencoderConfig  # noqa: E402
 from latent_diffusion.runtime import channels_last_on_cpu  # noqa: E402
-from latent_diffusion.io.diffusers_config import vae_config_to_diffusers  # noqa: E402
-from latent_diffusion.io.keymaps import vae_state_to_diffusers  # noqa: E402
+from latent_diffusion.formats.diffusers_config import vae_config_to_diffusers  # noqa: E402
+from latent_diffusion.formats.keymaps import vae_state_to_diffusers  # noqa: E402
 
 IMPLS = ("ours", "diffusers")
 PEERS = {"compile": "diffusers + torch.compile", "openvino": "openvino"}  # the flags that add them
@@ -95,7 +95,7 @@ def openvino_call(module: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype):
     inference precision: a callable returning a torch tensor."""
     import openvino
 
-    from latent_diffusion.backends.openvino import HINTS
+    from latent_diffusion.inference.openvino import HINTS
     with torch.no_grad():
         graph = openvino.convert_model(module.float(), example_input=(x.float(),))
     name = {v: k for k, v in DTYPES.items()}[dtype]

@@ -31,7 +31,7 @@ from latent_diffusion.evaluation.generative import evaluate_samples, reference_f
 from latent_diffusion.evaluation.plot import line_plot
 from latent_diffusion.evaluation.sweep import Setting
 from latent_diffusion.images import make_grid, save_image
-from latent_diffusion.io.atomic import atomic_write_bytes
+from latent_diffusion.files.atomic import atomic_write_bytes
 from latent_diffusion.pipeline import Pipeline
 from latent_diffusion.training.ldm import train_ldm
 

@@ -8,8 +8,8 @@ import torch
 from latent_diffusion.conditioning.adapter import ContextAdapter
 from latent_diffusion.conditioning.base import Conditioning
 from latent_diffusion.config import ConditioningConfig, ConfigError
-from latent_diffusion.io.checkpoint import load_weights
-from latent_diffusion.io.model import load_model, save_model
+from latent_diffusion.files.weights import load_weights
+from latent_diffusion.formats.model import load_model, save_model
 from latent_diffusion.pipeline import Pipeline
 from latent_diffusion.training.ldm import train_ldm
 

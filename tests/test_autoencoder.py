@@ -107,7 +107,7 @@ def test_tiled_decode_reconstructs_as_well_as_whole_decode():
     from pathlib import Path
 
     from latent_diffusion.evaluation.metrics import psnr
-    from latent_diffusion.io.autoencoder import load_autoencoder
+    from latent_diffusion.formats.autoencoder import load_autoencoder
     model, _ = load_autoencoder(Path(__file__).parent.parent / "models" / "autoencoder-fashion-f4")
     data = FashionMNIST(split="test", resolution=32)
     tiles = [data[i]["image"] for i in range(6)]
@@ -129,8 +129,8 @@ def test_inference_in_bands_of_rows_gives_the_whole_forward(layout, monkeypatch)
     """Encoding and decoding band by band (`autoencoder/bands.py`) gives the plain forward's outputs, for bands
     of one row up to whole layers, with attention at a level, odd latent sizes and both memory formats; so do
     whole layers with the upsampling convolutions by phases (`nn.conv.upsampled_conv3x3`)."""
-    from latent_diffusion.autoencoder.bands import RowBands
-    from latent_diffusion.nn import conv
+    from latent_diffusion.inference.bands import RowBands
+    from latent_diffusion.inference import conv
     cfg = tiny_autoencoder_config(ch_mult=(1, 2, 2), resolution=40, attn_resolutions=(20,))
     model = randomised_autoencoder(cfg).to(memory_format=layout)
     x = torch.rand(2, 3, 40, 24) * 2 - 1
@@ -149,7 +149,7 @@ def test_inference_in_bands_of_rows_gives_the_whole_forward(layout, monkeypatch)
 
 
 def test_bands_store_activations_in_bf16_with_fp32_math_and_leave_training_alone():
-    from latent_diffusion.autoencoder.bands import RowBands
+    from latent_diffusion.inference.bands import RowBands
     model = randomised_autoencoder(tiny_autoencoder_config(resolution=32))
     z = torch.randn(1, 4, 16, 16)
     with torch.no_grad():

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from latent_diffusion.autoencoder import AutoencoderKL
-from latent_diffusion.io.atomic import atomic_write_bytes
-from latent_diffusion.io.checkpoint import (CheckpointError, load_module_weights, load_training_state, load_weights,
-                                            module_from_weights, save_training_state, save_weights)
+from latent_diffusion.files.atomic import atomic_write_bytes
+from latent_diffusion.files.weights import (CheckpointError, load_module_weights, load_weights, module_from_weights,
+                                            save_weights)
+from latent_diffusion.training.state import load_training_state, save_training_state
 
 from conftest import tiny_autoencoder_config
 
@@ -66,7 +67,7 @@ def test_atomic_write_replaces_whole_file_and_leaves_no_temporaries(tmp_path):
     atomic_write_bytes(target, b"old")
 
     def failing_writer():
-        from latent_diffusion.io.atomic import atomic_path
+        from latent_diffusion.files.atomic import atomic_path
         with atomic_path(target) as tmp:
             tmp.write_bytes(b"partial")
             raise RuntimeError("crash while writing")

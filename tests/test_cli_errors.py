@@ -137,7 +137,7 @@ def test_a_diverging_run_ends_with_one_line_and_exit_1(inputs, shapes_folder, tm
 def test_a_full_disk_is_one_line_naming_the_file(inputs, shapes_folder, tmp_path, capsys, monkeypatch):
     from safetensors import SafetensorError
 
-    from latent_diffusion.io import checkpoint
+    from latent_diffusion.files import weights as checkpoint
 
     def full(*args, **kwargs):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")

@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 from latent_diffusion.cli import main
-from latent_diffusion.io.model import load_model, save_model
+from latent_diffusion.formats.model import load_model, save_model
 
 from test_interop_original import TINY_SD1, assert_same_parts, tiny_parts
 

@@ -11,7 +11,7 @@ import torch
 
 from latent_diffusion.cli import main
 from latent_diffusion.config import ConfigError, SamplingConfig, TrainConfig, save_config
-from latent_diffusion.io.checkpoint import load_weights
+from latent_diffusion.files.weights import load_weights
 from latent_diffusion.training.distributed import DistributedContext, micro_batches, rank_chunks
 
 from conftest import tiny_ldm_config

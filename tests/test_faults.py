@@ -15,8 +15,9 @@ import torch
 
 import latent_diffusion.training.ldm as ldm_training
 from latent_diffusion.config import SamplingConfig, save_config
-from latent_diffusion.io import checkpoint
-from latent_diffusion.io.checkpoint import load_training_state, load_weights, read_metadata
+from latent_diffusion.files import weights as checkpoint
+from latent_diffusion.files.weights import load_weights, read_metadata
+from latent_diffusion.training.state import load_training_state
 from latent_diffusion.training.ldm import train_ldm
 
 from conftest import tiny_ldm_config

@@ -15,7 +15,7 @@ from PIL import Image
 
 from latent_diffusion.cli import BUNDLED_MODEL, main
 from latent_diffusion.images import open_image, read_parameters, tensor_to_pil
-from latent_diffusion.infotext import format_infotext, parse_infotext
+from latent_diffusion.pipeline.infotext import format_infotext, parse_infotext
 from latent_diffusion.pipeline import Pipeline
 from latent_diffusion.samplers import SAMPLERS
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from latent_diffusion.evaluation.inception import FIDInception, load_fid_inception, resize_like_tensorflow1
-from latent_diffusion.io.checkpoint import CheckpointError, save_weights
+from latent_diffusion.files.weights import CheckpointError, save_weights
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,14 @@ from latent_diffusion.autoencoder import AutoencoderKL
 from latent_diffusion.conditioning import ClipTextTransformer, ClipTokenizer, load_clip_text_state_dict
 from latent_diffusion.config import (AutoencoderConfig, ClipTextConfig, ConditioningConfig, ConfigError,
                                      DiffusionConfig, SamplingConfig, UNetConfig)
-from latent_diffusion.io.checkpoint import CheckpointError
-from latent_diffusion.io.diffusers_config import (clip_config_from_transformers, scheduler_config_from_diffusers,
+from latent_diffusion.files.weights import CheckpointError
+from latent_diffusion.formats.diffusers_config import (clip_config_from_transformers, scheduler_config_from_diffusers,
                                                   unet_config_from_diffusers, vae_config_from_diffusers)
-from latent_diffusion.io.diffusers_format import read_diffusers, write_diffusers
-from latent_diffusion.io.keymaps import clip_state_to_transformers, unet_state_to_diffusers, vae_state_to_diffusers
-from latent_diffusion.io.model import ModelParts, load_model, save_model
-from latent_diffusion.pipeline import Pipeline, build_schedule
+from latent_diffusion.formats.diffusers_format import read_diffusers, write_diffusers
+from latent_diffusion.formats.keymaps import clip_state_to_transformers, unet_state_to_diffusers, vae_state_to_diffusers
+from latent_diffusion.formats.model import ModelParts, load_model, save_model
+from latent_diffusion.diffusion.schedule import build_schedule
+from latent_diffusion.pipeline import Pipeline
 from latent_diffusion.unet import UNetModel
 
 from conftest import randomised

@@ -19,9 +19,9 @@ from torch import nn
 from latent_diffusion.autoencoder import AutoencoderKL
 from latent_diffusion.conditioning.clip import ClipTextTransformer
 from latent_diffusion.config import AutoencoderConfig, ClipTextConfig, ConditioningConfig, DiffusionConfig, UNetConfig
-from latent_diffusion.io.checkpoint import CheckpointError
-from latent_diffusion.io.model import ModelParts, load_model, save_model
-from latent_diffusion.io.original_format import (SD_SAMPLING, from_original_state_dict, load_original_state_dict,
+from latent_diffusion.files.weights import CheckpointError
+from latent_diffusion.formats.model import ModelParts, load_model, save_model
+from latent_diffusion.formats.original_format import (SD_SAMPLING, from_original_state_dict, load_original_state_dict,
                                                  read_original, to_original_state_dict, write_original)
 from latent_diffusion.pipeline import Pipeline
 from latent_diffusion.unet import UNetModel

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from latent_diffusion.cli import main
-from latent_diffusion.io.checkpoint import CheckpointError
+from latent_diffusion.files.weights import CheckpointError
 from latent_diffusion.pipeline import Pipeline
 from latent_diffusion.training.ldm import train_ldm
 
@@ -119,7 +119,7 @@ def test_cli_eval_adherence_sweeps_samplers_and_steps(ldm_run, shapes_folder, tm
 
 def test_class_prompts_name_the_class_or_give_its_number():
     from latent_diffusion.config import ConditioningConfig, ConfigError, LDMRunConfig, load_config
-    from latent_diffusion.pipeline import class_label
+    from latent_diffusion.conditioning.conditioner import class_label
 
     cfg = load_config(Path(__file__).parent.parent / "configs/ldm/fashion.yaml", LDMRunConfig).conditioning
     assert [class_label(p, cfg) for p in ("a photo of a sneaker", "a photo of a t-shirt", "Shirt", "3",

@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 from latent_diffusion.autoencoder import AutoencoderKL
 from latent_diffusion.conditioning import ClassEmbedder
 from latent_diffusion.config import ConditioningConfig, UNetConfig
-from latent_diffusion.io.checkpoint import module_from_weights, read_weights
-from latent_diffusion.io.model import ModelParts, save_model
+from latent_diffusion.files.weights import module_from_weights, read_weights
+from latent_diffusion.formats.model import ModelParts, save_model
 from latent_diffusion.unet import UNetModel
 
 from conftest import tiny_autoencoder_config

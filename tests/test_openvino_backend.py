@@ -28,7 +28,7 @@ def tiny_unet(**kw) -> UNetModel:
 
 @needs_openvino
 def test_openvino_unet_matches_pytorch():
-    from latent_diffusion.backends.openvino import OpenVINOUNet
+    from latent_diffusion.inference.openvino import OpenVINOUNet
     unet = tiny_unet()
     x, t = torch.randn(2, 4, 8, 12), torch.tensor([10.0, 700.0])
     context, mask = torch.randn(2, 5, 24), torch.tensor([[True] * 5, [True, True, False, False, False]])
@@ -65,7 +65,7 @@ def test_pipeline_generates_the_same_images_on_openvino(tmp_path, shapes_folder,
 def test_converted_graphs_are_cached_by_weights_and_signature(tmp_path, monkeypatch):
     import openvino
 
-    from latent_diffusion.backends.openvino import OpenVINOUNet
+    from latent_diffusion.inference.openvino import OpenVINOUNet
     unet = tiny_unet()
     x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 700.0]), torch.randn(2, 5, 24)
     first = OpenVINOUNet(unet, "fp32", tmp_path)(x, t, context=context)
@@ -86,12 +86,12 @@ def test_converted_graphs_are_cached_by_weights_and_signature(tmp_path, monkeypa
 
 
 def test_backend_errors_are_clear(tmp_path):
-    from latent_diffusion.backends import check_backend
+    from latent_diffusion.inference import check_backend
     with pytest.raises(ValueError, match="backend = 'tensorrt': expected one of torch, openvino"):
         check_backend("tensorrt", torch.device("cpu"))
     with pytest.raises(ValueError, match="runs on the CPU"):
         check_backend("openvino", torch.device("cuda"))
     if not openvino_missing:
-        from latent_diffusion.backends.openvino import OpenVINOUNet
+        from latent_diffusion.inference.openvino import OpenVINOUNet
         with pytest.raises(ValueError, match="fp32 or bf16"):
             OpenVINOUNet(tiny_unet(), "fp16")

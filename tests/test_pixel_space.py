@@ -9,8 +9,8 @@ import torch
 
 from latent_diffusion.autoencoder import PixelSpace, pixel_space_config
 from latent_diffusion.config import AutoencoderConfig, ConfigError, LDMRunConfig, load_config
-from latent_diffusion.io.checkpoint import load_weights
-from latent_diffusion.io.model import load_model, save_model
+from latent_diffusion.files.weights import load_weights
+from latent_diffusion.formats.model import load_model, save_model
 from latent_diffusion.pipeline import Pipeline
 from latent_diffusion.training.autoencoder import train_autoencoder
 from latent_diffusion.training.ldm import train_ldm

@@ -9,7 +9,7 @@ import torch
 from latent_diffusion.autoencoder import AutoencoderKL
 from latent_diffusion.conditioning import ClipTextTransformer
 from latent_diffusion.config import AutoencoderConfig, ClipTextConfig, ConditioningConfig, SamplingConfig, UNetConfig
-from latent_diffusion.io.model import ModelParts
+from latent_diffusion.formats.model import ModelParts
 from latent_diffusion.pipeline import Pipeline
 from latent_diffusion.runtime import (_malloc_trim, cpu_bf16_math_pays, math_precision, release_free_memory,
                                      store_weights)

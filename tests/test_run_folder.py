@@ -14,10 +14,10 @@ import torch
 
 from latent_diffusion.cli import main
 from latent_diffusion.config import SamplingConfig, save_config
-from latent_diffusion.io import atomic
-from latent_diffusion.io.checkpoint import (is_complete_safetensors, load_training_state, load_weights, previous_path,
-                                            save_training_state)
-from latent_diffusion.io.lock import RunFolderBusy, run_folder_lock
+from latent_diffusion.files import atomic
+from latent_diffusion.files.weights import is_complete_safetensors, load_weights
+from latent_diffusion.training.state import load_training_state, previous_path, save_training_state
+from latent_diffusion.files.lock import RunFolderBusy, run_folder_lock
 from latent_diffusion.training.autoencoder import train_autoencoder
 from latent_diffusion.training.faults import StopRequested
 from latent_diffusion.training.latent_cache import encode_dataset, partial_path
@@ -60,7 +60,7 @@ def test_a_save_after_a_torn_last_checkpoint_keeps_the_readable_previous_one(tmp
 
 def _hold_lock(folder):
     """A second process that holds `folder`'s lock until killed."""
-    code = ("import sys, time; from latent_diffusion.io.lock import run_folder_lock\n"
+    code = ("import sys, time; from latent_diffusion.files.lock import run_folder_lock\n"
             "with run_folder_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True, env=ENV)
     assert holder.stdout.readline().strip() == "held"

@@ -38,7 +38,7 @@ def test_reconstructions_of_the_shipped_autoencoder_score_perfectly():
     import torch
 
     from latent_diffusion.images import pil_to_tensor, tensor_to_pil
-    from latent_diffusion.io.autoencoder import load_autoencoder
+    from latent_diffusion.formats.autoencoder import load_autoencoder
 
     model, _ = load_autoencoder(Path(__file__).parents[1] / "models" / "autoencoder-shapes-f4")
     scenes = [generate_scene(9, i) for i in range(100)]

@@ -12,7 +12,7 @@ from latent_diffusion.conditioning import (CachedEncoder, ClipTextConfig, ClipTe
                                            ClipTokenizer, Conditioning, build_encoder, load_clip_text_state_dict)
 from latent_diffusion.conditioning.minilm import split_clauses
 from latent_diffusion.config import ConditioningConfig, ConfigError
-from latent_diffusion.io.checkpoint import CheckpointError, save_weights
+from latent_diffusion.files.weights import CheckpointError, save_weights
 
 AWKWARD_PROMPTS = [
     "A photo of an astronaut, riding a horse!!! on Mars...",

@@ -9,8 +9,8 @@ import torch
 from latent_diffusion.cli import main
 from latent_diffusion.config import ConfigError, load_config, save_config
 from latent_diffusion.evaluation.autoencoder import evaluate_autoencoder_run
-from latent_diffusion.io.autoencoder import load_autoencoder
-from latent_diffusion.io.checkpoint import load_weights
+from latent_diffusion.formats.autoencoder import load_autoencoder
+from latent_diffusion.files.weights import load_weights
 from latent_diffusion.training.autoencoder import train_autoencoder
 
 from conftest import tiny_run_config

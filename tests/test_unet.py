@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from latent_diffusion.config import ConfigError, UNetConfig
-from latent_diffusion.io.keymaps import unet_to_diffusers
-from latent_diffusion.nn import conv
-from latent_diffusion.nn.conv import phases_as_matmuls
+from latent_diffusion.formats.keymaps import unet_to_diffusers
+from latent_diffusion.inference import conv
+from latent_diffusion.inference.conv import phases_as_matmuls
 from latent_diffusion.nn.attention import FeedForward
 from latent_diffusion.runtime import store_weights
 from latent_diffusion import unet as unet_module
@@ -173,7 +173,7 @@ def test_position_embedding_adds_no_parameters_and_tells_places_apart():
 
 def test_position_embedding_models_stay_native(tmp_path):
     from latent_diffusion.config import ConfigError
-    from latent_diffusion.io.model import save_model
+    from latent_diffusion.formats.model import save_model
 
     from test_interop_original import TINY_SD1, tiny_parts
 

@@ -5,7 +5,7 @@ import torch
 
 from latent_diffusion.data import ImageFolder, TarShards, open_dataset
 from latent_diffusion.data.webdataset import write_shards
-from latent_diffusion.io.checkpoint import load_weights
+from latent_diffusion.files.weights import load_weights
 from latent_diffusion.training.autoencoder import train_autoencoder
 
 from conftest import tiny_run_config

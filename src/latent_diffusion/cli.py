@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from latent_diffusion.config import ConfigError
-from latent_diffusion.io.checkpoint import CheckpointError
-from latent_diffusion.io.lock import RunFolderBusy
+from latent_diffusion.files.weights import CheckpointError
+from latent_diffusion.files.lock import RunFolderBusy
 
 BUNDLED_MODEL = Path(__file__).resolve().parents[2] / "models" / "ldm-shapes"
 USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError, RunFolderBusy)
@@ -78,10 +78,10 @@ FROM_PNG = {"prompt": "prompt", "negative_prompt": "negative", "steps": "steps",
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from latent_diffusion.images import open_image
-    from latent_diffusion.infotext import format_infotext
-    from latent_diffusion.outputs import check_grid, write_images
+    from latent_diffusion.pipeline.infotext import format_infotext
+    from latent_diffusion.pipeline.outputs import check_grid, write_images
     from latent_diffusion.pipeline import Pipeline
-    from latent_diffusion.request import MAX_BATCH
+    from latent_diffusion.generation.request import MAX_BATCH
     from latent_diffusion.samplers import sampler_label
 
     prompts, jobs, seed = _generation_request(args)
@@ -117,9 +117,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def _generation_request(args: argparse.Namespace) -> tuple[list[str], list, int]:
     """(prompts, (image paths, grid path) per prompt, seed) of `ldm generate`, checked before the model loads;
     --from-png fills in what was not given."""
-    from latent_diffusion.infotext import read_infotext
-    from latent_diffusion.outputs import plan_outputs
-    from latent_diffusion.request import MAX_NUM_IMAGES, check_num_images, image_seeds, read_prompts
+    from latent_diffusion.pipeline.infotext import read_infotext
+    from latent_diffusion.pipeline.outputs import plan_outputs
+    from latent_diffusion.generation.request import MAX_NUM_IMAGES, check_num_images, image_seeds, read_prompts
     from latent_diffusion.samplers import resolve_sampler
 
     if args.from_png:
@@ -172,8 +172,8 @@ def bundled_model() -> str:
 def cmd_convert(args: argparse.Namespace) -> None:
     import torch
 
-    from latent_diffusion.io.atomic import check_writable
-    from latent_diffusion.io.model import load_model, save_model
+    from latent_diffusion.files.atomic import check_writable
+    from latent_diffusion.formats.model import load_model, save_model
 
     check_writable(args.dest, "DEST", folder=args.to != "original")
     options = {"prediction_type": args.prediction_type} if args.prediction_type else {}
@@ -189,7 +189,7 @@ def cmd_eval_adherence(args: argparse.Namespace) -> None:
     from latent_diffusion.evaluation.shapes import adherence_grid, evaluate_model_adherence
     from latent_diffusion.evaluation.sweep import plot_sweep, settings
     from latent_diffusion.images import save_image
-    from latent_diffusion.io.atomic import atomic_write_bytes, check_writable
+    from latent_diffusion.files.atomic import atomic_write_bytes, check_writable
     from latent_diffusion.pipeline import Pipeline
 
     sweep = settings(args.sampler, args.steps, args.guidance)
@@ -225,7 +225,7 @@ def cmd_train_features(args: argparse.Namespace) -> None:
 
     from latent_diffusion.data import open_dataset
     from latent_diffusion.evaluation.features import FeatureNetConfig, extract, save_feature_net, train_feature_net
-    from latent_diffusion.io.atomic import check_writable
+    from latent_diffusion.files.atomic import check_writable
 
     check_writable(args.out, "--out", folder=True)
 
@@ -246,7 +246,7 @@ def cmd_eval_fid(args: argparse.Namespace) -> None:
     from latent_diffusion.evaluation.generative import evaluate_samples, reference_images
     from latent_diffusion.evaluation.inception import inception_features, load_fid_inception
     from latent_diffusion.evaluation.sweep import plot_sweep, settings
-    from latent_diffusion.io.atomic import atomic_write_bytes, check_writable
+    from latent_diffusion.files.atomic import atomic_write_bytes, check_writable
     from latent_diffusion.pipeline import Pipeline
 
     sweep = settings(args.sampler, args.steps, args.guidance)
@@ -383,7 +383,7 @@ AUTOMATIC1111's names work too, in any case: {a1111}, and '<name> Karras' (= --k
 
 def _add_generate_command(sub) -> None:
     """`generate`: its flags and what each does."""
-    from latent_diffusion.request import MAX_GUIDANCE, MAX_NUM_IMAGES
+    from latent_diffusion.generation.request import MAX_GUIDANCE, MAX_NUM_IMAGES
     from latent_diffusion.samplers import A1111_NAMES, SAMPLERS, sampler_label, sampler_options
 
     takes = {option: ", ".join(n for n in SAMPLERS if option in sampler_options(n)) for option in ("eta", "karras")}

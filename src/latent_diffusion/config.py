@@ -477,7 +477,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def save_config(config: Any, path: str | os.PathLike) -> None:
     """Write a config dataclass as YAML, atomically."""
-    from latent_diffusion.io.atomic import atomic_write_bytes
+    from latent_diffusion.files.atomic import atomic_write_bytes
 
     text = yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=None)
     atomic_write_bytes(Path(path), text.encode())

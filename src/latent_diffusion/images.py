@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageDraw, ImageFont, PngImagePlugin
 
-from latent_diffusion.io.atomic import atomic_write_bytes
+from latent_diffusion.files.atomic import atomic_write_bytes
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:

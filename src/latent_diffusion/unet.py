@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from latent_diffusion.config import UNetConfig
 from latent_diffusion.nn.attention import SpatialTransformer, repeat_batch
-from latent_diffusion.nn.conv import Conv2d, upsample_by_phases, upsampled_conv3x3
+from latent_diffusion.inference.conv import Conv2d, upsample_by_phases, upsampled_conv3x3
 from latent_diffusion.nn.embeddings import timestep_embedding
 
 

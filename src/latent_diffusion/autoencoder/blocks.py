@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latent_diffusion.autoencoder.bands import (RowBands, band_rows, conv_in_bands, conv_weights, empty_output,
+from latent_diffusion.inference.bands import (RowBands, band_rows, conv_in_bands, conv_weights, empty_output,
                                                 math_dtype, norm_silu_rows, plain_rows, pointwise, run_layer)
-from latent_diffusion.nn.conv import convolve_phases, phase_weights, upsample_by_phases, upsampled_conv3x3
+from latent_diffusion.inference.conv import convolve_phases, phase_weights, upsample_by_phases, upsampled_conv3x3
 
 
 def Normalize(channels: int, groups: int = 32) -> nn.GroupNorm:

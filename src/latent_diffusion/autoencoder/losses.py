@@ -65,7 +65,7 @@ class LPIPS(nn.Module):
     @classmethod
     def from_files(cls, vgg_path: str | os.PathLike, heads_path: str | os.PathLike) -> LPIPS:
         """Load VGG16 trunk and LPIPS heads from their published weight files."""
-        from latent_diffusion.io.checkpoint import load_module_weights
+        from latent_diffusion.files.weights import load_module_weights
 
         model = cls()
         vgg = {k: v for k, v in _read_tensors(vgg_path).items() if k.startswith("features.")}
@@ -96,7 +96,7 @@ class LPIPS(nn.Module):
 def _read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.suffix == ".safetensors":
-        from latent_diffusion.io.checkpoint import load_weights
+        from latent_diffusion.files.weights import load_weights
 
         return load_weights(path)
     if not path.is_file():

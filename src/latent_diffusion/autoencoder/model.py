@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from latent_diffusion.autoencoder.bands import (RowBands, band_rows, conv_in_bands, math_input, norm_silu_rows,
+from latent_diffusion.inference.bands import (RowBands, band_rows, conv_in_bands, math_input, norm_silu_rows,
                                                 plain_rows, run_layer)
 from latent_diffusion.autoencoder.blocks import AttnBlock, Downsample, MidBlock, Normalize, ResnetBlock, Upsample
 from latent_diffusion.autoencoder.distributions import DiagonalGaussianDistribution

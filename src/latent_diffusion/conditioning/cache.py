@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from latent_diffusion.conditioning.base import Conditioning, FrozenEncoder, check_prompts
-from latent_diffusion.io.checkpoint import load_weights, save_weights
+from latent_diffusion.files.weights import load_weights, save_weights
 
 
 class CachedEncoder:

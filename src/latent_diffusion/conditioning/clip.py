@@ -18,7 +18,7 @@ from torch import nn
 from latent_diffusion.conditioning.base import Conditioning, FrozenEncoder, check_prompts
 from latent_diffusion.conditioning.tokenizer import ClipTokenizer
 from latent_diffusion.config import ClipTextConfig, ConfigError, from_dict
-from latent_diffusion.io.checkpoint import (CheckpointError, load_module_weights, load_weights, module_from_weights,
+from latent_diffusion.files.weights import (CheckpointError, load_module_weights, load_weights, module_from_weights,
                                            read_weights)
 
 SD1_TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."

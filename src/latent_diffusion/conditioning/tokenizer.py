@@ -21,7 +21,7 @@ import regex
 import tokenizers
 import torch
 
-from latent_diffusion.io.atomic import atomic_write_bytes
+from latent_diffusion.files.atomic import atomic_write_bytes
 
 # OpenAI's CLIP vocabulary (MIT), as shipped in the open_clip_torch wheel (MIT); see conditioning/__init__.py.
 DEFAULT_BPE_PATH = Path(__file__).resolve().parent / "bpe_simple_vocab_16e6.txt.gz"

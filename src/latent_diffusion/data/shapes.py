@@ -181,7 +181,7 @@ def write_shapes_folder(out: str | os.PathLike, count: int, seed: int = 0, progr
     """Write `count` scenes as PNGs plus a `metadata.jsonl` (file_name, text, scene attributes)."""
     from tqdm import tqdm
 
-    from latent_diffusion.io.atomic import atomic_path
+    from latent_diffusion.files.atomic import atomic_path
 
     if count < 1:
         raise ValueError(f"--count must be >= 1, got {count}")

@@ -13,6 +13,8 @@ from typing import Literal, get_args
 
 import torch
 
+from latent_diffusion.config import DiffusionConfig
+
 BetaScheduleName = Literal["linear", "scaled_linear", "cosine"]
 TimestepSpacing = Literal["leading", "trailing", "linspace"]
 BETA_SCHEDULES: tuple[str, ...] = get_args(BetaScheduleName)
@@ -149,3 +151,8 @@ def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float
     ramp = torch.linspace(0, 1, num_steps, dtype=torch.float64)
     inv_min, inv_max = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (inv_max + ramp * (inv_min - inv_max)) ** rho
+
+
+def build_schedule(cfg: DiffusionConfig) -> NoiseSchedule:
+    """The noise schedule a model's `diffusion` config describes."""
+    return make_schedule(cfg.schedule, cfg.num_timesteps, zero_terminal_snr=cfg.zero_terminal_snr)

@@ -17,8 +17,8 @@ from latent_diffusion.data import open_dataset
 from latent_diffusion.evaluation.features import FeatureNet, extract, load_feature_net
 from latent_diffusion.evaluation.fid import fid
 from latent_diffusion.evaluation.metrics import psnr, ssim
-from latent_diffusion.io.atomic import atomic_write_bytes, check_writable
-from latent_diffusion.io.autoencoder import CONFIG_FILE, load_autoencoder
+from latent_diffusion.files.atomic import atomic_write_bytes, check_writable
+from latent_diffusion.formats.autoencoder import CONFIG_FILE, load_autoencoder
 from latent_diffusion.runtime import resolve_device
 from latent_diffusion.training.autoencoder import write_reconstruction_grid
 

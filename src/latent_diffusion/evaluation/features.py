@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from latent_diffusion.config import from_dict
-from latent_diffusion.io.atomic import atomic_write_bytes
-from latent_diffusion.io.checkpoint import CheckpointError, load_module_weights, load_weights, save_weights
+from latent_diffusion.files.atomic import atomic_write_bytes
+from latent_diffusion.files.weights import CheckpointError, load_module_weights, load_weights, save_weights
 
 CONFIG_FILE, WEIGHTS_FILE = "features.json", "features.safetensors"
 

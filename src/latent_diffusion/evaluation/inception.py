@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latent_diffusion.io.checkpoint import CheckpointError, load_module_weights, load_weights
+from latent_diffusion.files.weights import CheckpointError, load_module_weights, load_weights
 
 SIZE = 299
 FEATURES = 2048

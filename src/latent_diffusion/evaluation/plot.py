@@ -11,7 +11,7 @@ from matplotlib.axis import Axis
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogFormatter, NullLocator
 
-from latent_diffusion.io.atomic import atomic_write_bytes
+from latent_diffusion.files.atomic import atomic_write_bytes
 
 SIZE, DPI = (6.4, 4.2), 100  # 640 × 420 pixels
 Series = dict[str, tuple[Sequence[float], Sequence[float]]]

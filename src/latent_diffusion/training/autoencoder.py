@@ -19,8 +19,9 @@ from latent_diffusion.autoencoder.losses import AutoencoderLoss, LossTerms
 from latent_diffusion.config import AutoencoderRunConfig, ConfigError, load_config, save_config
 from latent_diffusion.data import open_dataset
 from latent_diffusion.images import make_grid, save_image
-from latent_diffusion.io.autoencoder import CONFIG_FILE, WEIGHTS_FILE
-from latent_diffusion.io.checkpoint import resume_training_state, save_training_state, save_weights
+from latent_diffusion.formats.autoencoder import CONFIG_FILE, WEIGHTS_FILE
+from latent_diffusion.files.weights import save_weights
+from latent_diffusion.training.state import resume_training_state, save_training_state
 from latent_diffusion.runtime import autocast, check_precision, resolve_device
 from latent_diffusion.training.common import check_batch_fits, learning_rate, run_in_folder, set_learning_rate
 from latent_diffusion.training.distributed import DistributedContext, RankBatches, micro_batches, no_sync, wrap

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from latent_diffusion.config import TrainConfig
-from latent_diffusion.io.lock import run_folder_lock
+from latent_diffusion.files.lock import run_folder_lock
 from latent_diffusion.training.faults import StopRequested, StopSignals
 
 log = logging.getLogger(__name__)

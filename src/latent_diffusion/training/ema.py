@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from latent_diffusion.io.checkpoint import distribute_like
+from latent_diffusion.training.state import distribute_like
 
 
 class EMA(nn.Module):

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from latent_diffusion.autoencoder import AutoencoderKL
-from latent_diffusion.io.checkpoint import CheckpointError, load_weights, read_metadata, save_weights
+from latent_diffusion.files.weights import CheckpointError, load_weights, read_metadata, save_weights
 
 log = logging.getLogger(__name__)
 

@@ -29,13 +29,15 @@ from latent_diffusion.data import count_captioned, open_dataset
 from latent_diffusion.diffusion.guidance import apply_drop, network_kwargs
 from latent_diffusion.diffusion.objective import diffusion_loss
 from latent_diffusion.images import make_grid, save_image
-from latent_diffusion.io.atomic import atomic_path
-from latent_diffusion.io.autoencoder import CONFIG_FILE as AE_CONFIG, WEIGHTS_FILE as AE_WEIGHTS, load_autoencoder
-from latent_diffusion.io.checkpoint import (CheckpointError, load_module_weights, load_training_state,
-                                            resume_training_state, save_training_state, save_weights)
-from latent_diffusion.io.model import load_model
-from latent_diffusion.pipeline import (AUTOENCODER_DIR, CONDITIONER_FILE, CONFIG_FILE, UNET_FILE, Conditioner,
-                                       Pipeline, build_conditioner, build_schedule)
+from latent_diffusion.files.atomic import atomic_path
+from latent_diffusion.formats.autoencoder import CONFIG_FILE as AE_CONFIG, WEIGHTS_FILE as AE_WEIGHTS, load_autoencoder
+from latent_diffusion.files.weights import CheckpointError, load_module_weights, save_weights
+from latent_diffusion.training.state import load_training_state, resume_training_state, save_training_state
+from latent_diffusion.formats.model import load_model
+from latent_diffusion.conditioning.conditioner import Conditioner, build_conditioner
+from latent_diffusion.diffusion.schedule import build_schedule
+from latent_diffusion.formats.model import AUTOENCODER_DIR, CONDITIONER_FILE, CONFIG_FILE, UNET_FILE
+from latent_diffusion.generation.model import LatentDiffusion
 from latent_diffusion.runtime import autocast, check_precision, resolve_device
 from latent_diffusion.training.common import check_batch_fits, learning_rate, run_in_folder, set_learning_rate
 from latent_diffusion.training.distributed import (DistributedContext, gather, gather_optimizer, index_batches,
@@ -422,8 +424,8 @@ def _write_samples(run: _Run, out: Path, step: int, weights: dict[str, dict[str,
         conditioner = (Conditioner(conditioner.cfg, trained) if conditioner.cfg.encoder == "class"
                        else Conditioner(conditioner.cfg, conditioner.encoder, trained))
     ae_cfg = AutoencoderRunConfig(model=run.autoencoder.config, data=run.cfg.data)
-    pipe = Pipeline(run.cfg, unet.eval(), run.autoencoder, ae_cfg, conditioner, run.ctx.device,
-                    run.cfg.training.precision)
+    pipe = LatentDiffusion(run.cfg, unet.eval(), run.autoencoder, ae_cfg, conditioner, run.ctx.device,
+                           run.cfg.training.precision)
     grid = write_sample_grid(out, step, pipe, sample_inputs(run.cfg.conditioning.spatial, run.cache))
     if run.run_log is not None:
         run.run_log.add_image("samples", grid, step)
@@ -443,7 +445,7 @@ def sample_inputs(kind: str, cache: LatentCache, count: int = 4) -> dict[str, to
 
 
 @torch.no_grad()
-def write_sample_grid(out: Path, step: int, pipe: Pipeline,
+def write_sample_grid(out: Path, step: int, pipe: LatentDiffusion,
                       inputs: dict[str, torch.Tensor] | None = None) -> Image.Image:
     """One row per sampling prompt (written under it), at the configured sampler and guidance; a spatial model's
     `inputs` (images, masks) condition every row and are shown as the first row. Written and returned."""

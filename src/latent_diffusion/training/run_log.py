@@ -16,7 +16,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from latent_diffusion.config import TrainConfig
-from latent_diffusion.io.atomic import atomic_write_bytes
+from latent_diffusion.files.atomic import atomic_write_bytes
 from latent_diffusion.training.common import append_jsonl
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from latent_diffusion.io.atomic import check_writable, remove_temporaries
+from latent_diffusion.files.atomic import check_writable, remove_temporaries
 
 LOCK_FILE = ".lock"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from latent_diffusion.io.atomic import check_writable as check_file_writable
+from latent_diffusion.files.atomic import check_writable as check_file_writable
 from latent_diffusion.images import IMAGE_FORMATS, image_format, make_grid, pil_to_tensor, save_image
 
 DEFAULT_NAME = "out.png"

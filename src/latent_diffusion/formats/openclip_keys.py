@@ -16,7 +16,7 @@ import re
 import torch
 
 from latent_diffusion.config import ClipTextConfig
-from latent_diffusion.io.checkpoint import CheckpointError
+from latent_diffusion.files.weights import CheckpointError
 
 OPENCLIP_PREFIX = "cond_stage_model.model."
 HEAD_CHANNELS = 64  # CLIP and OpenCLIP text towers: heads = width / 64 (ViT-L/14: 12, ViT-H/14: 16)

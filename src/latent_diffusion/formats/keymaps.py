@@ -15,7 +15,7 @@ from torch import nn
 from latent_diffusion.autoencoder import AutoencoderKL
 from latent_diffusion.conditioning.clip import ClipTextTransformer
 from latent_diffusion.config import AutoencoderConfig, ClipTextConfig, UNetConfig
-from latent_diffusion.io.checkpoint import CheckpointError
+from latent_diffusion.files.weights import CheckpointError
 from latent_diffusion.unet import UNetModel
 
 _RESBLOCK = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",

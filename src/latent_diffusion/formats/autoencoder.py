@@ -9,7 +9,7 @@ import torch
 
 from latent_diffusion.autoencoder import AutoencoderKL, build_autoencoder
 from latent_diffusion.config import AutoencoderRunConfig, load_config
-from latent_diffusion.io.checkpoint import CheckpointError, load_module_weights, load_weights
+from latent_diffusion.files.weights import CheckpointError, load_module_weights, load_weights
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "autoencoder.safetensors"

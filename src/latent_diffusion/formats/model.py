@@ -24,7 +24,7 @@ from latent_diffusion.conditioning.tokenizer import ClipTokenizer
 from latent_diffusion.config import (AutoencoderConfig, AutoencoderRunConfig, ConditioningConfig, ConfigError,
                                      DataConfig, DiffusionConfig, LDMRunConfig, SamplingConfig, TrainConfig,
                                      UNetConfig, load_config, save_config)
-from latent_diffusion.io.checkpoint import CheckpointError, read_weights, save_weights
+from latent_diffusion.files.weights import CheckpointError, read_weights, save_weights
 
 Format = Literal["native", "original", "diffusers"]
 FORMATS: tuple[str, ...] = ("native", "original", "diffusers")
@@ -179,10 +179,10 @@ def load_model(path: str | os.PathLike, fmt: Format | None = None, dtype: torch.
                              "config.yaml says it all")
         return read_native(path, dtype, device)
     if fmt == "original":
-        from latent_diffusion.io.original_format import read_original
+        from latent_diffusion.formats.original_format import read_original
         return read_original(path, dtype=dtype, device=device, **options)
     if fmt == "diffusers":
-        from latent_diffusion.io.diffusers_format import read_diffusers
+        from latent_diffusion.formats.diffusers_format import read_diffusers
         return read_diffusers(path, dtype=dtype, device=device, **options)
     raise ValueError(f"unknown model format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
@@ -204,10 +204,10 @@ def save_model(parts: ModelParts, path: str | os.PathLike, fmt: Format) -> None:
     if fmt == "native":
         write_native(parts, path)
     elif fmt == "original":
-        from latent_diffusion.io.original_format import write_original
+        from latent_diffusion.formats.original_format import write_original
         write_original(parts, path)
     elif fmt == "diffusers":
-        from latent_diffusion.io.diffusers_format import write_diffusers
+        from latent_diffusion.formats.diffusers_format import write_diffusers
         write_diffusers(parts, path)
     else:
         raise ValueError(f"unknown model format {fmt!r}; expected one of {', '.join(FORMATS)}")

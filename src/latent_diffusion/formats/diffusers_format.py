@@ -29,17 +29,17 @@ from latent_diffusion.conditioning.clip import ClipTextEncoder
 from latent_diffusion.conditioning.tokenizer import END_TOKEN, START_TOKEN, ClipTokenizer
 from latent_diffusion.config import (ClipTextConfig, ConditioningConfig, ConfigError, DiffusionConfig, SamplingConfig,
                                      UNetConfig, from_dict, to_dict)
-from latent_diffusion.io.atomic import atomic_write_bytes
-from latent_diffusion.io.checkpoint import CheckpointError, load_pickle, place_weights, read_weights, save_weights
-from latent_diffusion.io.diffusers_config import (DIFFUSERS_VERSION, clip_config_from_transformers,
+from latent_diffusion.files.atomic import atomic_write_bytes
+from latent_diffusion.files.weights import CheckpointError, load_pickle, place_weights, read_weights, save_weights
+from latent_diffusion.formats.diffusers_config import (DIFFUSERS_VERSION, clip_config_from_transformers,
                                                   clip_config_to_transformers, scheduler_class,
                                                   scheduler_config_from_diffusers, scheduler_config_to_diffusers,
                                                   unet_config_from_diffusers, unet_config_to_diffusers,
                                                   vae_config_from_diffusers, vae_config_to_diffusers)
-from latent_diffusion.io.keymaps import (clip_state_from_transformers, clip_state_to_transformers,
+from latent_diffusion.formats.keymaps import (clip_state_from_transformers, clip_state_to_transformers,
                                          drop_last_clip_layer, unet_state_from_diffusers, unet_state_to_diffusers,
                                          vae_state_from_diffusers, vae_state_to_diffusers)
-from latent_diffusion.io.model import ModelParts
+from latent_diffusion.formats.model import ModelParts
 
 MODEL_INDEX = "model_index.json"
 SCHEDULER_FILE = "scheduler/scheduler_config.json"

@@ -28,11 +28,11 @@ from latent_diffusion.conditioning.clip import ClipTextTransformer
 from latent_diffusion.conditioning.spatial import infer_spatial
 from latent_diffusion.config import (AutoencoderConfig, ClipTextConfig, ConditioningConfig, ConfigError, read_yaml,
                                      DiffusionConfig, SamplingConfig, UNetConfig)
-from latent_diffusion.io.atomic import atomic_path, atomic_write_bytes
-from latent_diffusion.io.checkpoint import (CheckpointError, load_module_weights, load_pickle, load_weights,
+from latent_diffusion.files.atomic import atomic_path, atomic_write_bytes
+from latent_diffusion.files.weights import (CheckpointError, load_module_weights, load_pickle, load_weights,
                                            place_weights, read_weights, save_weights)
-from latent_diffusion.io.model import ModelParts
-from latent_diffusion.io.openclip_keys import (OPENCLIP_PREFIX, check_writable, clip_to_openclip, infer_clip_config,
+from latent_diffusion.formats.model import ModelParts
+from latent_diffusion.formats.openclip_keys import (OPENCLIP_PREFIX, check_writable, clip_to_openclip, infer_clip_config,
                                                openclip_to_clip)
 from latent_diffusion.unet import UNetModel
 

@@ -1,128 +1,32 @@
-"""Text to image: prompt → τ_θ(prompt) → sampler(CFG(denoiser)) in latent space → decoder → images.
-
-A model folder (what `ldm train` writes) holds `config.yaml`, `unet.safetensors` (EMA weights when trained with
-EMA), `autoencoder/` (the frozen first stage with its latent scale) and, for class-conditional models,
-`conditioner.safetensors`.
-"""
+"""The latent diffusion model assembled in memory, and text to image over it: prompt → τ_θ(prompt) →
+sampler(CFG(denoiser)) in latent space → decoder → images. `Pipeline` (`pipeline/`) adds loading and saving."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from latent_diffusion.autoencoder import AutoencoderKL, build_autoencoder
-from latent_diffusion.autoencoder.bands import inference_bands
-from latent_diffusion.backends import check_backend
-from latent_diffusion.conditioning.adapter import ContextAdapter
-from latent_diffusion.conditioning.base import Conditioning
-from latent_diffusion.conditioning.registry import build_encoder
-from latent_diffusion.conditioning.spatial import check_spatial, spatial_condition, with_spatial
-from latent_diffusion.config import AutoencoderRunConfig, ConditioningConfig, DataConfig, DiffusionConfig, LDMRunConfig
+from latent_diffusion.autoencoder import AutoencoderKL
+from latent_diffusion.conditioning.conditioner import Conditioner
+from latent_diffusion.conditioning.spatial import spatial_condition, with_spatial
+from latent_diffusion.config import AutoencoderRunConfig, LDMRunConfig
 from latent_diffusion.diffusion.denoiser import Denoiser
 from latent_diffusion.diffusion.guidance import guided_model
-from latent_diffusion.diffusion.schedule import NoiseSchedule, make_schedule
-from latent_diffusion.images import pil_to_tensor, save_image, tensor_to_pil, to_8bit
-from latent_diffusion.io.checkpoint import CheckpointError, load_module_weights, module_from_weights
-from latent_diffusion.io.model import (AUTOENCODER_DIR, CONDITIONER_FILE, CONFIG_FILE, UNET_FILE,  # noqa: F401
-                                       ModelParts, load_model)
-from latent_diffusion.outputs import check_writable, image_paths, output_file
-from latent_diffusion.request import (activation_bytes, available_memory, check_guidance, check_num_images,
-                                     check_number, check_side, check_steps, generators, image_seeds)
-from latent_diffusion.runtime import (PRECISIONS, autocast, channels_last_on_cpu, check_precision, math_precision,
-                                     release_free_memory, resolve_device, store_weights)
+from latent_diffusion.diffusion.schedule import build_schedule
+from latent_diffusion.generation.request import (activation_bytes, available_memory, check_guidance, check_num_images,
+                                                 check_number, check_side, check_steps, generators, image_seeds)
+from latent_diffusion.images import pil_to_tensor, tensor_to_pil, to_8bit
+from latent_diffusion.runtime import PRECISIONS, autocast, math_precision, release_free_memory
 from latent_diffusion.samplers import SAMPLERS, get_sampler, resolve_sampler, sampler_options
 from latent_diffusion.samplers.common import randn
 from latent_diffusion.unet import UNetModel
 
 # How errors name a request's arguments: Python's keywords (`names=` maps them to a caller's own, e.g. CLI flags)
 ARGUMENT_NAMES = {"guidance_scale": "guidance scale", "image": "image=", "mask": "mask="}
-
-
-class Conditioner:
-    """The condition encoder of a model, with one interface for captions, class labels and prompts.
-
-    `encoder` is the frozen text encoder or the class embedder; `adapter` (text models with
-    `conditioning.adapter_layers`) is the trained `ContextAdapter` applied to the encoder's tokens.
-    """
-
-    def __init__(self, cfg: ConditioningConfig, encoder: torch.nn.Module, adapter: ContextAdapter | None = None):
-        self.cfg, self.encoder, self.adapter = cfg, encoder, adapter
-        self.dim: int = encoder.dim
-
-    @property
-    def trainable(self) -> torch.nn.Module | None:
-        """The module trained with the UNet (the class embedder or the adapter), or None."""
-        return self.encoder if self.cfg.encoder == "class" else self.adapter
-
-    def adapt(self, cond: Conditioning) -> Conditioning:
-        """The adapter applied to frozen text tokens (identity without one)."""
-        return cond if self.adapter is None else self.adapter(cond)
-
-    def encode_items(self, items: Sequence[dict], adapt: bool = True) -> Conditioning:
-        """Conditions of dataset items ({'caption': str, 'label': int}); `adapt=False`: the frozen tokens."""
-        if self.cfg.encoder == "class":
-            return self.encoder([item["label"] for item in items])
-        cond = self.encoder([item["caption"] for item in items])
-        return self.adapt(cond) if adapt else cond
-
-    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
-        """Conditions of user prompts; a class-conditional model's prompt names its class (`class_label`)."""
-        if self.cfg.encoder != "class":
-            return self.adapt(self.encoder(list(prompts)))
-        return self.encoder([class_label(p, self.cfg) for p in prompts])
-
-    def unconditional(self, batch_size: int, adapt: bool = True) -> Conditioning:
-        """∅, `batch_size` times; `adapt=False`: a text model's frozen tokens of the empty prompt."""
-        cond = self.encoder.unconditional(batch_size)
-        return self.adapt(cond) if adapt and self.cfg.encoder != "class" else cond
-
-
-def class_label(prompt: str, cfg: ConditioningConfig) -> int:
-    """The label a class-conditional model's prompt asks for: its number, or the longest class name it contains
-    ("a photo of a t-shirt" is a t-shirt, not a shirt)."""
-    text = prompt.strip().lower()
-    if text.isdigit() and int(text) < cfg.num_classes:
-        return int(text)
-    names = cfg.class_names or ()
-    found = [(len(name), label) for label, name in enumerate(names) if name.lower() in text]
-    if not found:
-        known = f"a class name ({', '.join(names)}) or " if names else ""
-        raise ValueError(f"this model is class-conditional: the prompt must be {known}a label number 0 to "
-                         f"{cfg.num_classes - 1}, got {prompt!r}")
-    return max(found)[1]
-
-
-def build_conditioner(cfg: ConditioningConfig, device: torch.device, context_dim: int | None = None,
-                      text_weights: Mapping[str, torch.Tensor] | None = None,
-                      dtype: torch.dtype = torch.float32) -> Conditioner:
-    """The configured encoder on `device` (`context_dim` sizes a class embedder's tokens); a CLIP text encoder
-    holds `text_weights` (None: those at `cfg.path`) in `dtype`."""
-    if cfg.encoder == "class":
-        if cfg.num_classes is None or context_dim is None:
-            raise ValueError("conditioning.encoder = 'class' needs conditioning.num_classes and unet.context_dim")
-        encoder = build_encoder("class", num_classes=cfg.num_classes, dim=context_dim)
-    elif cfg.encoder == "minilm":
-        encoder = build_encoder("minilm", max_length=cfg.max_length, model_path=cfg.path,
-                                clause_tokens=cfg.clause_tokens)
-    else:
-        encoder = build_encoder("clip", config=cfg.clip, weights=cfg.path if text_weights is None else text_weights,
-                                dtype=dtype)
-    adapter = ContextAdapter(encoder.dim, cfg.adapter_layers).to(device) if cfg.adapter_layers else None
-    return Conditioner(cfg, encoder.to(device), adapter)
-
-
-def _trained_part(cfg: LDMRunConfig) -> str:
-    return "class embedder" if cfg.conditioning.encoder == "class" else "text adapter"
-
-
-def build_schedule(cfg: DiffusionConfig) -> NoiseSchedule:
-    return make_schedule(cfg.schedule, cfg.num_timesteps, zero_terminal_snr=cfg.zero_terminal_snr)
 
 
 @dataclass(frozen=True)
@@ -141,79 +45,21 @@ def _namer(names: Mapping[str, str] | None):
     return lambda key: {**ARGUMENT_NAMES, **(names or {})}.get(key, key)
 
 
-def _placement(device: str | torch.device, precision: str, backend: str) -> tuple[torch.device, torch.dtype]:
-    """The device a pipeline runs on and the dtype it keeps its weights in, both checked."""
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
-    check_precision(precision, dev)
-    check_backend(backend, dev)
-    return dev, PRECISIONS[precision] if backend == "torch" else torch.float32  # OpenVINO converts fp32
-
-
-class Pipeline:
-    """A trained latent diffusion model, ready to sample: `Pipeline.from_pretrained(folder)(prompt)`."""
+class LatentDiffusion:
+    """A UNet, an autoencoder and a condition encoder with their configs, in memory and ready to sample."""
 
     def __init__(self, config: LDMRunConfig, unet: UNetModel, autoencoder: AutoencoderKL,
                  ae_config: AutoencoderRunConfig, conditioner: Conditioner, device: torch.device,
-                 precision: str = "fp32", backend: str = "torch"):
+                 precision: str = "fp32"):
         self.config, self.unet, self.autoencoder, self.conditioner = config, unet, autoencoder, conditioner
         self.ae_config, self.device, self.precision = ae_config, device, precision
         # bf16 runs its arithmetic in fp32 on CPUs whose bf16 matmuls are slower (`runtime.math_precision`)
         self.math = math_precision(precision, device)
-        check_backend(backend, device)
-        self.backend = backend
-        self._openvino = None  # the UNet compiled by OpenVINO, made on first use
         self.schedule = build_schedule(config.diffusion)
         # Decode in overlapping latent tiles of this size (e.g. 64: 512² pixels for f = 8), for large images in
         # bounded memory; None decodes whole (exact). See `AutoencoderKL.decode_tiled`.
         self.vae_tile: int | None = None
         self.latent_scale = ae_config.model.latent_scale
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "auto",
-                        precision: str = "fp32", backend: str = "torch", **options) -> Pipeline:
-        """Load a model in any format: a folder written by `ldm train`, a Stable Diffusion checkpoint file
-        (.safetensors / .ckpt) or a diffusers folder; `options` go to the format's reader (see `load_model`).
-        `backend="openvino"` runs the UNet through OpenVINO (CPU; `backends/openvino.py`). The weights are read
-        straight onto the device and in the dtype they are kept in, each once (`load_model`)."""
-        dev, storage = _placement(device, precision, backend)
-        return cls.from_parts(load_model(path, dtype=storage, device=dev, **options), dev, precision, backend)
-
-    @classmethod
-    def from_parts(cls, parts: ModelParts, device: str | torch.device = "auto", precision: str = "fp32",
-                   backend: str = "torch") -> Pipeline:
-        """A pipeline of the configs and weights in `parts`. Weights are kept in fp32, or for `precision` bf16 /
-        fp16 (backend torch) in that dtype — half the memory — with the math at `runtime.math_precision`. Tensors
-        of `parts` already in that dtype and on `device` become the modules' weights themselves, not copies."""
-        dev, storage = _placement(device, precision, backend)
-        cfg = parts.run_config()
-        unet = module_from_weights(lambda: UNetModel(cfg.unet), parts.unet, "UNet weights", storage, dev)
-        autoencoder = module_from_weights(lambda: build_autoencoder(parts.autoencoder_config), parts.autoencoder,
-                                          "autoencoder weights", storage, dev)
-        if parts.text_encoder is not None and cfg.conditioning.encoder != "clip":
-            raise CheckpointError(f"text encoder weights given for a '{cfg.conditioning.encoder}' model")
-        conditioner = build_conditioner(cfg.conditioning, dev, cfg.unet.context_dim, parts.text_encoder, storage)
-        if parts.tokenizer is not None:
-            conditioner.encoder.tokenizer = parts.tokenizer
-        if conditioner.trainable is not None:
-            if parts.conditioner is None:
-                raise CheckpointError(f"this model needs the weights of its {_trained_part(cfg)} "
-                                      f"({CONDITIONER_FILE})")
-            load_module_weights(conditioner.trainable, parts.conditioner, f"{_trained_part(cfg)} weights")
-            conditioner.trainable.eval()
-        check_spatial(cfg.conditioning.spatial, cfg.unet.concat_channels, parts.autoencoder_config.in_channels,
-                      parts.autoencoder_config.embed_dim)
-        ae_cfg = AutoencoderRunConfig(model=parts.autoencoder_config, data=DataConfig(resolution=parts.resolution))
-        autoencoder = channels_last_on_cpu(autoencoder.to(dev).eval(), dev)
-        if isinstance(autoencoder, AutoencoderKL):  # the same images in less memory: `autoencoder/bands.py`
-            autoencoder.bands = inference_bands(dev, storage)
-        pipe = cls(cfg, unet.to(dev).eval(), autoencoder, ae_cfg, conditioner, dev, precision, backend)
-        if storage != torch.float32:
-            math = PRECISIONS[pipe.math]
-            store_weights(pipe.unet, storage, math)
-            store_weights(pipe.autoencoder, storage, math)
-            if cfg.conditioning.encoder == "clip":  # its math stays fp32: a small share of the time
-                store_weights(conditioner.encoder, storage, torch.float32)
-        return pipe
 
     def settings(self, steps: int | None = None, guidance_scale: float | None = None, sampler: str | None = None,
                  eta: float | None = None, karras: bool | None = None, guidance_rescale: float = 0.0,
@@ -338,14 +184,8 @@ class Pipeline:
         uncond = (self.conditioner.encode_prompts([negative_prompt] * num_images) if negative_prompt is not None
                   else self.conditioner.unconditional(num_images))
 
-        def network(x, t, **kwargs):
-            if self.backend == "openvino":
-                return self.openvino_unet()(x, t, **kwargs)
-            with autocast(self.device, self.math):
-                return self.unet(x, t, **kwargs).float()
-
         spatial = self.spatial_input(image, mask, num_images, (h, w))
-        model = guided_model(with_spatial(network, spatial), cond, uncond, guidance_scale, guidance_rescale,
+        model = guided_model(with_spatial(self.network, spatial), cond, uncond, guidance_scale, guidance_rescale,
                              shared_latents=True)
         denoiser = Denoiser(model, self.schedule, self.config.diffusion.prediction_type)
         generator = generators(seeds)
@@ -363,12 +203,10 @@ class Pipeline:
             images = self.decode(latents.float() / self.latent_scale)
         return images.float().clamp(-1, 1).cpu()
 
-    def openvino_unet(self):
-        """The UNet compiled by OpenVINO at this pipeline's precision (made once, kept)."""
-        if self._openvino is None:
-            from latent_diffusion.backends.openvino import OpenVINOUNet, default_cache_dir
-            self._openvino = OpenVINOUNet(self.unet, self.precision, default_cache_dir())
-        return self._openvino
+    def network(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+        """ε_θ(x, t, condition) in fp32, the UNet run at the math precision."""
+        with autocast(self.device, self.math):
+            return self.unet(x, t, **kwargs).float()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images from (unscaled) latents: whole, or in tiles when `vae_tile` is set."""
@@ -379,17 +217,6 @@ class Pipeline:
     def __call__(self, prompt: str | Sequence[str], **kwargs) -> list[Image.Image]:
         """PIL images for `prompt`; keyword arguments as in `generate_tensors`."""
         return [tensor_to_pil(x) for x in self.generate_tensors(prompt, **kwargs)]
-
-    @staticmethod
-    def save(images: list[Image.Image], path: str | os.PathLike,
-             parameters: Sequence[str | None] | None = None) -> list[Path]:
-        """Write the images atomically as `path`, then path-1, path-2, … (a folder: out.png, … in it; see
-        `outputs`), in the format of the extension, each with its parameters text when given; returns the files."""
-        files = image_paths(output_file(path), len(images))
-        check_writable(files)
-        for image, file, text in zip(images, files, parameters or [None] * len(images), strict=True):
-            save_image(image, file, text)
-        return files
 
 
 def _batch(value: torch.Tensor | Image.Image, count: int, size: tuple[int, int] | None, name: str,

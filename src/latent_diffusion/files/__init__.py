@@ -1,0 +1,1 @@
+"""Files on disk: atomic writes, run-folder locks, safetensors weights and safely unpickled checkpoints."""

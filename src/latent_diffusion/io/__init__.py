@@ -1,1 +1,0 @@
-"""Checkpoint formats and atomic file writing."""
