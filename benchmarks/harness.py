@@ -20,24 +20,30 @@ from collections.abc import Callable
 
 import torch
 
-from latent_diffusion.runtime import PRECISIONS, autocast, math_precision, release_free_memory, store_weights
+from latent_diffusion.inference import prepare_for_inference
+from latent_diffusion.inference.memory import release_free_memory
+from latent_diffusion.inference.precision import math_precision
+from latent_diffusion.runtime import PRECISIONS, autocast
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def at_dtype(model: torch.nn.Module, ours: bool, dtype: torch.dtype, device: str, math: str | None = None):
+def at_dtype(model: torch.nn.Module, ours: bool, dtype: torch.dtype, device: str, math: str | None = None,
+             **options):
     """(model, input dtype, context factory for each call) at `dtype`. A peer's model is cast to `dtype` and fed
-    `dtype` inputs. Ours runs as `Pipeline` runs it: weights stored in `dtype`, fp32 inputs, the math at `math`
-    (default: what `runtime.math_precision` picks for this device; autocast for bf16 math)."""
+    `dtype` inputs. Ours runs as `Pipeline` runs it, `prepare_for_inference` (`options` go to it): weights stored
+    in `dtype`, fp32 inputs, the math at `math` (default: what `math_precision` picks for this device; autocast
+    for bf16 math)."""
     import contextlib
 
-    if not ours or dtype == torch.float32:
+    if not ours:
         return model.to(dtype), dtype, contextlib.nullcontext
     name = {v: k for k, v in DTYPES.items()}[dtype]
     dev = torch.device(device)
     math = math or math_precision(name, dev)
-    store_weights(model, dtype, PRECISIONS[math])
-    print(f"ours at {name}: {name} weights, {math} math")
+    model = prepare_for_inference(model, dev, dtype, PRECISIONS[math], **options)
+    if dtype != torch.float32:
+        print(f"ours at {name}: {name} weights, {math} math")
     return model, torch.float32, (lambda: autocast(dev, math)) if math != "fp32" else contextlib.nullcontext
 
 

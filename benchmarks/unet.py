@@ -4,16 +4,14 @@
     python benchmarks/unet.py [--dtype fp32 bf16] [--repeats 3] [--compile] [--openvino]
 
 Prints median seconds per forward, peer/ours ratios, peak memory and the max abs difference of the outputs.
-The batch is one latent under two conditions, as classifier-free guidance has it: "ours" takes it repeated, as
-any batch-2 call; "ours, shared x" takes the latent once for both contexts, as `Pipeline` runs it (the layers
-before the first cross-attention then run once; same outputs).
+The batch is one latent under two conditions, as classifier-free guidance has it. Ours runs as `Pipeline` runs it
+(`prepare_for_inference`).
 `--openvino` adds our UNet on the OpenVINO backend (`--backend openvino`) and, as the peer, diffusers' UNet
 converted by `openvino.convert_model`, both compiled for the CPU at the inference precision of --dtype.
 """
 
 from __future__ import annotations
 
-import statistics
 import sys
 from pathlib import Path
 
@@ -28,7 +26,7 @@ from latent_diffusion.formats.diffusers_config import unet_config_to_diffusers  
 from latent_diffusion.formats.keymaps import unet_state_to_diffusers  # noqa: E402
 from latent_diffusion.unet import UNetModel  # noqa: E402
 
-IMPLS = ("ours", SHARED := "ours, shared x", "diffusers")
+IMPLS = ("ours", "diffusers")
 OPENVINO = ("ours + openvino", "openvino")  # --openvino: our backend, and the peer (diffusers' UNet in OpenVINO)
 
 
@@ -98,8 +96,6 @@ def build(impl: str, dtype: torch.dtype, device: str, compile_: bool = False):
     # compiled: a plain cast (Inductor does not trace the shipped path's weight-casting hooks)
     model, input_dtype, region = at_dtype(model, impl.startswith("ours") and not compile_, dtype, device)
     x, t, context = inputs(device, input_dtype)
-    if impl == SHARED:
-        x, t = x[:1], t[:1]
     fn = torch.compile(model) if compile_ else model
 
     @torch.inference_mode()
@@ -118,7 +114,7 @@ def main() -> None:
         p.add_argument("--openvino", action="store_true",
                        help="also time our UNet on the OpenVINO backend and diffusers' UNet under OpenVINO")
         p.add_argument("--skip", nargs="+", default=[], choices=IMPLS[1:] + OPENVINO,
-                       help="leave these out (five SD UNets and two OpenVINO copies do not fit in 24 GB)")
+                       help="leave these out (four SD UNets and two OpenVINO copies do not fit in 24 GB)")
 
     args = arguments(__doc__, extra)
     if args.compile:  # inference: let Inductor fold the weights in as constants and prepack them for oneDNN
@@ -139,14 +135,11 @@ def main() -> None:
         calls = {}
         for impl in impls:
             calls[impl] = build(impl, dtype, args.device)[1]
-            if args.compile and impl not in OPENVINO + (SHARED,):
+            if args.compile and impl not in OPENVINO:
                 calls[f"{impl} + torch.compile"] = build(impl, dtype, args.device, compile_=True)[1]
         outputs = {impl: fn() for impl, fn in calls.items()}
         times = alternate(calls, args.repeats, warmup=0)  # the outputs above were the warm-up
         rows = table(f"UNet forward {name}", times, peak)
-        if SHARED in times and "diffusers" in times:
-            ratio = statistics.median(times["diffusers"]) / statistics.median(times[SHARED])
-            print(f"\ndiffusers / {SHARED}: {ratio:.2f}")
         diffs = {impl: (outputs["ours"] - out).abs().max().item() for impl, out in outputs.items() if impl != "ours"}
         print("\nmax |ours − peer|: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
               + f" (output std {outputs['ours'].std().item():.3f})")

@@ -24,9 +24,7 @@ from harness import (DTYPES, alternate, arguments, at_dtype, machine, measure_pe
                      write_json)
 
 from latent_diffusion.autoencoder import AutoencoderKL  # noqa: E402
-from latent_diffusion.inference.bands import inference_bands  # noqa: E402
 from latent_diffusion.config import AutoencoderConfig  # noqa: E402
-from latent_diffusion.runtime import channels_last_on_cpu  # noqa: E402
 from latent_diffusion.formats.diffusers_config import vae_config_to_diffusers  # noqa: E402
 from latent_diffusion.formats.keymaps import vae_state_to_diffusers  # noqa: E402
 
@@ -70,10 +68,8 @@ def build(impl: str, op: str, dtype: torch.dtype, device: str, size: int, tile: 
         fn = torch.compile(_Op(model.to(dtype), op))
         x = x.to(device, dtype)
         return torch.inference_mode()(lambda: fn(x).float())
-    if impl == "ours":  # as `Pipeline` runs it: channels-last on a CPU, in bands of rows (`autoencoder/bands.py`)
-        model = channels_last_on_cpu(model, torch.device(device))
-        model.bands = None if whole else inference_bands(torch.device(device), dtype)
-    model, dtype, region = at_dtype(model, impl == "ours", dtype, device)
+    # ours as `Pipeline` runs it (`prepare_for_inference`): channels-last on a CPU, in bands of rows unless `whole`
+    model, dtype, region = at_dtype(model, impl == "ours", dtype, device, row_bands=not whole)
     x = x.to(device, dtype)
     if impl != "ours":
         op_of = _Op(model, op)

@@ -1,10 +1,12 @@
-"""Image grids: rows of batches, with captions under the rows or under each image."""
+"""Images: grids of batches with captions under the rows or under each image; input images of every mode read at their
+tones."""
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from latent_diffusion.images import make_grid
+from latent_diffusion.images import make_grid, open_image
 
 
 def _rows(count=2, n=4, channels=3, size=16):
@@ -39,3 +41,17 @@ def test_long_captions_wrap_and_per_image_captions_stay_in_their_column():
 def test_a_caption_per_row_is_required():
     with pytest.raises(ValueError, match="1 captions for 2 rows"):
         make_grid(_rows(), captions=["only one"])
+
+
+def test_open_image_reads_16_bit_palette_cmyk_and_float_images_at_their_tones(tmp_path):
+    ramp = np.linspace(0, 1, 64)[None, :].repeat(8, axis=0)  # 0 → 1 left to right
+    expected = np.round(ramp * 255)
+    Image.fromarray(np.round(ramp * 65535).astype(np.uint16)).save(tmp_path / "16bit.png")
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "float.tiff")  # mode F
+    Image.fromarray(np.round(ramp * 65535).astype(np.int32)).save(tmp_path / "int.tiff")  # mode I
+    Image.fromarray(expected.astype(np.uint8)).convert("P").save(tmp_path / "palette.png")
+    Image.fromarray(expected.astype(np.uint8)).convert("RGB").convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    assert Image.open(tmp_path / "16bit.png").mode.startswith("I")
+    for name in ("16bit.png", "float.tiff", "int.tiff", "palette.png", "cmyk.jpg"):
+        rgb = np.asarray(open_image(tmp_path / name, "RGB"), dtype=np.float64)
+        assert rgb.shape == (8, 64, 3) and np.abs(rgb - expected[:, :, None]).max() <= 3, name

@@ -100,7 +100,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.grid:
         _naming("--grid", check_grid, args.num_images, height, width)
     print(f"seed {seed}" + (" (random: --seed fixes it)" if args.seed in (None, -1) else ""))
-    karras = settings.options.get("karras", False)
+    karras = settings.grid.karras
     for prompt, (paths, grid) in zip(prompts, jobs):
         infotext = functools.partial(format_infotext, prompt, args.negative, settings.steps,
                                      sampler_label(settings.sampler, karras), settings.guidance_scale,
@@ -432,9 +432,8 @@ def _add_generate_command(sub) -> None:
     p.add_argument("--mask", default=None, help="inpainting mask image: white = region to generate")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="bf16/fp16: weights in that dtype (half the memory); bf16 math where the device multiplies "
-                        "bf16 faster than fp32, else fp32 math (measured once on a CPU; LDM_CPU_BF16_MATH=1/0 "
-                        "decides instead); fp16 is for GPUs")
+                   help="bf16/fp16: weights in that dtype (half the memory); bf16 math on GPUs and on CPUs with AMX "
+                        "bf16 tiles, else fp32 math (LDM_CPU_BF16_MATH=1/0 decides instead); fp16 is for GPUs")
     p.add_argument("--backend", default="torch", choices=["torch", "openvino"],
                    help="run the UNet in PyTorch (default) or OpenVINO (CPU; pip install openvino)")
     p.add_argument("--vae-tile", type=int, default=0, metavar="N",

@@ -163,7 +163,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation and bookkeeping of a training run.
+    """Optimisation and bookkeeping of a training run; both trainers follow every field (the autoencoder refuses
+    strategy "fsdp"). A resumed run takes these settings from the config, and its state from its checkpoint.
 
     :param batch_size: the global batch, the same at every world size (see `micro_batch_size`).
     :param micro_batch_size: images per forward pass on one process; the rest of the per-process batch
@@ -171,9 +172,16 @@ class TrainConfig:
     :param strategy: "ddp" replicates the model on every process; "fsdp" shards weights, gradients, optimizer
         moments and EMA over the processes (for UNets too large to replicate). Checkpoints are the same either way.
     :param max_bad_steps: a non-finite loss skips its step; this many in a row stop the run.
+    :param num_workers: processes loading the training images (the autoencoder's batches, the LDM's latent cache).
+    :param weight_decay: decoupled weight decay (AdamW) of the trained network (not of the autoencoder's
+        discriminator).
+    :param ema_decay: keep an exponential moving average of the trained weights, which the run's weights file and
+        grids then hold. None: no average.
+    :param max_minutes: stop after this many minutes of training steps, with a checkpoint to resume from.
     :param init_from: a model folder whose weights start a new run (fine-tuning): its UNet (EMA weights when it
         kept them) and its trained conditioner, when the shapes match; modules it lacks (a new adapter) keep their
-        initialisation. Ignored when the run resumes from its own checkpoint.
+        initialisation. For an autoencoder, an autoencoder run folder of the same model (its discriminator starts
+        afresh). Ignored when the run resumes from its own checkpoint.
     """
 
     batch_size: int = 16

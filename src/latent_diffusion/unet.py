@@ -6,14 +6,16 @@ Module names mirror CompVis `openaimodel.UNetModel` (`time_embed`, `input_blocks
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from latent_diffusion.config import UNetConfig
-from latent_diffusion.nn.attention import SpatialTransformer, repeat_batch
-from latent_diffusion.inference.conv import Conv2d, upsample_by_phases, upsampled_conv3x3
+from latent_diffusion.nn.attention import SpatialTransformer
 from latent_diffusion.nn.embeddings import timestep_embedding
 
 
@@ -23,20 +25,19 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int, dropout: float, groups: int):
         super().__init__()
         self.in_layers = nn.Sequential(nn.GroupNorm(groups, channels), nn.SiLU(),
-                                       Conv2d(channels, out_channels, 3, padding=1))
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(nn.GroupNorm(groups, out_channels), nn.SiLU(), nn.Dropout(dropout),
-                                        Conv2d(out_channels, out_channels, 3, padding=1))
+                                        nn.Conv2d(out_channels, out_channels, 3, padding=1))
         nn.init.zeros_(self.out_layers[-1].weight)
         nn.init.zeros_(self.out_layers[-1].bias)
         self.skip_connection = (nn.Identity() if channels == out_channels
                                 else nn.Conv2d(channels, out_channels, 1))
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """x (B, C, H, W); emb (B, E), or one row per latent when x holds each latent for several conditions."""
+        """x (B, C, H, W); emb (B, E)."""
         h = self.in_layers(x)
-        emb = repeat_batch(self.emb_layers(emb).to(h.dtype), h.shape[0])
-        h = h + emb[:, :, None, None]  # timestep added after the first conv
+        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]  # timestep added after the first conv
         return self.skip_connection(x) + self.out_layers(h)  # (B, C_out, H, W)
 
 
@@ -45,40 +46,60 @@ class Downsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour to the skip's size, then a 3×3 convolution (`conv`). At CPU inference a ×2 upsampling
-    and the convolution are one convolution of the input (`nn.conv.upsampled_conv3x3`: 2.25× fewer FLOPs)."""
-
-    cast_as_one = True  # `runtime.store_weights`: the conv's weights are cast before `forward` reads them
+    """Nearest-neighbour to the skip's size (×2 when not given), then a 3×3 convolution (`conv`)."""
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        if upsample_by_phases(x) and (size is None or tuple(size) == (2 * x.shape[2], 2 * x.shape[3])):
-            return upsampled_conv3x3(x, self.conv.weight, self.conv.bias)
-        x = F.interpolate(x, size=size, mode="nearest") if size else F.interpolate(x, scale_factor=2.0,
-                                                                                    mode="nearest")
-        return self.conv(x)
+        if size is None:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))  # (B, C, H', W')
+
+
+@dataclass(frozen=True)
+class Residuals:
+    """Features a control network adds to the UNet's own (shapes: those of the blocks' outputs).
+
+    :param skips: one per input block, added to what it passes across to the output blocks (ControlNet, Zhang et
+        al. 2023: its zero convolutions' outputs).
+    :param middle: added to the middle block's output (ControlNet).
+    :param inputs: {input block index: features} added to the hidden state after that block, before the next block
+        and the skip read it (T2I-Adapter, Mou et al. 2023: after the last ResBlock of each level).
+    """
+
+    skips: Sequence[torch.Tensor] = ()
+    middle: torch.Tensor | None = None
+    inputs: Mapping[int, torch.Tensor] = field(default_factory=dict)
+
+    def check(self, input_blocks: int) -> None:
+        """A clear error for residuals that do not fit a UNet of `input_blocks` input blocks."""
+        if self.skips and len(self.skips) != input_blocks:
+            raise ValueError(f"residuals.skips: expected one per input block ({input_blocks}), got {len(self.skips)}")
+        wrong = [i for i in self.inputs if not 0 <= i < input_blocks]
+        if wrong:
+            raise ValueError(f"residuals.inputs: block indices {wrong} outside 0..{input_blocks - 1}")
 
 
 class TimestepEmbedSequential(nn.Sequential):
     """A sequence whose ResBlocks receive the timestep embedding and transformers the condition tokens."""
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, upsample_size: tuple[int, int] | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, upsample_size: tuple[int, int] | None = None,
+                extra_context: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context, mask)
+                x = layer(x, context, mask, extra_context)
             elif isinstance(layer, Upsample):
                 x = layer(x, upsample_size)
             else:
@@ -144,58 +165,58 @@ class UNetModel(nn.Module):
                                   cfg.use_linear_in_transformer, cfg.norm_groups, cfg.position_embedding)
 
     def check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None,
-                     context_mask: torch.Tensor | None, class_labels: torch.Tensor | None) -> int:
-        """Raise a clear error for inputs this network cannot take; the conditions' batch size."""
-        cfg = self.config
+                     context_mask: torch.Tensor | None, class_labels: torch.Tensor | None) -> None:
+        """Raise a clear error for inputs this network cannot take."""
+        cfg, b = self.config, x.shape[0]
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"expected x of shape (B, {cfg.in_channels}, h, w) (unet.in_channels, concatenated "
                              f"conditions included), got {tuple(x.shape)}")
-        if t.ndim != 1 or t.shape[0] != x.shape[0]:
-            raise ValueError(f"expected timesteps of shape ({x.shape[0]},), got {tuple(t.shape)}")
-        if cfg.context_dim is not None and (context is None or context.ndim != 3
+        if tuple(t.shape) != (b,):
+            raise ValueError(f"expected timesteps of shape ({b},), got {tuple(t.shape)}")
+        if cfg.context_dim is not None and (context is None or context.ndim != 3 or context.shape[0] != b
                                             or context.shape[-1] != cfg.context_dim):
             got = None if context is None else tuple(context.shape)
-            raise ValueError(f"expected context tokens of shape (B, L, {cfg.context_dim}), got {got}")
-        if (cfg.num_classes is not None) != (class_labels is not None):
-            raise ValueError("class_labels are required exactly when unet.num_classes is set "
-                             f"(num_classes={cfg.num_classes})")
-        conditions = {name: value.shape[0] for name, value in (("context", context), ("class_labels", class_labels))
-                      if value is not None}
-        latents = x.shape[0]
-        batch = next(iter(conditions.values()), latents)
-        if any(n != batch for n in conditions.values()) or (batch % latents if latents else batch):
-            raise ValueError(f"expected {', '.join(conditions)} with a batch size equal to x's ({x.shape[0]}) or a "
-                             f"multiple of it (each latent under several conditions), got {conditions}")
+            raise ValueError(f"expected context tokens of shape ({b}, L, {cfg.context_dim}), got {got}")
         if context_mask is not None and (context is None or tuple(context_mask.shape) != tuple(context.shape[:2])):
             want = "no mask without context" if context is None else f"shape {tuple(context.shape[:2])} (B, L)"
             raise ValueError(f"expected context_mask of {want}, got {tuple(context_mask.shape)}")
-        return batch
+        if (cfg.num_classes is not None) != (class_labels is not None):
+            raise ValueError("class_labels are required exactly when unet.num_classes is set "
+                             f"(num_classes={cfg.num_classes})")
+        if class_labels is not None and tuple(class_labels.shape) != (b,):
+            raise ValueError(f"expected class_labels of shape ({b},), got {tuple(class_labels.shape)}")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
-                context_mask: torch.Tensor | None = None, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+                context_mask: torch.Tensor | None = None, class_labels: torch.Tensor | None = None,
+                residuals: Residuals | None = None,
+                extra_context: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """x (B, C_in, h, w), t (B,) (may be fractional), context (B, L, D), mask (B, L) bool → (B, C_out, h, w).
 
-        The conditions may hold r·B entries for B latents: each latent under r conditions, ordered like
-        `torch.cat([conditions_1, …, conditions_r])` (classifier-free guidance: ∅ then y). The output then has
-        r·B entries, as if x and t had been repeated r times, but what comes before the first cross-attention
-        (the first ResBlock and self-attention) runs once per latent; class labels join at once."""
-        batch = self.check_inputs(x, t, context, context_mask, class_labels)
-        if class_labels is not None:
-            x, t = repeat_batch(x, batch), repeat_batch(t, batch)
+        Extension points, none used by the paper's model: `residuals` from a control network (ControlNet,
+        T2I-Adapter); `extra_context`, the tokens of the cross-attention layers' extra streams by name (IP-Adapter's
+        image tokens; see `nn.attention.KVStream`)."""
+        self.check_inputs(x, t, context, context_mask, class_labels)
+        residuals = residuals or Residuals()
+        residuals.check(len(self.input_blocks))
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))  # (B, 4·ch)
         if class_labels is not None:
             emb = emb + self.label_emb(class_labels).to(emb.dtype)
         skips, h = [], x
-        for block in self.input_blocks:
-            h = self._run(block, h, emb, context, context_mask)
+        for i, block in enumerate(self.input_blocks):
+            h = self._run(block, h, emb, context, context_mask, None, extra_context)
+            if i in residuals.inputs:
+                h = h + residuals.inputs[i]
             skips.append(h)
-        h = self._run(self.middle_block, h, emb, context, context_mask)
+        h = self._run(self.middle_block, h, emb, context, context_mask, None, extra_context)
+        if residuals.middle is not None:
+            h = h + residuals.middle
+        skips = [s + r for s, r in zip(skips, residuals.skips, strict=True)] if residuals.skips else skips
         for block in self.output_blocks:
             skip = skips.pop()
             upsample_size = tuple(skips[-1].shape[-2:]) if skips else None
-            h = self._run(block, torch.cat([h, repeat_batch(skip, h.shape[0])], dim=1), emb, context, context_mask,
-                          upsample_size)
-        return self.out(repeat_batch(h, batch))  # (B, C_out, h, w)
+            h = self._run(block, torch.cat([h, skip], dim=1), emb, context, context_mask, upsample_size,
+                          extra_context)
+        return self.out(h)  # (B, C_out, h, w)
 
     def _run(self, block: TimestepEmbedSequential, *args) -> torch.Tensor:
         if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():

@@ -6,10 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latent_diffusion.inference.bands import (RowBands, band_rows, conv_in_bands, conv_weights, empty_output,
-                                                math_dtype, norm_silu_rows, plain_rows, pointwise, run_layer)
-from latent_diffusion.inference.conv import convolve_phases, phase_weights, upsample_by_phases, upsampled_conv3x3
-
 
 def Normalize(channels: int, groups: int = 32) -> nn.GroupNorm:
     """GroupNorm as in CompVis (eps 1e-6, affine)."""
@@ -34,17 +30,6 @@ class ResnetBlock(nn.Module):
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         shortcut = self.nin_shortcut(x) if hasattr(self, "nin_shortcut") else x
         return shortcut + h  # (B, C_out, H, W)
-
-    def forward_in_bands(self, x: torch.Tensor, bands: RowBands) -> torch.Tensor:
-        """`forward` (inference) computed in bands of rows: `bands.py`."""
-        height, rows = x.shape[2], band_rows(bands, x, self.conv1.out_channels)
-        h = conv_in_bands(self.conv1, norm_silu_rows(x, self.norm1, rows), height, rows, bands)
-        if hasattr(self, "nin_shortcut"):
-            shortcut = lambda r0, r1: pointwise(self.nin_shortcut, x[:, :, r0:r1])
-        else:
-            shortcut = lambda r0, r1: x[:, :, r0:r1]
-        return conv_in_bands(self.conv2, norm_silu_rows(h, self.norm2, rows), height, rows, bands,
-                             residual=shortcut)  # (B, C_out, H, W)
 
 
 class AttnBlock(nn.Module):
@@ -77,37 +62,16 @@ class Downsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
-    def forward_in_bands(self, x: torch.Tensor, bands: RowBands) -> torch.Tensor:
-        rows = band_rows(bands, x, x.shape[1])
-        return conv_in_bands(self.conv, plain_rows(x), x.shape[2], rows, bands, downsample=True)
-
 
 class Upsample(nn.Module):
-    """Nearest-neighbour ×2 followed by a 3×3 conv: H → 2H. At CPU inference both are one convolution of the
-    input (`nn.conv.upsampled_conv3x3`: 2.25× fewer FLOPs, and the upsampled input is never made)."""
-
-    cast_as_one = True  # `runtime.store_weights`: the conv's weights are cast before `forward` reads them
+    """Nearest-neighbour ×2 followed by a 3×3 conv: H → 2H."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if upsample_by_phases(x):
-            return upsampled_conv3x3(x, self.conv.weight, self.conv.bias)
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-    def forward_in_bands(self, x: torch.Tensor, bands: RowBands) -> torch.Tensor:
-        """`forward` a band of input rows at a time (each read with a row of halo above and below)."""
-        height, rows = x.shape[2], band_rows(bands, x, x.shape[1], scale=4)
-        weight, bias = conv_weights(self.conv)
-        out = empty_output(x, weight.shape[0], 2 * height, 2 * x.shape[3], bands.storage or math_dtype(weight))
-        phases = phase_weights(weight, bias)  # made once for all the bands
-        for r0 in range(0, height, rows):
-            r1 = min(height, r0 + rows)
-            convolve_phases(x[:, :, max(r0 - 1, 0):r1 + 1].to(weight.dtype), *phases,
-                            padding=(int(r0 == 0), int(r1 == height)), out=out[:, :, 2 * r0:2 * r1])
-        return out  # (B, C, 2H, 2W)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
 
 
 class MidBlock(nn.Module):
@@ -121,7 +85,3 @@ class MidBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
-
-    def forward_in_bands(self, x: torch.Tensor, bands: RowBands) -> torch.Tensor:
-        h = run_layer(self.attn_1, self.block_1.forward_in_bands(x, bands), bands)
-        return self.block_2.forward_in_bands(h, bands)

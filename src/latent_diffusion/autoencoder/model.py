@@ -9,10 +9,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from latent_diffusion.inference.bands import (RowBands, band_rows, conv_in_bands, math_input, norm_silu_rows,
-                                                plain_rows, run_layer)
 from latent_diffusion.autoencoder.blocks import AttnBlock, Downsample, MidBlock, Normalize, ResnetBlock, Upsample
 from latent_diffusion.autoencoder.distributions import DiagonalGaussianDistribution
 from latent_diffusion.config import AutoencoderConfig
@@ -30,18 +29,12 @@ class _Level(nn.Module):
 
     def layers(self) -> list[nn.Module]:
         """The level's layers in order: its ResNets (each followed by its attention, if any), then resampling.
-        Callers run them one by one, so that each layer's input is freed as soon as the next one starts."""
+        Run one by one, so that each layer's input is freed as soon as the next one starts."""
         layers = []
         for i, block in enumerate(self.block):
             layers += [block, self.attn[i]] if len(self.attn) > 0 else [block]
         resample = getattr(self, "downsample", None) or getattr(self, "upsample", None)
         return layers + ([resample] if resample is not None else [])
-
-
-def _out_in_bands(norm: nn.GroupNorm, conv: nn.Conv2d, h: torch.Tensor, bands: RowBands) -> torch.Tensor:
-    """conv(silu(norm(h))) in bands: the last layers of the encoder and the decoder."""
-    rows = band_rows(bands, h, h.shape[1])
-    return conv_in_bands(conv, norm_silu_rows(h, norm, rows), h.shape[2], rows, bands)
 
 
 class Encoder(nn.Module):
@@ -70,20 +63,13 @@ class Encoder(nn.Module):
         self.norm_out = Normalize(c_mid, g)
         self.conv_out = nn.Conv2d(c_mid, 2 * cfg.z_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, bands: RowBands | None = None) -> torch.Tensor:
-        """`bands` (inference only) computes the same in bands of rows, in less memory (`bands.py`)."""
-        if bands is None:
-            h = self.conv_in(x)
-        else:
-            rows = band_rows(bands, x, self.conv_in.out_channels)
-            h = conv_in_bands(self.conv_in, plain_rows(x), x.shape[2], rows, bands)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)  # (B, ch, H, W)
         for level in self.down:
             for layer in level.layers():
-                h = run_layer(layer, h, bands)
-        h = run_layer(self.mid, h, bands)
-        if bands is not None:
-            return _out_in_bands(self.norm_out, self.conv_out, h, bands)
-        return self.conv_out(torch.nn.functional.silu(self.norm_out(h)))  # (B, 2·z, H/f, W/f)
+                h = layer(h)
+        h = self.mid(h)  # (B, ch·ch_mult[-1], H/f, W/f)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2·z, H/f, W/f)
 
 
 class Decoder(nn.Module):
@@ -118,15 +104,12 @@ class Decoder(nn.Module):
         """The weight the adaptive GAN weight differentiates against."""
         return self.conv_out.weight
 
-    def forward(self, z: torch.Tensor, bands: RowBands | None = None) -> torch.Tensor:
-        """`bands` (inference only) computes the same in bands of rows, in less memory (`bands.py`)."""
-        h = run_layer(self.mid, run_layer(self.conv_in, z, bands), bands)
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))  # (B, ch·ch_mult[-1], h, w)
         for level in reversed(self.up):
             for layer in level.layers():
-                h = run_layer(layer, h, bands)
-        if bands is not None:
-            return _out_in_bands(self.norm_out, self.conv_out, h, bands)
-        return self.conv_out(torch.nn.functional.silu(self.norm_out(h)))  # (B, out, H, W)
+                h = layer(h)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, out, H, W)
 
 
 class AutoencoderKL(nn.Module):
@@ -139,12 +122,6 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
-        # Set (e.g. by `Pipeline`) to encode and decode in bands of rows when no gradient is taken: the same
-        # images in a fraction of the activation memory, optionally stored narrower than the math (`bands.py`).
-        self.bands: RowBands | None = None
-
-    def _inference_bands(self) -> RowBands | None:
-        return self.bands if self.bands is not None and not torch.is_grad_enabled() else None
 
     @property
     def downsample_factor(self) -> int:
@@ -165,15 +142,13 @@ class AutoencoderKL(nn.Module):
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """q(z|x) for images in [-1, 1]."""
         self.check_input(x)
-        bands = self._inference_bands()
-        moments = self.encoder(x) if bands is None else math_input(self.encoder(x, bands))
-        return DiagonalGaussianDistribution(self.quant_conv(moments))
+        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Images (roughly in [-1, 1]) from latents (B, embed_dim, h, w)."""
         if z.ndim != 4 or z.shape[1] != self.config.embed_dim:
             raise ValueError(f"expected latents of shape (B, {self.config.embed_dim}, h, w), got {tuple(z.shape)}")
-        return self.decoder(self.post_quant_conv(z), self._inference_bands())
+        return self.decoder(self.post_quant_conv(z))
 
     def decode_tiled(self, z: torch.Tensor, tile: int = 64, overlap: int | None = None) -> torch.Tensor:
         """`decode` in latent tiles of at most tile×tile overlapping by at least `overlap` (default tile / 4),

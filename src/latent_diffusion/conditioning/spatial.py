@@ -5,13 +5,15 @@
 - "inpaint": Stable Diffusion inpainting's layout: [mask (1 = region to generate), latents of the masked image]
   → 1 + latent channels extra channels, in that order after z_t (so SD inpainting checkpoints run unchanged).
 
-A spatial condition is kept in both the conditional and the unconditional branch of guidance (as SD does): only
-the text or class condition is dropped.
+Each kind is a `SpatialCondition` registered by its config name in `SPATIAL_CONDITIONS`: what a request gives for
+it, its channels, how it is computed, what training and sample grids feed it. A spatial condition is kept in both
+the conditional and the unconditional branch of guidance (as SD does): only the text or class condition is dropped.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from abc import ABC, abstractmethod
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,29 +22,6 @@ from latent_diffusion.autoencoder import AutoencoderKL
 from latent_diffusion.config import ConfigError
 
 SpatialKind = Literal["none", "low_res", "inpaint"]
-SPATIAL_KINDS: tuple[str, ...] = ("none", "low_res", "inpaint")
-
-
-def spatial_channels(kind: SpatialKind, image_channels: int, latent_channels: int) -> int:
-    """Channels a spatial condition adds to the UNet's input."""
-    return {"none": 0, "low_res": image_channels, "inpaint": 1 + latent_channels}[kind]
-
-
-def check_spatial(kind: SpatialKind, concat_channels: int, image_channels: int, latent_channels: int) -> None:
-    """The UNet's concat_channels must be what the spatial condition provides."""
-    expected = spatial_channels(kind, image_channels, latent_channels)
-    if concat_channels != expected:
-        raise ConfigError(f"unet.concat_channels = {concat_channels}: conditioning.spatial = '{kind}' provides "
-                          f"{expected} channels (image channels {image_channels}, latent channels {latent_channels})")
-
-
-def infer_spatial(concat_channels: int, image_channels: int, latent_channels: int) -> SpatialKind:
-    """The spatial condition a UNet with `concat_channels` extra input channels was trained with."""
-    for kind in SPATIAL_KINDS:
-        if spatial_channels(kind, image_channels, latent_channels) == concat_channels:
-            return kind
-    raise ConfigError(f"a UNet with {concat_channels} concatenated input channels: no known spatial condition "
-                      f"(inpaint: {1 + latent_channels}, low_res: {image_channels})")
 
 
 def low_res_condition(images: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
@@ -80,17 +59,116 @@ def inpaint_condition(autoencoder: AutoencoderKL, images: torch.Tensor, masks: t
     return torch.cat([F.interpolate(masks, size=latents.shape[-2:], mode="nearest"), latents], dim=1)
 
 
-def spatial_condition(kind: SpatialKind, images: torch.Tensor, latent_size: tuple[int, int],
-                      autoencoder: AutoencoderKL | None = None, latent_scale: float = 1.0,
-                      masks: torch.Tensor | None = None) -> torch.Tensor:
-    """The `kind` condition of `images` (B, C, H, W) in [-1, 1]; "inpaint" needs the autoencoder and masks."""
-    if kind == "low_res":
+class SpatialCondition(ABC):
+    """A condition concatenated to z_t: what a generation request gives for it, the channels it adds, how it is
+    computed from images, and what training and the sample grids feed it. Registered by config name below."""
+
+    inputs: ClassVar[tuple[str, ...]]  # what a generation request gives: "image", and "mask"
+    shown_as: ClassVar[str]  # what a sample grid calls the inputs it shows
+
+    @abstractmethod
+    def channels(self, image_channels: int, latent_channels: int) -> int:
+        """Channels it adds to the UNet's input."""
+
+    @abstractmethod
+    def condition(self, images: torch.Tensor, latent_size: tuple[int, int], autoencoder: AutoencoderKL | None = None,
+                  latent_scale: float = 1.0, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """The condition (B, channels, h, w) of images (B, C, H, W) in [-1, 1] (and masks, 1 = to generate)."""
+
+    def training_masks(self, batch_size: int, height: int, width: int,
+                       generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """The masks (B, 1, H, W) a training batch draws, or None (no randomness drawn)."""
+        return None
+
+    @abstractmethod
+    def sample_inputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Fixed inputs of a training run's sample grids, from training images (B, C, H, W)."""
+
+    @abstractmethod
+    def shown(self, inputs: dict[str, torch.Tensor], latent_size: tuple[int, int]) -> torch.Tensor:
+        """What a sample grid shows of its `inputs` (B, C, H', W')."""
+
+
+class LowResolution(SpatialCondition):
+    """The image at the latent grid's size: super-resolution by the autoencoder's factor f."""
+
+    inputs = ("image",)
+    shown_as = "low resolution"
+
+    def channels(self, image_channels: int, latent_channels: int) -> int:
+        return image_channels
+
+    def condition(self, images, latent_size, autoencoder=None, latent_scale=1.0, masks=None):
         return low_res_condition(images, latent_size)
-    if kind == "inpaint":
+
+    def sample_inputs(self, images):
+        return {"image": images}
+
+    def shown(self, inputs, latent_size):
+        return low_res_condition(inputs["image"], latent_size)
+
+
+class Inpainting(SpatialCondition):
+    """[mask, latents of the masked image], SD inpainting's layout; trained on random rectangles."""
+
+    inputs = ("image", "mask")
+    shown_as = "masked"
+
+    def channels(self, image_channels: int, latent_channels: int) -> int:
+        return 1 + latent_channels
+
+    def condition(self, images, latent_size, autoencoder=None, latent_scale=1.0, masks=None):
         if autoencoder is None or masks is None:
             raise ValueError("an inpainting condition needs the autoencoder and a mask")
         return inpaint_condition(autoencoder, images, masks, latent_scale)
-    raise ValueError(f"unknown spatial condition {kind!r}; expected one of {', '.join(SPATIAL_KINDS[1:])}")
+
+    def training_masks(self, batch_size, height, width, generator=None):
+        return random_masks(batch_size, height, width, generator)
+
+    def sample_inputs(self, images):
+        h, w = images.shape[-2:]
+        mask = torch.zeros(images.shape[0], 1, h, w)
+        mask[:, :, h // 4:h - h // 4, w // 4:w - w // 4] = 1.0  # the centre
+        return {"image": images, "mask": mask}
+
+    def shown(self, inputs, latent_size):
+        return inputs["image"] * (1 - inputs["mask"])
+
+
+SPATIAL_CONDITIONS: dict[str, SpatialCondition] = {"low_res": LowResolution(), "inpaint": Inpainting()}
+SPATIAL_KINDS: tuple[str, ...] = ("none", *SPATIAL_CONDITIONS)
+
+
+def spatial_kind(kind: SpatialKind) -> SpatialCondition | None:
+    """The spatial condition `conditioning.spatial` names, None for "none"."""
+    if kind == "none":
+        return None
+    if kind not in SPATIAL_CONDITIONS:
+        raise ValueError(f"unknown spatial condition {kind!r}; expected one of {', '.join(SPATIAL_CONDITIONS)}")
+    return SPATIAL_CONDITIONS[kind]
+
+
+def spatial_channels(kind: SpatialKind, image_channels: int, latent_channels: int) -> int:
+    """Channels a spatial condition adds to the UNet's input."""
+    spatial = spatial_kind(kind)
+    return 0 if spatial is None else spatial.channels(image_channels, latent_channels)
+
+
+def check_spatial(kind: SpatialKind, concat_channels: int, image_channels: int, latent_channels: int) -> None:
+    """The UNet's concat_channels must be what the spatial condition provides."""
+    expected = spatial_channels(kind, image_channels, latent_channels)
+    if concat_channels != expected:
+        raise ConfigError(f"unet.concat_channels = {concat_channels}: conditioning.spatial = '{kind}' provides "
+                          f"{expected} channels (image channels {image_channels}, latent channels {latent_channels})")
+
+
+def infer_spatial(concat_channels: int, image_channels: int, latent_channels: int) -> SpatialKind:
+    """The spatial condition a UNet with `concat_channels` extra input channels was trained with."""
+    for kind in SPATIAL_KINDS:
+        if spatial_channels(kind, image_channels, latent_channels) == concat_channels:
+            return kind
+    raise ConfigError(f"a UNet with {concat_channels} concatenated input channels: no known spatial condition "
+                      f"(inpaint: {1 + latent_channels}, low_res: {image_channels})")
 
 
 def with_spatial(network, spatial: torch.Tensor | None):

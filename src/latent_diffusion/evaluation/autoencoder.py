@@ -19,8 +19,9 @@ from latent_diffusion.evaluation.fid import fid
 from latent_diffusion.evaluation.metrics import psnr, ssim
 from latent_diffusion.files.atomic import atomic_write_bytes, check_writable
 from latent_diffusion.formats.autoencoder import CONFIG_FILE, load_autoencoder
+from latent_diffusion.inference import prepare_for_inference
 from latent_diffusion.runtime import resolve_device
-from latent_diffusion.training.autoencoder import write_reconstruction_grid
+from latent_diffusion.training.grids import write_reconstruction_grid
 
 
 @torch.no_grad()
@@ -74,6 +75,7 @@ def evaluate_autoencoder_run(run_dir: str | os.PathLike, data: str | os.PathLike
     check_writable(out, "--out", folder=True)
     dev = resolve_device(device)
     model, cfg = load_autoencoder(run_dir, dev)
+    model = prepare_for_inference(model, dev)
     dataset = open_dataset(data, cfg.data.resolution, cfg.model.in_channels, split, captions=False)
     feature_net = load_feature_net(features) if features else None
     figures = evaluate_reconstruction(model, dataset, num_images, batch_size, progress=progress,

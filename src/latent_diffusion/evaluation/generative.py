@@ -26,9 +26,9 @@ def reference_features(model: FeatureNet, dataset: Dataset, limit: int | None = 
 
 
 def class_prompts(pipe, labels: list[int]) -> list[str]:
-    """What a model is asked for each label: the label number (class-conditional) or `a photo of a {class}`."""
-    return [str(label) for label in labels] if pipe.config.conditioning.encoder == "class" else \
-        [caption_for(label) for label in labels]
+    """What a model is asked for each label (`Conditioner.label_prompt`): the label number (class-conditional)
+    or its caption, `a photo of a {class}`."""
+    return [pipe.conditioner.label_prompt(label, caption_for(label)) for label in labels]
 
 
 def within_class_spread(features: torch.Tensor, labels: torch.Tensor) -> float:

@@ -64,7 +64,8 @@ def check_writable(path: str | os.PathLike, what: str, folder: bool = False) -> 
         raise OSError(errno.EISDIR if path.is_dir() else errno.ENOTDIR,
                       f"{what} {path} is {'a folder' if path.is_dir() else 'a file'}, expected "
                       f"{'a folder' if folder else 'a file'}")
-    existing = path if path.exists() else next(p for p in path.absolute().parents if p.exists())
+    where = (path if folder else path.parent).absolute()  # the folder written in
+    existing = next(p for p in (where, *where.parents) if p.exists())
     if not existing.is_dir():
         raise OSError(errno.ENOTDIR, f"{what} {path} lies under {existing}, which is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):

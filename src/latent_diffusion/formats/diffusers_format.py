@@ -26,6 +26,8 @@ from typing import Any
 import torch
 
 from latent_diffusion.conditioning.clip import ClipTextEncoder
+from latent_diffusion.conditioning.registry import conditioner_type
+from latent_diffusion.conditioning.text import ClipConditioner
 from latent_diffusion.conditioning.tokenizer import END_TOKEN, START_TOKEN, ClipTokenizer
 from latent_diffusion.config import (ClipTextConfig, ConditioningConfig, ConfigError, DiffusionConfig, SamplingConfig,
                                      UNetConfig, from_dict, to_dict)
@@ -88,7 +90,7 @@ def write_diffusers(parts: ModelParts, folder: str | os.PathLike) -> None:
 
 
 def _check_writable(parts: ModelParts) -> None:
-    if parts.conditioning.encoder != "clip":
+    if not issubclass(conditioner_type(parts.conditioning.encoder), ClipConditioner):
         raise ConfigError(f"conditioning.encoder = {parts.conditioning.encoder!r}: a diffusers Stable Diffusion "
                           "folder needs a CLIP text encoder")
     spatial = parts.conditioning.spatial

@@ -20,6 +20,7 @@ from typing import Literal
 
 import torch
 
+from latent_diffusion.conditioning.registry import conditioner_type
 from latent_diffusion.conditioning.tokenizer import ClipTokenizer
 from latent_diffusion.config import (AutoencoderConfig, AutoencoderRunConfig, ConditioningConfig, ConfigError,
                                      DataConfig, DiffusionConfig, LDMRunConfig, SamplingConfig, TrainConfig,
@@ -52,9 +53,10 @@ class Recipe:
 class ModelParts:
     """Configs and weights (our names) of UNet, autoencoder and condition encoder, plus the diffusion settings.
 
-    :param text_encoder: `ClipTextTransformer` weights for `conditioning.encoder == "clip"`, else None.
-    :param conditioner: `ClassEmbedder` weights for `conditioning.encoder == "class"`, `ContextAdapter`
-        weights with `conditioning.adapter_layers`, else None.
+    :param text_encoder: the frozen text encoder's weights for a condition encoder that takes them
+        (`Conditioner.takes_text_weights`: CLIP's `ClipTextTransformer`), else None.
+    :param conditioner: the weights of the condition encoder's trained part (`Conditioner.trainable`: a
+        `ClassEmbedder`, or a `ContextAdapter` with `conditioning.adapter_layers`), else None.
     :param tokenizer: a tokenizer read from the source (a diffusers `tokenizer/` folder); None: the bundled one.
     :param resolution: the image size the model was trained at (SD 1.x: 512, SD 2.x v-prediction: 768).
     :param recipe: how the model was trained, when the source says (a native folder's `data` and `training`
@@ -78,7 +80,8 @@ class ModelParts:
         if self.autoencoder_config.latent_scale is None:
             raise CheckpointError("the autoencoder has no latent_scale: run `ldm eval-autoencoder RUN --data HELD_OUT "
                                   "--write-scale` on it first")
-        if self.conditioning.encoder == "clip" and self.text_encoder is None and self.conditioning.path is None:
+        if (conditioner_type(self.conditioning.encoder).takes_text_weights and self.text_encoder is None
+                and self.conditioning.path is None):
             raise CheckpointError("a CLIP-conditioned model needs its text encoder weights")
 
     def run_config(self) -> LDMRunConfig:
@@ -189,18 +192,18 @@ def load_model(path: str | os.PathLike, fmt: Format | None = None, dtype: torch.
 
 def save_model(parts: ModelParts, path: str | os.PathLike, fmt: Format) -> None:
     """Write `parts` in format `fmt` (original: one file at `path`; native and diffusers: a folder)."""
-    if fmt != "native" and parts.unet_config.position_embedding:
-        raise ConfigError(f"unet.position_embedding = True: the {fmt} format has no such option (it is this "
-                          "project's addition); keep the model in the native format")
-    if fmt != "native" and parts.conditioning.adapter_layers:
-        raise ConfigError(f"conditioning.adapter_layers = {parts.conditioning.adapter_layers}: the {fmt} format "
-                          "has no place for a trained text adapter; keep the model in the native format")
-    if fmt != "native" and parts.conditioning.clause_tokens:
-        raise ConfigError(f"conditioning.clause_tokens = True: the {fmt} format has no such option (it is this "
-                          "project's addition); keep the model in the native format")
-    if fmt != "native" and parts.autoencoder_config.pixel_space:
-        raise ConfigError(f"this is a pixel-space model (autoencoder: pixel): the {fmt} format needs an "
-                          "autoencoder; keep the model in the native format")
+    if fmt != "native":
+        addition = "has no such option (it is this project's addition)"
+        for present, what, why in (
+                (parts.unet_config.position_embedding, "unet.position_embedding = True", addition),
+                (parts.conditioning.adapter_layers,
+                 f"conditioning.adapter_layers = {parts.conditioning.adapter_layers}",
+                 "has no place for a trained text adapter"),
+                (parts.conditioning.clause_tokens, "conditioning.clause_tokens = True", addition),
+                (parts.autoencoder_config.pixel_space, "this is a pixel-space model (autoencoder: pixel)",
+                 "needs an autoencoder")):
+            if present:
+                raise ConfigError(f"{what}: the {fmt} format {why}; keep the model in the native format")
     if fmt == "native":
         write_native(parts, path)
     elif fmt == "original":

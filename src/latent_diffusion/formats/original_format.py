@@ -25,6 +25,8 @@ import yaml
 
 from latent_diffusion.autoencoder import AutoencoderKL
 from latent_diffusion.conditioning.clip import ClipTextTransformer
+from latent_diffusion.conditioning.registry import conditioner_type
+from latent_diffusion.conditioning.text import ClipConditioner
 from latent_diffusion.conditioning.spatial import infer_spatial
 from latent_diffusion.config import (AutoencoderConfig, ClipTextConfig, ConditioningConfig, ConfigError, read_yaml,
                                      DiffusionConfig, SamplingConfig, UNetConfig)
@@ -32,8 +34,8 @@ from latent_diffusion.files.atomic import atomic_path, atomic_write_bytes
 from latent_diffusion.files.weights import (CheckpointError, load_module_weights, load_pickle, load_weights,
                                            place_weights, read_weights, save_weights)
 from latent_diffusion.formats.model import ModelParts
-from latent_diffusion.formats.openclip_keys import (OPENCLIP_PREFIX, check_writable, clip_to_openclip, infer_clip_config,
-                                               openclip_to_clip)
+from latent_diffusion.formats.openclip_keys import (OPENCLIP_PREFIX, check_writable, clip_to_openclip,
+                                                   infer_clip_config, openclip_to_clip)
 from latent_diffusion.unet import UNetModel
 
 UNET_PREFIX = "model.diffusion_model."
@@ -352,7 +354,7 @@ def to_original_state_dict(parts: ModelParts) -> dict[str, torch.Tensor]:
 
 
 def _check_writable(parts: ModelParts) -> None:
-    if parts.conditioning.encoder != "clip":
+    if not issubclass(conditioner_type(parts.conditioning.encoder), ClipConditioner):
         raise CheckpointError("an original checkpoint holds a CLIP text-conditioned model (Stable Diffusion "
                               f"1.x/2.x); this model's condition encoder is '{parts.conditioning.encoder}'")
     for what, groups in (("unet", parts.unet_config.norm_groups),

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from latent_diffusion.autoencoder import AutoencoderKL
 from latent_diffusion.conditioning.conditioner import Conditioner
-from latent_diffusion.conditioning.spatial import spatial_condition, with_spatial
+from latent_diffusion.conditioning.spatial import spatial_kind, with_spatial
 from latent_diffusion.config import AutoencoderRunConfig, LDMRunConfig
 from latent_diffusion.diffusion.denoiser import Denoiser
 from latent_diffusion.diffusion.guidance import guided_model
@@ -20,8 +20,10 @@ from latent_diffusion.diffusion.schedule import build_schedule
 from latent_diffusion.generation.request import (activation_bytes, available_memory, check_guidance, check_num_images,
                                                  check_number, check_side, check_steps, generators, image_seeds)
 from latent_diffusion.images import pil_to_tensor, tensor_to_pil, to_8bit
-from latent_diffusion.runtime import PRECISIONS, autocast, math_precision, release_free_memory
-from latent_diffusion.samplers import SAMPLERS, get_sampler, resolve_sampler, sampler_options
+from latent_diffusion.inference.memory import release_free_memory
+from latent_diffusion.inference.precision import math_precision
+from latent_diffusion.runtime import PRECISIONS, autocast
+from latent_diffusion.samplers import SAMPLERS, GridOptions, get_sampler, resolve_sampler, sampler_options
 from latent_diffusion.samplers.common import randn
 from latent_diffusion.unet import UNetModel
 
@@ -36,8 +38,9 @@ class Settings:
     steps: int
     guidance_scale: float
     sampler: str  # its registered name
-    options: dict = field(default_factory=dict)  # what was asked of the sampler beyond its grid: eta, karras
+    options: dict = field(default_factory=dict)  # the sampler's own options asked for: eta
     guidance_rescale: float = 0.0
+    grid: GridOptions = GridOptions()  # where its steps lie: the model's spacing, offset and last ᾱ; Karras σ's
 
 
 def _namer(names: Mapping[str, str] | None):
@@ -53,7 +56,7 @@ class LatentDiffusion:
                  precision: str = "fp32"):
         self.config, self.unet, self.autoencoder, self.conditioner = config, unet, autoencoder, conditioner
         self.ae_config, self.device, self.precision = ae_config, device, precision
-        # bf16 runs its arithmetic in fp32 on CPUs whose bf16 matmuls are slower (`runtime.math_precision`)
+        # bf16 runs its arithmetic in fp32 on CPUs without bf16 matrix units (`inference.precision`)
         self.math = math_precision(precision, device)
         self.schedule = build_schedule(config.diffusion)
         # Decode in overlapping latent tiles of this size (e.g. 64: 512² pixels for f = 8), for large images in
@@ -73,16 +76,18 @@ class LatentDiffusion:
         check_guidance(guidance_scale, name("guidance_scale"))
         check_number(guidance_rescale, 0.0, 1.0, name("guidance_rescale"), " (0: none; 0.7 in Lin et al.)")
         sampler, named_karras = resolve_sampler(s.sampler if sampler is None else sampler)
-        options = {"karras": True} if (named_karras if karras is None else karras) else {}
+        karras = named_karras if karras is None else karras
+        options = {}
         if eta is not None:
             check_number(eta, 0.0, 1.0, name("eta"), " (0: deterministic, 1: fully stochastic)")
             options["eta"] = eta
-        for option in options:
+        for option in ["karras"] * bool(karras) + list(options):
             if option not in sampler_options(sampler):
                 takers = [n for n in SAMPLERS if option in sampler_options(n)]
                 raise ValueError(f"{name(option)}: sampler {sampler} takes no {option} (samplers that do: "
                                  f"{', '.join(takers)})")
-        return Settings(steps, guidance_scale, sampler, options, guidance_rescale)
+        grid = GridOptions(s.timestep_spacing, s.steps_offset, bool(karras), s.set_alpha_to_one)
+        return Settings(steps, guidance_scale, sampler, options, guidance_rescale, grid)
 
     def latent_size(self, height: int | None, width: int | None,
                     names: Mapping[str, str] | None = None) -> tuple[int, int]:
@@ -113,17 +118,10 @@ class LatentDiffusion:
                              f"free on {self.device}; ask for a smaller size{tiles}")
         return free // per_image
 
-    def grid_options(self, sampler: str) -> dict:
-        """The configured timestep grid settings that `sampler` takes (samplers differ in which they accept)."""
-        s = self.config.sampling
-        options = {"spacing": s.timestep_spacing, "steps_offset": s.steps_offset,
-                   "set_alpha_to_one": s.set_alpha_to_one}
-        return {k: v for k, v in options.items() if v is not None and k in sampler_options(sampler)}
-
     def check_spatial_inputs(self, image: bool, mask: bool, names: Mapping[str, str] | None = None) -> None:
         """That a request gives this model the image (and mask) its spatial condition needs, and no more."""
         name, kind = _namer(names), self.config.conditioning.spatial
-        wanted = {"none": (), "low_res": ("image",), "inpaint": ("image", "mask")}[kind]
+        wanted = spatial_kind(kind).inputs if kind != "none" else ()
         given = tuple(key for key, present in (("image", image), ("mask", mask)) if present)
         if given == wanted:
             return
@@ -135,9 +133,9 @@ class LatentDiffusion:
 
     def spatial_input(self, image, mask, num_images: int, latent_size: tuple[int, int]) -> torch.Tensor | None:
         """The spatial condition of a generation request (None for plain text-to-image models)."""
-        kind = self.config.conditioning.spatial
+        spatial = spatial_kind(self.config.conditioning.spatial)
         self.check_spatial_inputs(image is not None, mask is not None)
-        if kind == "none":
+        if spatial is None:
             return None
         f, channels = self.ae_config.model.downsample_factor, self.ae_config.model.in_channels
         size = (latent_size[0] * f, latent_size[1] * f)
@@ -145,11 +143,12 @@ class LatentDiffusion:
             image = to_8bit(image).convert("L" if channels == 1 else "RGB")
         if isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[1] != channels:
             raise ValueError(f"image has {image.shape[1]} channels: this model's images have {channels}")
-        images = _batch(image, num_images, size if kind == "inpaint" else None, "image").to(self.device)
-        masks = _batch(mask, num_images, size, "mask", is_mask=True).to(self.device) if kind == "inpaint" else None
+        masked = "mask" in spatial.inputs  # the image is then the output's size, as its mask
+        images = _batch(image, num_images, size if masked else None, "image").to(self.device)
+        masks = _batch(mask, num_images, size, "mask", is_mask=True).to(self.device) if masked else None
         with autocast(self.device, self.math):
-            spatial = spatial_condition(kind, images, latent_size, self.autoencoder, self.latent_scale, masks)
-        return spatial.float()
+            condition = spatial.condition(images, latent_size, self.autoencoder, self.latent_scale, masks)
+        return condition.float()
 
     @torch.no_grad()
     def generate_tensors(self, prompt: str | Sequence[str], negative_prompt: str | None = None,
@@ -185,19 +184,18 @@ class LatentDiffusion:
                   else self.conditioner.unconditional(num_images))
 
         spatial = self.spatial_input(image, mask, num_images, (h, w))
-        model = guided_model(with_spatial(self.network, spatial), cond, uncond, guidance_scale, guidance_rescale,
-                             shared_latents=True)
+        model = guided_model(with_spatial(self.network, spatial), cond, uncond, guidance_scale, guidance_rescale)
         denoiser = Denoiser(model, self.schedule, self.config.diffusion.prediction_type)
         generator = generators(seeds)
         noise = randn((num_images, self.ae_config.model.embed_dim, h, w), generator)
+        sampler = get_sampler(settings.sampler)
+        grid = sampler.make_grid(self.schedule, steps, settings.grid)
         bar = tqdm(total=steps, desc="sampling", disable=not progress)
-        sample = get_sampler(settings.sampler)
         # One autocast region around every step: autocast keeps its bf16/fp16 copies of the weights until the
         # outermost region ends, so the UNet's weights are cast once per image, not once per step.
         with autocast(self.device, self.math):
-            latents = sample(denoiser, noise.to(self.device), steps, generator=generator,
-                             callback=lambda *_: bar.update(1), **self.grid_options(settings.sampler),
-                             **settings.options)
+            latents = sampler.sample(denoiser, noise.to(self.device), grid, generator=generator,
+                                     callback=lambda *_: bar.update(1), **settings.options)
             bar.close()
             release_free_memory()  # the UNet's activations: the decoder's are of other sizes
             images = self.decode(latents.float() / self.latent_scale)

@@ -1,13 +1,46 @@
-"""Execution backends for the UNet's forward: PyTorch (the default) or OpenVINO (`backend="openvino"`)."""
+"""The inference layer: every speed and memory technique of this package, applied to a network from outside by
+one call (`prepare_for_inference`), each tested against the network's plain forward; and the UNet's execution
+backends, PyTorch (the default) or OpenVINO (`backend="openvino"`, `openvino.py`).
+
+    conv.py       3×3 convolutions as matmuls, ×2 upsampling + convolution by phases (functions of tensors)
+    layers.py     the networks' layers that use them at eager CPU inference, swapped in by class
+    bands.py      the autoencoder run in bands of rows (less memory)
+    precision.py  weights stored in bf16, math in bf16 or fp32 by rule (layerwise casting)
+    memory.py     channels-last on a CPU, the C heap's free pages given back
+"""
 
 from __future__ import annotations
 
 import importlib.util
 
+import torch
+from torch import nn
+
+from latent_diffusion.autoencoder import AutoencoderKL
+from latent_diffusion.inference.bands import inference_bands, use_bands
+from latent_diffusion.inference.layers import swap_inference_layers
+from latent_diffusion.inference.memory import channels_last_on_cpu
+from latent_diffusion.inference.precision import store_weights
+
 BACKENDS = ("torch", "openvino")
 
 
-def check_backend(backend: str, device) -> None:
+def prepare_for_inference(module: nn.Module, device: torch.device, storage: torch.dtype = torch.float32,
+                          math: torch.dtype = torch.float32, row_bands: bool = True) -> nn.Module:
+    """`module` on `device` in eval mode, made ready for inference in place: its layers swapped for their
+    inference classes (`layers.py`); an `AutoencoderKL` channels-last on a CPU and run in bands of rows
+    (`bands.py`; `row_bands=False`: whole layers, for measurements); its weights kept in `storage` and computed
+    at `math` (`precision.store_weights`). The same parameters and state dict keys, and the same outputs up to
+    rounding; with gradients on, the plain forward."""
+    module = swap_inference_layers(module.to(device).eval())
+    if isinstance(module, AutoencoderKL):
+        module = channels_last_on_cpu(module, device)
+        if row_bands:
+            module = use_bands(module, inference_bands(device, storage))
+    return store_weights(module, storage, math)
+
+
+def check_backend(backend: str, device: torch.device) -> None:
     """A clear error for an unknown backend or one that cannot run on `device`."""
     if backend not in BACKENDS:
         raise ValueError(f"backend = {backend!r}: expected one of {', '.join(BACKENDS)}")

@@ -1,4 +1,4 @@
-"""Inference of the autoencoder's convolutions in bands of rows: the same output in a fraction of the memory.
+"""The autoencoder at inference in bands of rows: the same output in a fraction of the memory (`use_bands`).
 
 At 512² the decoder's full-resolution layers hold tensors of 256 channels × 512² (256 MiB in fp32), and a plain
 forward keeps three of them alive at once (input, normalised input, activation) plus the output. A convolution
@@ -9,16 +9,25 @@ matching rows of its input (with a one-row halo), and only the layer's input and
 `RowBands.storage` also lets the activations *between* layers be stored in another dtype than the math runs at
 (bf16 storage, fp32 math on CPUs whose bf16 matmuls are slow): each band is computed in fp32 and stored in bf16,
 half the memory at fp32 speed. Inference only: the layers' dropout is skipped.
+
+`use_bands` makes an `AutoencoderKL` run so: its encoder and decoder become `BandedEncoder`/`BandedDecoder`, whose
+forward walks the network layer by layer (`layer_in_bands`, one function per layer type) when no gradient is
+taken, and is the plain `Encoder`/`Decoder` forward otherwise. The model classes know nothing of bands.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from latent_diffusion.autoencoder.blocks import Downsample, MidBlock, ResnetBlock, Upsample
+from latent_diffusion.autoencoder.model import AutoencoderKL, Decoder, Encoder
+from latent_diffusion.inference.conv import convolve_phases, phase_weights
 
 # rows_of(a, b): rows a..b of a layer's input, computed on demand
 Rows = Callable[[int, int], torch.Tensor]
@@ -28,7 +37,7 @@ Rows = Callable[[int, int], torch.Tensor]
 class RowBands:
     """How `Encoder`/`Decoder` run in bands: `elements` bounds one band (4M elements: 16 MiB in fp32);
     `storage` is the dtype of the activations kept between layers (None: the dtype the math produces). Outside
-    autocast the math is fp32 (weights stored narrower are cast layer by layer: `runtime.store_weights`)."""
+    autocast the math is fp32 (weights stored narrower are cast layer by layer: `precision.store_weights`)."""
 
     elements: int = 1 << 22
     storage: torch.dtype | None = None
@@ -36,16 +45,6 @@ class RowBands:
     def store(self, x: torch.Tensor) -> torch.Tensor:
         """`x` as kept between layers."""
         return x if self.storage is None else x.to(self.storage)
-
-
-def run_layer(layer: nn.Module, h: torch.Tensor, bands: RowBands | None) -> torch.Tensor:
-    """layer(h): whole when `bands` is None, else in bands of rows where the layer has `forward_in_bands`, and
-    whole otherwise (attention, low-resolution convs) with its input in the math dtype and its output stored."""
-    if bands is None:
-        return layer(h)
-    if hasattr(layer, "forward_in_bands"):
-        return layer.forward_in_bands(h, bands)
-    return bands.store(layer(math_input(h)))
 
 
 def math_input(x: torch.Tensor) -> torch.Tensor:
@@ -58,11 +57,123 @@ def _autocast(device: torch.device) -> bool:
 
 
 def inference_bands(device: torch.device, weights: torch.dtype) -> RowBands:
-    """The bands `Pipeline` decodes in: 4M-element bands on a CPU (16 MiB in fp32; no slower than whole
+    """The bands `Pipeline` encodes and decodes in: 4M-element bands on a CPU (16 MiB in fp32; no slower than whole
     layers there), 64M on a GPU (whole layers up to 512², bands beyond); activations stored in the weights' dtype
     when it is narrower than fp32 (bf16 storage, whatever the math)."""
     elements = 1 << 22 if device.type == "cpu" else 1 << 26
     return RowBands(elements, storage=None if weights == torch.float32 else weights)
+
+
+def use_bands(autoencoder: AutoencoderKL, bands: RowBands) -> AutoencoderKL:
+    """`autoencoder`, whose `encode`/`decode` now run in `bands` when no gradient is taken (the plain forward when
+    one is): its encoder and decoder become `BandedEncoder`/`BandedDecoder`, with the same parameters and state dict."""
+    if not isinstance(autoencoder, AutoencoderKL):
+        raise TypeError(f"bands of rows run an AutoencoderKL's encoder and decoder, not a {type(autoencoder).__name__}")
+    for part, plain, banded in ((autoencoder.encoder, Encoder, BandedEncoder),
+                                (autoencoder.decoder, Decoder, BandedDecoder)):
+        if type(part) not in (plain, banded):
+            raise TypeError(f"cannot run a {type(part).__name__} in bands of rows: expected a {plain.__name__}")
+        part.__class__ = banded
+        part.bands = bands
+    return autoencoder
+
+
+class _InBands:
+    """The forward of an inference subclass: the plain one while a gradient is taken, else `run_in_bands`."""
+
+    bands: RowBands
+    run_in_bands: Callable[[torch.Tensor, RowBands], torch.Tensor]  # a method: `encode_in_bands`, `decode_in_bands`
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return super().forward(x)
+        return self.run_in_bands(x, self.bands)
+
+
+def encode_in_bands(encoder: Encoder, x: torch.Tensor, bands: RowBands) -> torch.Tensor:
+    """`encoder(x)` in bands of rows, in the math dtype (as the plain forward gives it to `quant_conv`)."""
+    rows = band_rows(bands, x, encoder.conv_in.out_channels)
+    h = conv_in_bands(encoder.conv_in, plain_rows(x), x.shape[2], rows, bands)
+    for layer in (*_layers(encoder.down), encoder.mid):
+        h = layer_in_bands(layer, h, bands)  # each layer's input freed as the next one starts
+    return math_input(_out_in_bands(encoder.norm_out, encoder.conv_out, h, bands))  # (B, 2·z, H/f, W/f)
+
+
+def decode_in_bands(decoder: Decoder, z: torch.Tensor, bands: RowBands) -> torch.Tensor:
+    """`decoder(z)` in bands of rows, in `bands.storage` (or the math dtype)."""
+    h = layer_in_bands(decoder.conv_in, z, bands)
+    for layer in (decoder.mid, *_layers(reversed(decoder.up))):
+        h = layer_in_bands(layer, h, bands)  # each layer's input freed as the next one starts
+    return _out_in_bands(decoder.norm_out, decoder.conv_out, h, bands)  # (B, out, H, W)
+
+
+class BandedEncoder(_InBands, Encoder):
+    """`Encoder` whose forward runs in bands of rows when no gradient is taken (`use_bands`)."""
+
+    run_in_bands = encode_in_bands
+
+
+class BandedDecoder(_InBands, Decoder):
+    """`Decoder` whose forward runs in bands of rows when no gradient is taken (`use_bands`)."""
+
+    run_in_bands = decode_in_bands
+
+
+def _layers(levels: Iterable[nn.Module]) -> list[nn.Module]:
+    """The resolution levels' layers in the order they run."""
+    return [layer for level in levels for layer in level.layers()]
+
+
+@functools.singledispatch
+def layer_in_bands(layer: nn.Module, x: torch.Tensor, bands: RowBands) -> torch.Tensor:
+    """`layer(x)` in bands of rows, by the layer's type. A layer of no type registered below (attention, the
+    decoder's conv_in at the latent's size) runs whole, with its input in the math dtype and its output stored."""
+    return bands.store(layer(math_input(x)))
+
+
+@layer_in_bands.register(ResnetBlock)
+def _resnet_in_bands(block: ResnetBlock, x: torch.Tensor, bands: RowBands) -> torch.Tensor:
+    height, rows = x.shape[2], band_rows(bands, x, block.conv1.out_channels)
+    h = conv_in_bands(block.conv1, norm_silu_rows(x, block.norm1, rows), height, rows, bands)
+    if hasattr(block, "nin_shortcut"):
+        shortcut = lambda r0, r1: pointwise(block.nin_shortcut, x[:, :, r0:r1])
+    else:
+        shortcut = lambda r0, r1: x[:, :, r0:r1]
+    return conv_in_bands(block.conv2, norm_silu_rows(h, block.norm2, rows), height, rows, bands,
+                         residual=shortcut)  # (B, C_out, H, W)
+
+
+@layer_in_bands.register(Downsample)
+def _downsample_in_bands(layer: Downsample, x: torch.Tensor, bands: RowBands) -> torch.Tensor:
+    rows = band_rows(bands, x, x.shape[1])
+    return conv_in_bands(layer.conv, plain_rows(x), x.shape[2], rows, bands, downsample=True)  # (B, C, H/2, W/2)
+
+
+@layer_in_bands.register(Upsample)
+def _upsample_in_bands(layer: Upsample, x: torch.Tensor, bands: RowBands) -> torch.Tensor:
+    """×2 nearest + 3×3 conv by phases (`conv.convolve_phases`), a band of input rows at a time (each read with a
+    row of halo above and below)."""
+    height, rows = x.shape[2], band_rows(bands, x, x.shape[1], scale=4)
+    weight, bias = conv_weights(layer.conv)
+    out = empty_output(x, weight.shape[0], 2 * height, 2 * x.shape[3], bands.storage or math_dtype(weight))
+    phases = phase_weights(weight, bias)  # made once for all the bands
+    for r0 in range(0, height, rows):
+        r1 = min(height, r0 + rows)
+        convolve_phases(x[:, :, max(r0 - 1, 0):r1 + 1].to(weight.dtype), *phases,
+                        padding=(int(r0 == 0), int(r1 == height)), out=out[:, :, 2 * r0:2 * r1])
+    return out  # (B, C, 2H, 2W)
+
+
+@layer_in_bands.register(MidBlock)
+def _mid_in_bands(block: MidBlock, x: torch.Tensor, bands: RowBands) -> torch.Tensor:
+    h = layer_in_bands(block.attn_1, layer_in_bands(block.block_1, x, bands), bands)
+    return layer_in_bands(block.block_2, h, bands)
+
+
+def _out_in_bands(norm: nn.GroupNorm, conv: nn.Conv2d, h: torch.Tensor, bands: RowBands) -> torch.Tensor:
+    """conv(silu(norm(h))) in bands: the last layers of the encoder and the decoder."""
+    rows = band_rows(bands, h, h.shape[1])
+    return conv_in_bands(conv, norm_silu_rows(h, norm, rows), h.shape[2], rows, bands)
 
 
 def group_stats(x: torch.Tensor, norm: nn.GroupNorm, rows: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,45 +1,17 @@
 """Convolutions computed another way at CPU inference: a 3×3 convolution of few pixels as one matrix product
-(where oneDNN's direct kernels are slow), and upsampling ×2 + 3×3 convolution as one convolution of the input."""
+(where oneDNN's direct kernels are slow), and upsampling ×2 + 3×3 convolution as one convolution of the input.
+Functions of tensors; `layers.py` decides when the networks' layers use them, `bands.py` runs them on bands."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from latent_diffusion.runtime import eager_cpu_inference
 
 MATMUL_MAX_PIXELS = 512  # batch × height × width (of the output) at or below which the weights dominate
 MATMUL_MIN_WEIGHTS = 8_000_000  # elements: 1280 → 1280 channels is 14.7 M (59 MB in fp32)
-# batch × height × width of the input from which `upsampled_conv3x3` pays for its per-call weight transform
-PHASES_MIN_PIXELS = 512
 
 
-class Conv2d(nn.Conv2d):
-    """`nn.Conv2d` (same parameters, same state dict) that, at CPU inference, computes a padded 3×3 convolution
-    (stride 1 or 2) of few pixels with large weights as one matrix product over its unfolded input (im2col).
-
-    The SD 1.5 UNet's 8×8 level at batch 2 has 128 pixels against 1280 × 1280 × 9 weights. oneDNN convolves
-    that at ~40–120 GFLOP/s; one (C_out, 9·C_in) × (9·C_in, pixels) product streams the weights once at
-    ~210: its 14 convolutions take 0.29 s instead of 0.55 s here, and its downsampling from 16×16 16 ms
-    instead of 34. Where pixels are many the direct kernels win (≥ 1.5× at 32×32), hence the limits above.
-    Training, other devices, tracing and `torch.compile` run the plain convolution."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._as_matmul(x):
-            return conv3x3_as_matmul(x, self.weight, self.bias, self.stride[0])
-        return super().forward(x)
-
-    def _as_matmul(self, x: torch.Tensor) -> bool:
-        stride = self.stride[0]
-        return (eager_cpu_inference(x) and x.dim() == 4
-                and self.kernel_size == (3, 3) and self.stride in ((1, 1), (2, 2)) and self.padding == (1, 1)
-                and self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros"
-                and x.shape[0] * _strided(x.shape[2], stride) * _strided(x.shape[3], stride) <= MATMUL_MAX_PIXELS
-                and self.weight.numel() >= MATMUL_MIN_WEIGHTS)
-
-
-def _strided(size: int, stride: int) -> int:
+def strided(size: int, stride: int) -> int:
     """Output size of a padded 3×3 convolution along an axis of `size`."""
     return (size - 1) // stride + 1
 
@@ -48,7 +20,7 @@ def conv3x3_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                       stride: int = 1) -> torch.Tensor:
     """`F.conv2d(x, weight, bias, stride, padding=1)` for 3×3 weights, as (C_out, 9·C_in) @ (9·C_in, B·H'·W')."""
     b, c, h, w = x.shape
-    out_channels, oh, ow = weight.shape[0], _strided(h, stride), _strided(w, stride)
+    out_channels, oh, ow = weight.shape[0], strided(h, stride), strided(w, stride)
     columns = _windows(x, 3, oh, ow, stride).view(c * 9, b * oh * ow)  # rows ordered (c, ky, kx) like weight's
     weight = weight.reshape(out_channels, -1)
     out = weight @ columns if bias is None else torch.addmm(bias[:, None], weight, columns)  # (C_out, B·H'·W')
@@ -69,13 +41,6 @@ def _windows(x: torch.Tensor, size: int, rows: int, cols: int, stride: int = 1) 
     return columns
 
 
-def upsample_by_phases(x: torch.Tensor) -> bool:
-    """Whether an `Upsample` layer computes ×2 nearest + 3×3 convolution of `x` by `upsampled_conv3x3`: at CPU
-    inference, from `PHASES_MIN_PIXELS` pixels (below, as at SD's 8×8 level with 1280 channels, the per-call
-    weight transform costs what the FLOPs save)."""
-    return eager_cpu_inference(x) and x.shape[0] * x.shape[2] * x.shape[3] >= PHASES_MIN_PIXELS
-
-
 def upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       padding: tuple[int, int] = (1, 1), out: torch.Tensor | None = None) -> torch.Tensor:
     """A 3×3 convolution (padding 1) of `x` upsampled ×2 by nearest neighbour, computed from `x` itself.
@@ -85,7 +50,8 @@ def upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     outputs, interleaved. 16 instead of 36 multiply-adds per input pixel and channel pair, and the upsampled
     input is never made: 2.3× faster for SD's UNet at 32² → 64², 1.7× for its decoder's (CI host, fp32). Equal to
     `F.conv2d(F.interpolate(x, scale_factor=2), weight, bias, padding=1)` up to rounding. Few pixels against
-    large weights (as `Conv2d` takes them) go by `phases_as_matmuls`: SD's 16² → 32² at 1280 channels, 1.5×.
+    large weights (as `layers.MatmulConv2d` takes them) go by `phases_as_matmuls`: SD's 16² → 32² at 1280
+    channels, 1.5×.
 
     `padding` and `out`: as in `convolve_phases`, which takes the weights made once for many bands of rows."""
     if (padding, out) == ((1, 1), None) and x.dim() == 4 and x[:, 0].numel() <= MATMUL_MAX_PIXELS \
@@ -125,7 +91,7 @@ def convolve_phases(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                     padding: tuple[int, int] = (1, 1), out: torch.Tensor | None = None) -> torch.Tensor:
     """`upsampled_conv3x3` with the weights from `phase_weights`.
 
-    For bands of rows (`autoencoder/bands.py`): `padding` = (top, bottom) zero rows, 1 at the image's border
+    For bands of rows (`bands.py`): `padding` = (top, bottom) zero rows, 1 at the image's border
     and 0 where `x` holds one row of halo instead; the output has 2 × (rows of `x` + top + bottom − 2) rows,
     written into `out` when given (any dtype; the layout of the convolution's output otherwise)."""
     top, bottom = padding

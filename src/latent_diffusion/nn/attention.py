@@ -5,18 +5,13 @@ Attribute names mirror CompVis `ldm/modules/attention.py`, so Stable Diffusion U
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from latent_diffusion.nn.embeddings import grid_position_embedding
-from latent_diffusion.runtime import eager_cpu_inference
-
-
-def repeat_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
-    """x repeated along its first axis to `batch` entries (x, x, …, x): the tensors of latents shared by several
-    conditions (`UNetModel.forward`), for all of them."""
-    return x if x.shape[0] == batch else x.repeat(batch // x.shape[0], *(1,) * (x.ndim - 1))
 
 
 class CrossAttention(nn.Module):
@@ -32,17 +27,39 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+        self.streams = nn.ModuleDict()  # extra key/value streams by name (`KVStream`); none in the paper's model
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, N, D), context (B, L, Dc), mask (B, L) bool with True = attend."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                extra_context: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """x (B, N, D), context (B, L, Dc), mask (B, L) bool with True = attend; `extra_context` holds the tokens
+        (B, L', D') of the `streams` by name (a stream without tokens in this call adds nothing)."""
         context = x if context is None else context
         b, n, _ = x.shape
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        q, k, v = (t.reshape(b, t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, h, ·, d)
+        q, k, v = (self._heads(t) for t in (self.to_q(x), self.to_k(context), self.to_v(context)))  # (B, h, ·, d)
         attn_mask = None if mask is None else mask[:, None, None, :].to(torch.bool)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, N, d)
+        for name, stream in self.streams.items():
+            tokens = (extra_context or {}).get(name)
+            if tokens is not None:
+                k, v = self._heads(stream.to_k(tokens)), self._heads(stream.to_v(tokens))
+                out = out + stream.scale * F.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))  # (B, N, D)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, L, h·d) → (B, h, L, d)."""
+        return t.reshape(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
+
+
+class KVStream(nn.Module):
+    """Other tokens that a cross-attention layer attends to with its own queries, through keys and values of
+    their own, the result added with weight `scale`: IP-Adapter's decoupled cross-attention (Ye et al. 2023,
+    eq. 5), Attention(Q, K, V) + λ·Attention(Q, K', V'). Added to a layer as `attention.streams[name]`."""
+
+    def __init__(self, context_dim: int, inner_dim: int, scale: float = 1.0):
+        super().__init__()
+        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
+        self.scale = scale
 
 
 class GEGLU(nn.Module):
@@ -58,26 +75,14 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """GEGLU → dropout → Linear, 4× wide (`ff.net.0.proj`, `ff.net.2`).
-
-    At CPU inference, long token sequences go through in chunks of `CHUNK_TOKENS`: the GEGLU's 8×-wide
-    intermediates (84 MB per call at SD's 64×64 level, batch 2) then stay in cache between the projection, the
-    GELU, the product and the down-projection. Same output; 134 → 84 ms per call at that level on the CI host.
-    `runtime.store_weights` casts its weights once per call (`cast_as_one`), not once per chunk."""
-
-    CHUNK_TOKENS = 512
-    cast_as_one = True
+    """GEGLU → dropout → Linear, 4× wide (`ff.net.0.proj`, `ff.net.2`)."""
 
     def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
         super().__init__()
         self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = x.shape[:-1].numel()
-        if not eager_cpu_inference(x) or tokens <= 2 * self.CHUNK_TOKENS:
-            return self.net(x)
-        chunks = x.reshape(tokens, x.shape[-1]).split(self.CHUNK_TOKENS)
-        return torch.cat([self.net(chunk) for chunk in chunks]).view(x.shape)
+        return self.net(x)  # (B, N, D)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -90,12 +95,10 @@ class BasicTransformerBlock(nn.Module):
         self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, dropout)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                extra_context: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))
-        if context is not None:  # latents shared by several conditions meet them here (`UNetModel.forward`)
-            x = repeat_batch(x, context.shape[0])
-        x = x + self.attn2(self.norm2(x), context, mask)
+        x = x + self.attn2(self.norm2(x), context, mask, extra_context)
         return x + self.ff(self.norm3(x))  # (B, N, D)
 
 
@@ -121,8 +124,8 @@ class SpatialTransformer(nn.Module):
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                extra_context: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         h, w = x.shape[2:]
         hidden = self.norm(x)
         if not self.use_linear:
@@ -133,10 +136,10 @@ class SpatialTransformer(nn.Module):
         if self.position_embedding:
             hidden = hidden + grid_position_embedding(h, w, hidden.shape[-1], hidden.device, hidden.dtype)
         for block in self.transformer_blocks:
-            hidden = block(hidden, context, mask)
+            hidden = block(hidden, context, mask, extra_context)
         if self.use_linear:
             hidden = self.proj_out(hidden)
-        hidden = hidden.transpose(1, 2).reshape(hidden.shape[0], -1, h, w)  # x's batch, or more where x was shared
+        hidden = hidden.transpose(1, 2).reshape(hidden.shape[0], -1, h, w)
         if not self.use_linear:
             hidden = self.proj_out(hidden)
-        return repeat_batch(x, hidden.shape[0]) + hidden  # (B, C, H, W)
+        return x + hidden  # (B, C, H, W)

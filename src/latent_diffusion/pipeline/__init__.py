@@ -15,18 +15,16 @@ import torch
 from PIL import Image
 
 from latent_diffusion.autoencoder import AutoencoderKL, build_autoencoder
-from latent_diffusion.inference.bands import inference_bands
-from latent_diffusion.conditioning.conditioner import build_conditioner, trained_part
+from latent_diffusion.conditioning.registry import build_conditioner
 from latent_diffusion.conditioning.spatial import check_spatial
 from latent_diffusion.config import AutoencoderRunConfig, DataConfig, LDMRunConfig
 from latent_diffusion.files.weights import CheckpointError, load_module_weights, module_from_weights
 from latent_diffusion.formats.model import CONDITIONER_FILE, ModelParts, load_model
 from latent_diffusion.generation.model import LatentDiffusion
 from latent_diffusion.images import save_image
-from latent_diffusion.inference import check_backend
+from latent_diffusion.inference import check_backend, prepare_for_inference
 from latent_diffusion.pipeline.outputs import check_writable, image_paths, output_file
-from latent_diffusion.runtime import (PRECISIONS, channels_last_on_cpu, check_precision, resolve_device,
-                                     store_weights)
+from latent_diffusion.runtime import PRECISIONS, check_precision, resolve_device
 from latent_diffusion.unet import UNetModel
 
 
@@ -63,37 +61,31 @@ class Pipeline(LatentDiffusion):
     def from_parts(cls, parts: ModelParts, device: str | torch.device = "auto", precision: str = "fp32",
                    backend: str = "torch") -> Pipeline:
         """A pipeline of the configs and weights in `parts`. Weights are kept in fp32, or for `precision` bf16 /
-        fp16 (backend torch) in that dtype — half the memory — with the math at `runtime.math_precision`. Tensors
-        of `parts` already in that dtype and on `device` become the modules' weights themselves, not copies."""
+        fp16 (backend torch) in that dtype — half the memory — with the math at `math_precision` (by the device's
+        capabilities); each network made ready for inference (`prepare_for_inference`). Tensors of `parts`
+        already in that dtype and on `device` become the modules' weights themselves, not copies."""
         dev, storage = _placement(device, precision, backend)
         cfg = parts.run_config()
         unet = module_from_weights(lambda: UNetModel(cfg.unet), parts.unet, "UNet weights", storage, dev)
         autoencoder = module_from_weights(lambda: build_autoencoder(parts.autoencoder_config), parts.autoencoder,
                                           "autoencoder weights", storage, dev)
-        if parts.text_encoder is not None and cfg.conditioning.encoder != "clip":
-            raise CheckpointError(f"text encoder weights given for a '{cfg.conditioning.encoder}' model")
-        conditioner = build_conditioner(cfg.conditioning, dev, cfg.unet.context_dim, parts.text_encoder, storage)
-        if parts.tokenizer is not None:
-            conditioner.encoder.tokenizer = parts.tokenizer
+        conditioner = build_conditioner(cfg.conditioning, dev, cfg.unet.context_dim, parts.text_encoder, storage,
+                                        parts.tokenizer)
         if conditioner.trainable is not None:
             if parts.conditioner is None:
-                raise CheckpointError(f"this model needs the weights of its {trained_part(cfg.conditioning)} "
+                raise CheckpointError(f"this model needs the weights of its {conditioner.trained_part} "
                                       f"({CONDITIONER_FILE})")
-            load_module_weights(conditioner.trainable, parts.conditioner, f"{trained_part(cfg.conditioning)} weights")
+            load_module_weights(conditioner.trainable, parts.conditioner, f"{conditioner.trained_part} weights")
             conditioner.trainable.eval()
         check_spatial(cfg.conditioning.spatial, cfg.unet.concat_channels, parts.autoencoder_config.in_channels,
                       parts.autoencoder_config.embed_dim)
         ae_cfg = AutoencoderRunConfig(model=parts.autoencoder_config, data=DataConfig(resolution=parts.resolution))
-        autoencoder = channels_last_on_cpu(autoencoder.to(dev).eval(), dev)
-        if isinstance(autoencoder, AutoencoderKL):  # the same images in less memory: `autoencoder/bands.py`
-            autoencoder.bands = inference_bands(dev, storage)
-        pipe = cls(cfg, unet.to(dev).eval(), autoencoder, ae_cfg, conditioner, dev, precision, backend)
-        if storage != torch.float32:
-            math = PRECISIONS[pipe.math]
-            store_weights(pipe.unet, storage, math)
-            store_weights(pipe.autoencoder, storage, math)
-            if cfg.conditioning.encoder == "clip":  # its math stays fp32: a small share of the time
-                store_weights(conditioner.encoder, storage, torch.float32)
+        pipe = cls(cfg, unet, autoencoder, ae_cfg, conditioner, dev, precision, backend)
+        math = PRECISIONS[pipe.math] if storage != torch.float32 else storage  # OpenVINO converts fp32 weights
+        pipe.unet = prepare_for_inference(unet, dev, storage, math)
+        pipe.autoencoder = prepare_for_inference(autoencoder, dev, storage, math)
+        if conditioner.stores_in_dtype:  # its math stays fp32: a small share of the time
+            prepare_for_inference(conditioner.encoder, dev, storage, torch.float32)
         return pipe
 
     def network(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -1,38 +1,26 @@
-"""Stateless samplers over a `Denoiser` (k-diffusion style) and their name registry.
+"""Stateless samplers over a `Denoiser` (k-diffusion style), the grids that place their steps, and their registry.
 
-Every sampler is `sample_x(denoiser, noise, num_steps, *, generator=None, callback=None, **options) -> x̂_0`,
-takes unit-variance noise of any shape (B, C, H, W), and draws further randomness only from `generator` (one, or
-one per batch item: then each item's result depends on its own generator alone).
+A sampler is `sample_x(denoiser, noise, grid, *, generator=None, callback=None, extra_args=None, **options)`
+-> x̂_0: it takes unit-variance noise of any shape (B, C, H, W) and the grid its registry entry builds
+(`get_sampler(name).make_grid(schedule, num_steps, GridOptions(...))`), and draws further randomness only from
+`generator` (one, or one per batch item: then each item's result depends on its own generator alone).
 """
 
 from __future__ import annotations
 
-import inspect
-
 from latent_diffusion.samplers.common import Callback, Generators, Sampler
+from latent_diffusion.samplers.grid import DiscreteStep, GridOptions, SigmaGrid
+# Importing the sampler modules registers their samplers, in this order
 from latent_diffusion.samplers.discrete import sample_ddim, sample_ddpm, sample_plms
 from latent_diffusion.samplers.kdiffusion import sample_dpmpp_2m, sample_euler, sample_euler_a, sample_heun
-
-SAMPLERS: dict[str, Sampler] = {
-    "ddpm": sample_ddpm,
-    "ddim": sample_ddim,
-    "plms": sample_plms,
-    "euler": sample_euler,
-    "euler_a": sample_euler_a,
-    "heun": sample_heun,
-    "dpmpp_2m": sample_dpmpp_2m,
-}
-
+from latent_diffusion.samplers.registry import SAMPLERS, SamplerSpec, register
 
 # AUTOMATIC1111's names of our samplers (its "X Karras" variants are X with `karras=True`); DDPM has none
 A1111_NAMES = {"euler_a": "Euler a", "euler": "Euler", "heun": "Heun", "ddim": "DDIM", "plms": "PLMS",
                "dpmpp_2m": "DPM++ 2M"}
-_BY_NAME = {**{name: name for name in SAMPLERS}, **{a1111.lower(): name for name, a1111 in A1111_NAMES.items()}}
-# Arguments every sampler takes; the rest of its keywords are its options (eta, karras, spacing, ...)
-_COMMON_ARGUMENTS = {"denoiser", "noise", "num_steps", "generator", "callback", "extra_args"}
 
 
-def get_sampler(name: str) -> Sampler:
+def get_sampler(name: str) -> SamplerSpec:
     """The sampler registered under `name`."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; known samplers: {', '.join(SAMPLERS)}")
@@ -40,8 +28,10 @@ def get_sampler(name: str) -> Sampler:
 
 
 def sampler_options(name: str) -> tuple[str, ...]:
-    """The keyword options the sampler `name` takes (e.g. ddim: eta, spacing, steps_offset, set_alpha_to_one)."""
-    return tuple(p for p in inspect.signature(get_sampler(name)).parameters if p not in _COMMON_ARGUMENTS)
+    """The keyword options the sampler `name` takes, its own and its grid's (e.g. ddim: eta, spacing,
+    steps_offset, set_alpha_to_one), as its registry entry declares them."""
+    spec = get_sampler(name)
+    return spec.options + spec.grid_options
 
 
 def resolve_sampler(name: str) -> tuple[str, bool]:
@@ -49,7 +39,8 @@ def resolve_sampler(name: str) -> tuple[str, bool]:
     ('euler_a', False), 'DPM++ 2M Karras' → ('dpmpp_2m', True)."""
     text = " ".join(name.lower().split())
     karras = text.endswith(" karras")
-    found = _BY_NAME.get(text.removesuffix(" karras"))
+    by_name = {**{n: n for n in SAMPLERS}, **{a1111.lower(): n for n, a1111 in A1111_NAMES.items()}}
+    found = by_name.get(text.removesuffix(" karras"))
     with_karras = [n for n in SAMPLERS if "karras" in sampler_options(n)]
     if found is None:
         raise ValueError(f"unknown sampler {name!r}; known samplers: {', '.join(sorted(SAMPLERS))} (or "
@@ -67,6 +58,7 @@ def sampler_label(name: str, karras: bool = False) -> str:
     return f"{label} Karras" if karras else label
 
 
-__all__ = ["A1111_NAMES", "SAMPLERS", "Callback", "Generators", "Sampler", "get_sampler", "resolve_sampler",
-           "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_euler", "sample_euler_a", "sample_heun",
-           "sample_plms", "sampler_label", "sampler_options"]
+__all__ = ["A1111_NAMES", "SAMPLERS", "Callback", "DiscreteStep", "Generators", "GridOptions", "Sampler",
+           "SamplerSpec", "SigmaGrid", "get_sampler", "register", "resolve_sampler", "sample_ddim", "sample_ddpm",
+           "sample_dpmpp_2m", "sample_euler", "sample_euler_a", "sample_heun", "sample_plms", "sampler_label",
+           "sampler_options"]

@@ -1,20 +1,22 @@
 """Samplers of the discrete VP process at integer timesteps: DDPM (ancestral), DDIM and PLMS.
 
-Each takes unit-variance noise as x_T and returns x̂_0 latents of its shape. Grid options default to those of the
-corresponding diffusers scheduler; Stable Diffusion uses spacing='leading', steps_offset=1, set_alpha_to_one=False.
+Each takes unit-variance noise as x_T and the steps of a `discrete_grid`, and returns x̂_0 latents of its shape.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from latent_diffusion.diffusion.denoiser import Denoiser
-from latent_diffusion.diffusion.schedule import TimestepSpacing
-from latent_diffusion.samplers.common import (Callback, DiscreteStep, Generators, discrete_steps, model_kwargs,
-                                              randn_like, report)
+from latent_diffusion.samplers.common import Callback, Generators, model_kwargs, randn_like, report
+from latent_diffusion.samplers.grid import DiscreteStep, discrete_grid
+from latent_diffusion.samplers.registry import register
+
+SPACED = ("spacing", "steps_offset")  # the grid options every discrete sampler takes
 
 
 def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, alpha_cumprod: float) -> torch.Tensor:
@@ -45,30 +47,25 @@ def _ddim_loop(denoiser: Denoiser, x: torch.Tensor, steps: list[DiscreteStep], e
     return x
 
 
-def sample_ddim(denoiser: Denoiser, noise: torch.Tensor, num_steps: int, *,
-                generator: Generators = None, callback: Callback | None = None, eta: float = 0.0,
-                spacing: TimestepSpacing = "leading", steps_offset: int = 0, set_alpha_to_one: bool = True,
-                extra_args: Mapping[str, Any] | None = None) -> torch.Tensor:
-    """DDIM (Song et al. 2021); η = 0 is deterministic. The last step lands on ᾱ = 1 or, without
-    `set_alpha_to_one`, on ᾱ_0 (CompVis). Stepping to the next grid timestep equals diffusers' t − ⌊T/n⌋ for
-    'leading' spacing."""
-    schedule = denoiser.schedule
-    final = 1.0 if set_alpha_to_one else schedule.alphas_cumprod[0].item()
-    steps = discrete_steps(schedule, num_steps, spacing, steps_offset, final)
-    return _ddim_loop(denoiser, noise, steps, eta, generator, callback, model_kwargs(extra_args))
-
-
-def sample_ddpm(denoiser: Denoiser, noise: torch.Tensor, num_steps: int, *,
+@register("ddpm", discrete_grid, SPACED)
+def sample_ddpm(denoiser: Denoiser, noise: torch.Tensor, grid: list[DiscreteStep], *,
                 generator: Generators = None, callback: Callback | None = None,
-                spacing: TimestepSpacing = "leading", steps_offset: int = 0,
                 extra_args: Mapping[str, Any] | None = None) -> torch.Tensor:
     """Ancestral sampling from p(x_{t−1} | x_t) with variance β̃_t (Ho et al. 2020, eq. 6–7), on a grid of
-    `num_steps` timesteps (num_steps = T is DDPM itself; β_t = 1 − ᾱ_t/ᾱ_prev between grid points).
+    timesteps (all T of them is DDPM itself; β_t = 1 − ᾱ_t/ᾱ_prev between grid points; ᾱ = 1 after the last).
 
     This is DDIM with η = 1: its mean √ᾱ_{t−1} x̂_0 + √(1 − ᾱ_{t−1} − β̃_t) ε̂ equals the posterior mean μ̃_t.
     """
-    steps = discrete_steps(denoiser.schedule, num_steps, spacing, steps_offset, final_alpha_cumprod=1.0)
-    return _ddim_loop(denoiser, noise, steps, 1.0, generator, callback, model_kwargs(extra_args))
+    return _ddim_loop(denoiser, noise, grid, 1.0, generator, callback, model_kwargs(extra_args))
+
+
+@register("ddim", discrete_grid, SPACED + ("set_alpha_to_one",), options=("eta",))
+def sample_ddim(denoiser: Denoiser, noise: torch.Tensor, grid: list[DiscreteStep], *,
+                generator: Generators = None, callback: Callback | None = None, eta: float = 0.0,
+                extra_args: Mapping[str, Any] | None = None) -> torch.Tensor:
+    """DDIM (Song et al. 2021); η = 0 is deterministic. Stepping to the next grid timestep equals diffusers'
+    t − ⌊T/n⌋ for 'leading' spacing."""
+    return _ddim_loop(denoiser, noise, grid, eta, generator, callback, model_kwargs(extra_args))
 
 
 def _adams_bashforth(history: list[torch.Tensor]) -> torch.Tensor:
@@ -88,19 +85,16 @@ def _transfer(x: torch.Tensor, eps: torch.Tensor, step: DiscreteStep) -> torch.T
     return ddim_update(x0_from_eps(x, eps, step.alpha_cumprod), eps, step.alpha_cumprod_prev)
 
 
-def sample_plms(denoiser: Denoiser, noise: torch.Tensor, num_steps: int, *,
+@register("plms", functools.partial(discrete_grid, set_alpha_to_one=False), SPACED + ("set_alpha_to_one",))
+def sample_plms(denoiser: Denoiser, noise: torch.Tensor, grid: list[DiscreteStep], *,
                 generator: Generators = None, callback: Callback | None = None,
-                spacing: TimestepSpacing = "leading", steps_offset: int = 0, set_alpha_to_one: bool = False,
                 extra_args: Mapping[str, Any] | None = None) -> torch.Tensor:
     """PLMS: PNDM's pseudo linear multistep method (Liu et al. 2022) without Runge–Kutta warm-up (diffusers'
-    skip_prk_steps, CompVis' PLMSSampler). Uses num_steps + 1 network evaluations."""
-    schedule = denoiser.schedule
-    final = 1.0 if set_alpha_to_one else schedule.alphas_cumprod[0].item()
-    steps = discrete_steps(schedule, num_steps, spacing, steps_offset, final)
+    skip_prk_steps, CompVis' PLMSSampler). Uses len(grid) + 1 network evaluations."""
     extra = model_kwargs(extra_args)
     history: list[torch.Tensor] = []
     x = noise
-    for i, step in enumerate(steps):
+    for i, step in enumerate(grid):
         x0, eps = denoiser.predict(x, step.t, **extra)
         history = (history + [eps])[-4:]
         if i == 0 and step.t_prev >= 0:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -61,11 +61,15 @@ class DistributedContext:
 
     def any(self, flag: bool) -> bool:
         """True on every rank when `flag` is True on any rank (so all ranks take the same branch)."""
+        return self.any_each([flag])[0]
+
+    def any_each(self, flags: Sequence[bool]) -> list[bool]:
+        """`any` of each flag, in one all-reduce."""
         if not self.enabled:
-            return flag
-        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
+            return list(flags)
+        values = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=self.device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return [bool(value) for value in values.tolist()]
 
     def mean(self, value: float) -> float:
         """The mean of a scalar over ranks (for logging)."""

@@ -96,12 +96,14 @@ def _join(parts: list[LatentCache]) -> LatentCache:
 
 @torch.no_grad()
 def encode_dataset(autoencoder: AutoencoderKL, dataset: Dataset, cache_dir: Path, batch_size: int = 64,
-                   progress: bool = True, keep_images: bool = False, ctx=None, signals=None) -> LatentCache:
+                   progress: bool = True, keep_images: bool = False, ctx=None, signals=None,
+                   num_workers: int = 0) -> LatentCache:
     """Load the cache in `cache_dir` if it matches, else encode `dataset` and write it (atomically).
 
     Under torchrun (`ctx` a `DistributedContext`) each rank encodes its contiguous shard of the dataset into its
     own file once; then every rank reads all shards. A stop signal (`signals`, a `StopSignals`) ends the encoding
-    after the current batch: what was encoded is kept, and the next run continues from there.
+    after the current batch: what was encoded is kept, and the next run continues from there. `num_workers`
+    processes load the images.
     """
     world, rank = (ctx.world_size, ctx.rank) if ctx is not None else (1, 0)
     key = fingerprint(autoencoder, dataset, keep_images)
@@ -110,7 +112,7 @@ def encode_dataset(autoencoder: AutoencoderKL, dataset: Dataset, cache_dir: Path
     mine = _read_cache(paths[rank], key)
     if mine is None:
         shard = Subset(dataset, range(rank * n // world, (rank + 1) * n // world))
-        mine = _encode(autoencoder, shard, paths[rank], key, batch_size, progress, keep_images, signals)
+        mine = _encode(autoencoder, shard, paths[rank], key, batch_size, progress, keep_images, signals, num_workers)
     if ctx is not None:
         ctx.barrier()
     parts = [mine if r == rank else _read_cache(path, key) for r, path in enumerate(paths)]
@@ -125,7 +127,7 @@ def partial_path(path: Path) -> Path:
 
 
 def _encode(autoencoder: AutoencoderKL, dataset: Dataset, path: Path, key: str, batch_size: int, progress: bool,
-            keep_images: bool, signals=None) -> LatentCache:
+            keep_images: bool, signals=None, num_workers: int = 0) -> LatentCache:
     """Encode `dataset` (continuing a stopped encoding), write its cache file to `path` and return it."""
     device = next(itertools.chain(autoencoder.parameters(), autoencoder.buffers())).device
     done = _read_cache(partial_path(path), key)
@@ -133,7 +135,7 @@ def _encode(autoencoder: AutoencoderKL, dataset: Dataset, path: Path, key: str, 
     start = len(done) if done is not None else 0
     if start:
         log.info("continuing the latent cache from image %d of %d", start, len(dataset))
-    loader = DataLoader(Subset(dataset, range(start, len(dataset))), batch_size=batch_size)
+    loader = DataLoader(Subset(dataset, range(start, len(dataset))), batch_size=batch_size, num_workers=num_workers)
     for batch in tqdm(loader, desc="encode latents", disable=not progress, initial=start // batch_size,
                       total=-(-len(dataset) // batch_size)):
         if signals is not None and signals.requested is not None:

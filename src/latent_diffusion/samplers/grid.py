@@ -1,0 +1,100 @@
+"""Where a sampler's steps lie, built once and passed to it (k-diffusion style: samplers take the grid).
+
+Two kinds of grid: the discrete VP samplers (DDPM, DDIM, PLMS) step between integer timesteps (`discrete_grid`);
+the σ-space samplers (Euler, Heun, DPM-Solver++) between σ's (`sigma_grid`, `dpm_solver_grid`). Each grid
+function takes `num_steps` and the spacing options a request may set (`GridOptions`), with the defaults of the
+corresponding diffusers scheduler; Stable Diffusion's configs use spacing='leading', steps_offset=1 and, for
+DDIM/PLMS, set_alpha_to_one=False.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from latent_diffusion.diffusion.schedule import (NoiseSchedule, TimestepSpacing, interpolate, karras_sigmas,
+                                                 timestep_grid)
+
+
+@dataclass(frozen=True)
+class GridOptions:
+    """How a request places a sampler's steps; None: the sampler's default. A sampler's registry entry names
+    the options its grid takes (`SamplerSpec.grid_options`).
+
+    :param spacing: the timesteps' spacing, "leading", "trailing" or "linspace" (Lin et al. 2023, Table 2).
+    :param steps_offset: added to every 'leading' timestep.
+    :param karras: σ's spaced by Karras et al. eq. 5 (σ-space samplers only).
+    :param set_alpha_to_one: DDIM/PLMS's last step lands on ᾱ = 1 (True) or on ᾱ_0 (False, CompVis).
+    """
+
+    spacing: TimestepSpacing | None = None
+    steps_offset: int = 0
+    karras: bool = False
+    set_alpha_to_one: bool | None = None
+
+
+class DiscreteStep(NamedTuple):
+    """One step t → t_prev of a VP sampler: t_prev = −1 after the last step, where ᾱ_prev is the final ᾱ."""
+
+    t: int
+    t_prev: int
+    alpha_cumprod: float
+    alpha_cumprod_prev: float
+
+
+class SigmaGrid(NamedTuple):
+    """σ_0 > … > σ_{n−1} > σ_n = 0, and the std of x at σ_0 that unit noise is scaled to (diffusers'
+    `init_noise_sigma`): √(σ_0² + 1) for the VP prior x_T ~ N(0, I) seen as x_T/√ᾱ_T, or σ_0 (k-diffusion's)."""
+
+    sigmas: list[float]
+    init_noise_sigma: float
+
+
+def check_num_steps(num_steps: int) -> None:
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+
+
+def discrete_grid(schedule: NoiseSchedule, num_steps: int, spacing: TimestepSpacing = "leading",
+                  steps_offset: int = 0, set_alpha_to_one: bool = True) -> list[DiscreteStep]:
+    """The integer timesteps of `timestep_grid` (rounded), each with the next one and their ᾱ; after the last
+    step ᾱ = 1, or ᾱ_0 without `set_alpha_to_one`."""
+    check_num_steps(num_steps)
+    final_alpha_cumprod = 1.0 if set_alpha_to_one else schedule.alphas_cumprod[0].item()
+    ts = [int(t) for t in timestep_grid(num_steps, spacing, schedule.num_timesteps, steps_offset).round().tolist()]
+    abar = schedule.alphas_cumprod.tolist()
+    prevs = ts[1:] + [-1]
+    return [DiscreteStep(t, p, abar[t], abar[p] if p >= 0 else final_alpha_cumprod)
+            for t, p in zip(ts, prevs, strict=True)]
+
+
+def _sigma_grid(sigmas: list[float], vp_prior: bool) -> SigmaGrid:
+    return SigmaGrid(sigmas, (sigmas[0]**2 + 1) ** 0.5 if vp_prior else sigmas[0])
+
+
+def sigma_grid(schedule: NoiseSchedule, num_steps: int, spacing: TimestepSpacing = "linspace",
+               steps_offset: int = 0, karras: bool = False) -> SigmaGrid:
+    """σ's at the spaced timesteps (σ interpolated linearly, as diffusers' Euler schedulers), or with `karras` n σ's
+    by Karras et al. eq. 5 between the first and last of them; the VP prior for 'leading' spacing (as diffusers)."""
+    check_num_steps(num_steps)
+    t = timestep_grid(num_steps, spacing, schedule.num_timesteps, steps_offset)
+    sigmas = interpolate(schedule.sigmas, t)
+    if karras:
+        sigmas = karras_sigmas(sigmas[-1].item(), sigmas[0].item(), num_steps)
+    return _sigma_grid(sigmas.tolist() + [0.0], vp_prior=spacing == "leading")
+
+
+def dpm_solver_grid(schedule: NoiseSchedule, num_steps: int, spacing: TimestepSpacing = "linspace",
+                    steps_offset: int = 0, karras: bool = False) -> SigmaGrid:
+    """DPM-Solver's grid (as diffusers' DPMSolverMultistepScheduler): n + 1 spaced timesteps with the last one
+    dropped ('trailing': n), or n Karras σ's over the whole table; the VP prior."""
+    check_num_steps(num_steps)
+    if karras:
+        sigmas = karras_sigmas(schedule.sigmas[0].item(), schedule.sigmas[-1].item(), num_steps)
+    else:
+        if spacing == "trailing":
+            t = timestep_grid(num_steps, spacing, schedule.num_timesteps, steps_offset)
+        else:
+            t = timestep_grid(num_steps + 1, spacing, schedule.num_timesteps, steps_offset)[:-1].round()
+        sigmas = interpolate(schedule.sigmas, t)
+    return _sigma_grid(sigmas.tolist() + [0.0], vp_prior=True)

@@ -1,0 +1,94 @@
+"""The OpenVINO backend (`backend="openvino"`): the same UNet, compiled by OpenVINO, gives the PyTorch outputs,
+and a pipeline on it generates the same images; bad requests are clear errors."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from latent_diffusion.pipeline import Pipeline
+from latent_diffusion.config import UNetConfig
+from latent_diffusion.unet import UNetModel
+
+from conftest import randomised
+
+openvino_missing = importlib.util.find_spec("openvino") is None
+needs_openvino = pytest.mark.skipif(openvino_missing, reason="openvino is not installed (pip install openvino)")
+
+
+def tiny_unet(**kw) -> UNetModel:
+    torch.manual_seed(0)
+    cfg = UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+                     num_heads=2, context_dim=24, norm_groups=8, **kw)
+    return randomised(UNetModel(cfg), 0)  # the zero-initialised output layers too, or everything is 0
+
+
+@needs_openvino
+def test_openvino_unet_matches_pytorch():
+    from latent_diffusion.inference.openvino import OpenVINOUNet
+    unet = tiny_unet()
+    x, t = torch.randn(2, 4, 8, 12), torch.tensor([10.0, 700.0])
+    context, mask = torch.randn(2, 5, 24), torch.tensor([[True] * 5, [True, True, False, False, False]])
+    with torch.no_grad():
+        expected = unet(x, t, context=context, context_mask=mask)
+    fp32 = OpenVINOUNet(unet, "fp32")
+    got = fp32(x, t, context=context, context_mask=mask)
+    assert got.shape == expected.shape and (got - expected).abs().max() < 1e-4
+    assert len(fp32.requests) == 1
+    fp32(x, t, context=context, context_mask=mask)  # the same signature: compiled once
+    no_mask = fp32(x, t, context=context, context_mask=None)  # a new signature: compiled again
+    assert len(fp32.requests) == 2 and (no_mask - unet(x, t, context=context).detach()).abs().max() < 1e-4
+    bf16 = OpenVINOUNet(unet, "bf16")(x, t, context=context, context_mask=mask)
+    assert (bf16 - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+@needs_openvino
+def test_pipeline_generates_the_same_images_on_openvino(tmp_path, shapes_folder, autoencoder_run, monkeypatch):
+    from latent_diffusion.training.ldm import train_ldm
+
+    from conftest import tiny_ldm_config
+    train_ldm(tiny_ldm_config(autoencoder_run, max_steps=2, checkpoint_every=2), shapes_folder, tmp_path,
+              device="cpu", progress=False)
+    kwargs = dict(steps=3, guidance_scale=3.0, sampler="dpmpp_2m", num_images=2, seed=0, progress=False)
+    torch_images = Pipeline.from_pretrained(tmp_path, device="cpu").generate_tensors("a red circle", **kwargs)
+    monkeypatch.setenv("LDM_OPENVINO_CACHE", str(tmp_path / "cache"))
+    pipe = Pipeline.from_pretrained(tmp_path, device="cpu", backend="openvino")
+    ov_images = pipe.generate_tensors("a red circle", **kwargs)
+    assert (ov_images - torch_images).abs().max() < 1e-3
+    assert len(list((tmp_path / "cache").glob("*/unet.xml"))) == 1  # one signature: (x, t, context)
+
+
+@needs_openvino
+def test_converted_graphs_are_cached_by_weights_and_signature(tmp_path, monkeypatch):
+    import openvino
+
+    from latent_diffusion.inference.openvino import OpenVINOUNet
+    unet = tiny_unet()
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 700.0]), torch.randn(2, 5, 24)
+    first = OpenVINOUNet(unet, "fp32", tmp_path)(x, t, context=context)
+    assert len(list(tmp_path.glob("*/unet.xml"))) == 1 and not list(tmp_path.glob(".*"))  # no leftovers
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again")
+    monkeypatch.setattr(openvino, "convert_model", no_conversion)
+    again = OpenVINOUNet(unet, "fp32", tmp_path)(x, t, context=context)  # a new process would do the same
+    assert torch.equal(again, first)
+    monkeypatch.undo()
+    with torch.no_grad():
+        unet.out[2].bias.add_(1.0)  # other weights: another graph, with their own output
+    changed = OpenVINOUNet(unet, "fp32", tmp_path)(x, t, context=context)
+    assert len(list(tmp_path.glob("*/unet.xml"))) == 2 and (changed - first).abs().min() > 0.5
+    expected = unet(x, t, context=context).detach()
+    assert (changed - expected).abs().max() < 1e-4
+
+
+def test_backend_errors_are_clear(tmp_path):
+    from latent_diffusion.inference import check_backend
+    with pytest.raises(ValueError, match="backend = 'tensorrt': expected one of torch, openvino"):
+        check_backend("tensorrt", torch.device("cpu"))
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        check_backend("openvino", torch.device("cuda"))
+    if not openvino_missing:
+        from latent_diffusion.inference.openvino import OpenVINOUNet
+        with pytest.raises(ValueError, match="fp32 or bf16"):
+            OpenVINOUNet(tiny_unet(), "fp16")
