@@ -141,6 +141,7 @@ signals.requested = "SIGTERM" if ctx.rank == 1 else None
 first = stop_reason(ctx, signals, never)
 signals.requested = None
 print(first, stop_reason(ctx, signals, past), stop_reason(ctx, signals, never))
+ctx.close()
 """
 
 

@@ -218,9 +218,10 @@ def train_autoencoder(cfg: AutoencoderRunConfig, data: str | os.PathLike, out: s
     NaN/inf loss skips its step. (Under DDP the adaptive GAN weight is computed from each process's own micro-batch.)
     """
     paths = RunPaths(Path(out))
-    ctx = distributed_context(device, cfg.training)
-    check_trainable(cfg)
-    return run_in_folder(paths.root, ctx.is_main, lambda signals: _train(cfg, data, paths, ctx, signals, progress))
+    with distributed_context(device, cfg.training) as ctx:
+        check_trainable(cfg)
+        return run_in_folder(paths.root, ctx.is_main,
+                             lambda signals: _train(cfg, data, paths, ctx, signals, progress))
 
 
 def _train(cfg: AutoencoderRunConfig, data, paths: RunPaths, ctx: DistributedContext, signals: StopSignals,

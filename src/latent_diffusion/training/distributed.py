@@ -55,6 +55,17 @@ class DistributedContext:
         log.info("rank %d of %d on %s", rank, world, device)
         return cls(rank, world, local, device)
 
+    def close(self) -> None:
+        """Leave the process group (else gloo's threads can abort the interpreter at exit)."""
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def __enter__(self) -> DistributedContext:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

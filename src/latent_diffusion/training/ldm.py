@@ -129,9 +129,9 @@ def train_ldm(cfg: LDMRunConfig, data: str | os.PathLike, out: str | os.PathLike
     checkpoint and return (the line then has "stopped"); a NaN/inf loss skips its step.
     """
     out = Path(out)
-    ctx = distributed_context(device, cfg.training)
-    check_trainable(cfg)
-    return run_in_folder(out, ctx.is_main, lambda signals: _train(cfg, data, out, ctx, signals, progress))
+    with distributed_context(device, cfg.training) as ctx:
+        check_trainable(cfg)
+        return run_in_folder(out, ctx.is_main, lambda signals: _train(cfg, data, out, ctx, signals, progress))
 
 
 def _train(cfg: LDMRunConfig, data, out: Path, ctx: DistributedContext, signals: StopSignals,
