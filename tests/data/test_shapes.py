@@ -1,34 +1,40 @@
 """The synthetic shapes generator follows its spec exactly, measured on the rendered pixels."""
 
+import hashlib
 import json
 
 import numpy as np
 import pytest
 
 from latent_diffusion.cli import main
-from latent_diffusion.data.shapes import (BACKGROUNDS, CELL_MARGIN, COLOURS, IMAGE_SIZE, POSITIONS, SIZES,
-                                          cell_bounds, generate_scene, mask_centroid, parse_caption, render_scene)
+from latent_diffusion.data.shapes import (ALL_COLOURS, BACKGROUNDS, CELL_MARGIN, COLOURS, IMAGE_SIZE, NEW_COLOURS,
+                                          NEW_SHAPES, POSITIONS, SHAPES, SIZES, cell_bounds, generate_scene,
+                                          mask_centroid, parse_caption, render_scene, shape_mask,
+                                          write_shapes_folder)
 
 SCENES = [(seed, index) for seed in range(4) for index in range(60)]
+# Scenes drawn only from the new concepts, or from them mixed with the old vocabulary
+CONCEPT_VOCABULARIES = [(list(NEW_COLOURS), None), (None, list(NEW_SHAPES)), (list(NEW_COLOURS) + ["red"], ["heart"])]
 
 
 def _object_mask(pixels: np.ndarray, colour: str, bbox) -> np.ndarray:
-    mask = np.all(pixels == COLOURS[colour], axis=-1)
+    mask = np.all(pixels == ALL_COLOURS[colour], axis=-1)
     x0, y0, x1, y1 = bbox
     region = np.zeros_like(mask)
     region[max(0, y0 - 1):y1 + 2, max(0, x0 - 1):x1 + 2] = True
     return mask & region
 
 
-@pytest.mark.parametrize("seed,index", SCENES[::3])
-def test_rendered_scene_follows_spec(seed, index):
-    scene = generate_scene(seed, index)
+@pytest.mark.parametrize("seed,index,colours,shapes", [(s, i, None, None) for s, i in SCENES[::3]]
+                         + [(s, i, c, sh) for c, sh in CONCEPT_VOCABULARIES for s, i in SCENES[:60:6]])
+def test_rendered_scene_follows_spec(seed, index, colours, shapes):
+    scene = generate_scene(seed, index, colours, shapes)
     pixels = np.asarray(render_scene(scene))
     assert pixels.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
     assert 1 <= len(scene.objects) <= 2
     background = np.array(BACKGROUNDS[scene.background])
     colours = {tuple(c) for c in pixels.reshape(-1, 3)}
-    allowed = {tuple(background)} | {COLOURS[o.colour] for o in scene.objects}
+    allowed = {tuple(background)} | {ALL_COLOURS[o.colour] for o in scene.objects}
     assert colours <= allowed, "no anti-aliasing, no stray colours"
     assert len({(o.row, o.col) for o in scene.objects}) == len(scene.objects), "objects share a cell"
     union = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=int)
@@ -92,3 +98,70 @@ def test_make_shapes_cli_writes_an_image_folder(tmp_path, capsys):
     assert records[3]["text"] == generate_scene(2, 3).caption
     assert records[3]["objects"][0]["shape"] == generate_scene(2, 3).objects[0].shape
     assert (tmp_path / "out" / "00004.png").is_file()
+
+
+def test_default_scenes_are_byte_identical_to_those_the_bundled_models_learnt_from():
+    """Digests taken before the new concepts existed: pixels, captions and attributes, and a folder's metadata."""
+    digest = hashlib.sha256()
+    for seed in (0, 3, 7):
+        for i in range(12):
+            scene = generate_scene(seed, i)
+            digest.update(np.asarray(render_scene(scene)).tobytes())
+            digest.update(json.dumps({"text": scene.caption, **scene.to_json()}).encode())
+    assert digest.hexdigest() == "815ffde43f2865db8ee6608e63041b63881d775ea4a64e0e34fdaf4b2a08b349"
+    assert generate_scene(5, 9, list(COLOURS), SHAPES) == generate_scene(5, 9)
+
+
+def test_default_folder_metadata_is_unchanged(tmp_path):
+    out = write_shapes_folder(tmp_path / "x", 6, seed=2, progress=False)
+    assert hashlib.sha256((out / "metadata.jsonl").read_bytes()).hexdigest() == \
+        "b69a12376464d313135cb31d6c3c309fb6fe7642c194da9672f3071363415aa9"
+
+
+def test_restricted_vocabulary_puts_the_concept_in_every_object():
+    scenes = [generate_scene(0, i, colours=["cyan"], shapes=["heart", "square"]) for i in range(100)]
+    objects = [o for s in scenes for o in s.objects]
+    assert {o.colour for o in objects} == {"cyan"} and {o.shape for o in objects} == {"heart", "square"}
+    assert {(o.row, o.col) for o in objects} == {(r, c) for r in range(3) for c in range(3)}
+    assert {o.size for o in objects} == set(SIZES)
+    assert "a small cyan heart" in " ".join(s.caption for s in scenes)
+    assert generate_scene(0, 3, shapes=["heart"]) == generate_scene(0, 3, shapes=("heart",))
+
+
+@pytest.mark.parametrize("kwargs,message", [({"colours": ["pink"]}, "colours must be distinct names"),
+                                            ({"shapes": []}, "shapes must be distinct names"),
+                                            ({"shapes": ["heart", "heart"]}, "shapes must be distinct names")])
+def test_unknown_vocabulary_is_a_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generate_scene(0, 0, **kwargs)
+
+
+@pytest.mark.parametrize("side", sorted(SIZES.values()))
+def test_heart_is_an_upside_down_triangle_with_lobes(side):
+    """Mirror-symmetric, wide on top and pointed at the bottom: what the evaluator's heart rule reads."""
+    mask = shape_mask("heart", side, 0, 0, canvas=side)
+    widths = mask.sum(axis=1)
+    assert (mask == mask[:, ::-1]).all()
+    assert mask[0].any() and mask[-1].any() and mask[:, 0].any() and mask[:, -1].any(), "fills its bounding box"
+    assert widths[:side // 3].mean() > 2 * widths[-(side // 3):].mean()
+    assert widths[-1] <= 2 and widths.max() == side
+    assert 0.6 < mask.mean() < 0.75
+
+
+def test_new_concepts_parse_back():
+    assert parse_caption("a small cyan heart on the left and a large red circle at the top") == [
+        {"size": "small", "colour": "cyan", "shape": "heart", "row": 1, "col": 0},
+        {"size": "large", "colour": "red", "shape": "circle", "row": 0, "col": 1}]
+
+
+def test_make_shapes_cli_draws_the_new_concepts(tmp_path, capsys):
+    out = tmp_path / "hearts"
+    assert main(["make-shapes", str(out), "--count", "4", "--seed", "1", "--colours", "cyan", "red",
+                 "--shapes", "heart"]) == 0
+    records = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in records] == [generate_scene(1, i, ["cyan", "red"], ["heart"]).caption
+                                            for i in range(4)]
+    assert {o["shape"] for r in records for o in r["objects"]} == {"heart"}
+    assert main(["make-shapes", str(tmp_path / "bad"), "--count", "2", "--colours", "pink"]) == 2
+    assert "colours must be distinct names from" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -183,6 +183,10 @@ class ClipTextEncoder(FrozenEncoder):
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> Conditioning:
+        return self.encode(prompts)
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """`forward` with autograd on, for vectors attached from outside that are trained (the weights stay frozen)."""
         input_ids = self.tokenizer(check_prompts(prompts)).to(self.device)  # (B, 77)
         tokens = self.transformer(input_ids)  # (B, 77, D)
         return Conditioning(tokens, torch.ones(input_ids.shape, dtype=torch.bool, device=tokens.device))

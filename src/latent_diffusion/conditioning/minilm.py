@@ -86,6 +86,10 @@ class MiniLMEncoder(FrozenEncoder):
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> Conditioning:
+        return self.encode(prompts)
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """`forward` with autograd on, for vectors attached from outside that are trained (the weights stay frozen)."""
         prompts = check_prompts(prompts)
         self._warn_if_truncated(prompts)
         if not self.clause_tokens:

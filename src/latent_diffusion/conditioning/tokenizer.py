@@ -14,7 +14,7 @@ import os
 import tempfile
 import unicodedata
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import regex
@@ -110,6 +110,25 @@ class ClipTokenizer:
         self._byte_decoder = {c: b for b, c in self._byte_encoder.items()}
         self._id_to_token = {i: t for t, i in self.vocab.items()}
         self._cache: dict[str, list[str]] = {START_TOKEN: [START_TOKEN], END_TOKEN: [END_TOKEN]}
+        self.added_tokens: dict[str, tuple[int, ...]] = {}
+        self._added_pattern: regex.Pattern | None = None
+        self._added_text: dict[int, str] = {}
+
+    def with_added_tokens(self, added: Mapping[str, Sequence[int]]) -> ClipTokenizer:
+        """A copy of this tokenizer in which each text of `added` stands for its ids (one or several) wherever it
+        appears: the text is split on them before BPE, as Hugging Face tokenizers split on their added tokens, and
+        they are matched in the cleaned (lower-cased) text. The vocabulary and merges are shared, not copied."""
+        tokens = {clean_text(text): tuple(int(i) for i in ids) for text, ids in added.items()}
+        if any(not text or not ids for text, ids in tokens.items()):
+            raise ValueError(f"added tokens need a non-blank text and at least one id each, got {dict(added)}")
+        extended = object.__new__(ClipTokenizer)
+        extended.__dict__.update(self.__dict__)
+        extended.added_tokens = tokens
+        alternatives = "|".join(regex.escape(t) for t in sorted(tokens, key=len, reverse=True))  # longest first
+        extended._added_pattern = regex.compile(f"({alternatives})") if tokens else None
+        extended._added_text = {ids[0]: text for text, ids in tokens.items()}
+        extended._added_text.update({i: "" for ids in tokens.values() for i in ids[1:]})
+        return extended
 
     @classmethod
     def from_bpe_file(cls, path: str | os.PathLike = DEFAULT_BPE_PATH, context_length: int = 77,
@@ -145,18 +164,27 @@ class ClipTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """BPE token ids of `text`, without start/end tokens and without truncation."""
-        ids = []
-        for word in _PATTERN.findall(clean_text(text)):
-            for piece in self._bpe("".join(self._byte_encoder[b] for b in word.encode("utf-8"))):
-                if piece not in self.vocab:
-                    raise KeyError(f"BPE piece {piece!r} is not in the vocabulary (vocab and merges do not match)")
-                ids.append(self.vocab[piece])
+        text = clean_text(text)
+        pieces = self._added_pattern.split(text) if self._added_pattern else [text]
+        ids: list[int] = []
+        for k, piece in enumerate(pieces):
+            if k % 2:  # split() with one group puts the matched added tokens at the odd places
+                ids += self.added_tokens[piece]
+                continue
+            for word in _PATTERN.findall(piece):
+                for bpe in self._bpe("".join(self._byte_encoder[b] for b in word.encode("utf-8"))):
+                    if bpe not in self.vocab:
+                        raise KeyError(f"BPE piece {bpe!r} is not in the vocabulary (vocab and merges do not match)")
+                    ids.append(self.vocab[bpe])
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of token ids (special tokens included as written), words separated by single spaces."""
         text = bytearray()
         for i in ids:
+            if int(i) in self._added_text:
+                text += self._added_text[int(i)].encode("utf-8") + (b" " if self._added_text[int(i)] else b"")
+                continue
             token = self._id_to_token[int(i)]
             text += bytes(self._byte_decoder[c] for c in token.removesuffix(END_OF_WORD))
             if token.endswith(END_OF_WORD):

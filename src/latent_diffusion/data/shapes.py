@@ -2,6 +2,15 @@
 
 Spec: 64×64 RGB, one light background, 1–2 non-overlapping filled shapes in different cells of a 3×3 grid
 (centroid ≥ 3 px inside its cell), caption `a {size} {colour} {shape} {position}` joined by ` and `.
+
+The vocabulary the bundled models learnt is `COLOURS` × `SHAPES`, and it is what scenes use by default (byte for
+byte the images of before). `NEW_COLOURS` and `NEW_SHAPES` are concepts those models never saw, for personalisation
+experiments (LoRA, textual inversion): a scene draws them only when `colours=` / `shapes=` ask for them.
+Cyan is far from every palette entry (≥ 150 in RGB) and from every blend of an old colour with a background or
+another old colour, so the soft edges of old objects never read back as cyan (the bundled models' autoencoder
+cannot draw it: cyan comes back blue, so teaching it takes more than a UNet adapter). The heart is a triangle upside
+down (lobes on top, point at the bottom), which survives the blur of a 12 px object where finer shapes (star, plus,
+diamond) turn into circles.
 """
 
 from __future__ import annotations
@@ -9,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +33,11 @@ COLOURS = {
     "yellow": (235, 200, 30), "purple": (140, 60, 180), "orange": (240, 130, 20),
 }
 SHAPES = ("circle", "square", "triangle")
+NEW_COLOURS = {"cyan": (0, 225, 240)}
+NEW_SHAPES = ("heart",)
+ALL_COLOURS = {**COLOURS, **NEW_COLOURS}
+ALL_SHAPES = SHAPES + NEW_SHAPES
+HEART_LOBE, HEART_JOIN = 0.65, 0.4  # lobe diameter, and height where lobes meet the point, as shares of the side
 SIZES = {"small": 12, "large": 24}
 POSITIONS = (
     ("in the top left", "at the top", "in the top right"),
@@ -87,8 +102,13 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, x0: int, y0: int, side: int, fi
         draw.rectangle([x0, y0, x1, y1], fill=fill)
     elif shape == "triangle":
         draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=fill)
+    elif shape == "heart":  # two round lobes on top of a downward point, mirror-symmetric
+        lobe, join = round(side * HEART_LOBE) - 1, y0 + round(side * HEART_JOIN)
+        draw.ellipse([x0, y0, x0 + lobe, y0 + lobe], fill=fill)
+        draw.ellipse([x1 - lobe, y0, x1, y0 + lobe], fill=fill)
+        draw.polygon([(x0, join), (x1, join), ((x0 + x1 + 1) // 2, y1), ((x0 + x1) // 2, y1)], fill=fill)
     else:
-        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+        raise ValueError(f"unknown shape {shape!r}; expected one of {ALL_SHAPES}")
 
 
 def mask_centroid(mask: np.ndarray) -> tuple[float, float]:
@@ -118,8 +138,32 @@ def _separated(a: tuple[int, int, int, int], b: tuple[int, int, int, int], gap: 
     return a[2] + gap < b[0] or b[2] + gap < a[0] or a[3] + gap < b[1] or b[3] + gap < a[1]
 
 
-def generate_scene(seed: int, index: int) -> ShapeScene:
-    """Scene `index` of the set with `seed`; each (seed, index) pair always gives the same scene."""
+def vocabulary(colours: Iterable[str] | None = None, shapes: Iterable[str] | None = None
+               ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The (colours, shapes) a scene draws from: the bundled models' vocabulary where None, else the names given."""
+    return (_names("colours", colours, tuple(COLOURS), tuple(ALL_COLOURS)),
+            _names("shapes", shapes, SHAPES, ALL_SHAPES))
+
+
+def _names(argument: str, given: Iterable[str] | None, default: tuple[str, ...],
+           allowed: tuple[str, ...]) -> tuple[str, ...]:
+    if given is None:
+        return default
+    names = (given,) if isinstance(given, str) else tuple(given)
+    unknown = [n for n in names if n not in allowed]
+    if not names or unknown or len(set(names)) != len(names):
+        raise ValueError(f"{argument} must be distinct names from {list(allowed)}, got {list(names)}")
+    return names
+
+
+def generate_scene(seed: int, index: int, colours: Iterable[str] | None = None,
+                   shapes: Iterable[str] | None = None) -> ShapeScene:
+    """Scene `index` of the set with `seed`; each (seed, index, colours, shapes) always gives the same scene.
+
+    Every object takes its colour from `colours` and its shape from `shapes` (default: the bundled models'
+    vocabulary, `COLOURS` and `SHAPES`); `shapes=["heart"]` makes a set where every object is a heart.
+    """
+    colours, shapes = vocabulary(colours, shapes)
     rng = np.random.default_rng([seed, index])
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
     count = int(rng.integers(1, 3))
@@ -127,7 +171,7 @@ def generate_scene(seed: int, index: int) -> ShapeScene:
         cells = rng.choice(9, size=count, replace=False)
         objects: list[ShapeObject] = []
         for cell in cells:
-            obj = _place_object(rng, int(cell) // 3, int(cell) % 3, [o.bbox for o in objects])
+            obj = _place_object(rng, int(cell) // 3, int(cell) % 3, [o.bbox for o in objects], colours, shapes)
             if obj is None:
                 break
             objects.append(obj)
@@ -135,10 +179,10 @@ def generate_scene(seed: int, index: int) -> ShapeScene:
             return ShapeScene(background, tuple(objects))
 
 
-def _place_object(rng: np.random.Generator, row: int, col: int,
-                  taken: list[tuple[int, int, int, int]]) -> ShapeObject | None:
-    shape = SHAPES[rng.integers(len(SHAPES))]
-    colour = list(COLOURS)[rng.integers(len(COLOURS))]
+def _place_object(rng: np.random.Generator, row: int, col: int, taken: list[tuple[int, int, int, int]],
+                  colours: tuple[str, ...], shapes: tuple[str, ...]) -> ShapeObject | None:
+    shape = shapes[rng.integers(len(shapes))]
+    colour = colours[rng.integers(len(colours))]
     size = list(SIZES)[rng.integers(len(SIZES))]
     side = SIZES[size]
     dx, dy = _centroid_offset(shape, side)
@@ -157,12 +201,13 @@ def render_scene(scene: ShapeScene) -> Image.Image:
     draw = ImageDraw.Draw(img)
     for obj in scene.objects:
         x0, y0, x1, _ = obj.bbox
-        _draw(draw, obj.shape, x0, y0, x1 - x0 + 1, COLOURS[obj.colour])
+        _draw(draw, obj.shape, x0, y0, x1 - x0 + 1, ALL_COLOURS[obj.colour])
     return img
 
 
 def parse_caption(caption: str) -> list[dict[str, str | int]]:
-    """Structured attributes (size, colour, shape, row, col) of each object a caption asks for."""
+    """Structured attributes (size, colour, shape, row, col) of each object a caption asks for (new concepts
+    included)."""
     objects = []
     phrase_to_cell = {p: (r, c) for r, row in enumerate(POSITIONS) for c, p in enumerate(row)}
     for phrase in caption.strip().split(" and "):
@@ -170,27 +215,32 @@ def parse_caption(caption: str) -> list[dict[str, str | int]]:
         if len(words) != 5 or words[0] != "a":
             raise ValueError(f"not a shapes caption phrase: {phrase!r}")
         _, size, colour, shape, position = words
-        if size not in SIZES or colour not in COLOURS or shape not in SHAPES or position not in phrase_to_cell:
+        if size not in SIZES or colour not in ALL_COLOURS or shape not in ALL_SHAPES or position not in phrase_to_cell:
             raise ValueError(f"not a shapes caption phrase: {phrase!r}")
         row, col = phrase_to_cell[position]
         objects.append({"size": size, "colour": colour, "shape": shape, "row": row, "col": col})
     return objects
 
 
-def write_shapes_folder(out: str | os.PathLike, count: int, seed: int = 0, progress: bool = True) -> Path:
-    """Write `count` scenes as PNGs plus a `metadata.jsonl` (file_name, text, scene attributes)."""
+def write_shapes_folder(out: str | os.PathLike, count: int, seed: int = 0, progress: bool = True,
+                        colours: Iterable[str] | None = None, shapes: Iterable[str] | None = None) -> Path:
+    """Write `count` scenes as PNGs plus a `metadata.jsonl` (file_name, text, scene attributes); gives the folder.
+
+    `colours` / `shapes` restrict every object to those names (see `generate_scene`), e.g. `shapes=["heart"]`.
+    """
     from tqdm import tqdm
 
     from latent_diffusion.files.atomic import atomic_path
 
     if count < 1:
         raise ValueError(f"--count must be >= 1, got {count}")
+    colours, shapes = vocabulary(colours, shapes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     width = max(5, len(str(count - 1)))
     lines = []
     for i in tqdm(range(count), desc="shapes", disable=not progress):
-        scene = generate_scene(seed, i)
+        scene = generate_scene(seed, i, colours, shapes)
         name = f"{i:0{width}d}.png"
         render_scene(scene).save(out / name)
         lines.append(json.dumps({"file_name": name, "text": scene.caption, **scene.to_json()}))

@@ -20,12 +20,17 @@ from typing import Literal
 
 import torch
 
-from latent_diffusion.conditioning.registry import conditioner_type
+from latent_diffusion.autoencoder import AutoencoderKL, build_autoencoder
+from latent_diffusion.conditioning.conditioner import Conditioner
+from latent_diffusion.conditioning.registry import build_conditioner, conditioner_type
+from latent_diffusion.conditioning.spatial import check_spatial
 from latent_diffusion.conditioning.tokenizer import ClipTokenizer
 from latent_diffusion.config import (AutoencoderConfig, AutoencoderRunConfig, ConditioningConfig, ConfigError,
                                      DataConfig, DiffusionConfig, LDMRunConfig, SamplingConfig, TrainConfig,
                                      UNetConfig, load_config, save_config)
-from latent_diffusion.files.weights import CheckpointError, read_weights, save_weights
+from latent_diffusion.files.weights import CheckpointError, load_module_weights, module_from_weights, read_weights, \
+    save_weights
+from latent_diffusion.unet import UNetModel
 
 Format = Literal["native", "original", "diffusers"]
 FORMATS: tuple[str, ...] = ("native", "original", "diffusers")
@@ -96,6 +101,26 @@ class ModelParts:
         if self.recipe is None:
             return AutoencoderRunConfig(model=self.autoencoder_config, data=DataConfig(resolution=self.resolution))
         return dataclasses.replace(self.recipe.autoencoder, model=self.autoencoder_config)
+
+    def networks(self, device: torch.device, dtype: torch.dtype = torch.float32
+                 ) -> tuple[UNetModel, AutoencoderKL, Conditioner]:
+        """The UNet, the autoencoder and the conditioner holding these weights in `dtype` on `device` (tensors
+        already there become the modules' weights, not copies); the conditioner's trained part in eval mode."""
+        cfg = self.run_config()
+        unet = module_from_weights(lambda: UNetModel(cfg.unet), self.unet, "UNet weights", dtype, device)
+        autoencoder = module_from_weights(lambda: build_autoencoder(self.autoencoder_config), self.autoencoder,
+                                          "autoencoder weights", dtype, device)
+        conditioner = build_conditioner(cfg.conditioning, device, cfg.unet.context_dim, self.text_encoder, dtype,
+                                        self.tokenizer)
+        if conditioner.trainable is not None:
+            if self.conditioner is None:
+                raise CheckpointError(f"this model needs the weights of its {conditioner.trained_part} "
+                                      f"({CONDITIONER_FILE})")
+            load_module_weights(conditioner.trainable, self.conditioner, f"{conditioner.trained_part} weights")
+            conditioner.trainable.eval()
+        check_spatial(cfg.conditioning.spatial, cfg.unet.concat_channels, self.autoencoder_config.in_channels,
+                      self.autoencoder_config.embed_dim)
+        return unet, autoencoder, conditioner
 
     def to(self, dtype: torch.dtype) -> ModelParts:
         """The same model with every floating-point tensor cast to `dtype` (e.g. fp16 for storage)."""

@@ -14,15 +14,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from latent_diffusion.autoencoder import AutoencoderKL, build_autoencoder
-from latent_diffusion.conditioning.registry import build_conditioner
-from latent_diffusion.conditioning.spatial import check_spatial
+from latent_diffusion.autoencoder import AutoencoderKL
 from latent_diffusion.config import AutoencoderRunConfig, DataConfig, LDMRunConfig
-from latent_diffusion.files.weights import CheckpointError, load_module_weights, module_from_weights
-from latent_diffusion.formats.model import CONDITIONER_FILE, ModelParts, load_model
+from latent_diffusion.formats.model import ModelParts, load_model
 from latent_diffusion.generation.model import LatentDiffusion
 from latent_diffusion.images import save_image
 from latent_diffusion.inference import check_backend, prepare_for_inference
+from latent_diffusion.pipeline.lora import PipelineLoRAs
+from latent_diffusion.pipeline import embeddings
 from latent_diffusion.pipeline.outputs import check_writable, image_paths, output_file
 from latent_diffusion.runtime import PRECISIONS, check_precision, resolve_device
 from latent_diffusion.unet import UNetModel
@@ -46,6 +45,7 @@ class Pipeline(LatentDiffusion):
         check_backend(backend, device)
         self.backend = backend
         self._openvino = None  # the UNet compiled by OpenVINO, made on first use
+        self.loras = PipelineLoRAs()  # the LoRA files applied (`load_lora`)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "auto",
@@ -66,19 +66,7 @@ class Pipeline(LatentDiffusion):
         already in that dtype and on `device` become the modules' weights themselves, not copies."""
         dev, storage = _placement(device, precision, backend)
         cfg = parts.run_config()
-        unet = module_from_weights(lambda: UNetModel(cfg.unet), parts.unet, "UNet weights", storage, dev)
-        autoencoder = module_from_weights(lambda: build_autoencoder(parts.autoencoder_config), parts.autoencoder,
-                                          "autoencoder weights", storage, dev)
-        conditioner = build_conditioner(cfg.conditioning, dev, cfg.unet.context_dim, parts.text_encoder, storage,
-                                        parts.tokenizer)
-        if conditioner.trainable is not None:
-            if parts.conditioner is None:
-                raise CheckpointError(f"this model needs the weights of its {conditioner.trained_part} "
-                                      f"({CONDITIONER_FILE})")
-            load_module_weights(conditioner.trainable, parts.conditioner, f"{conditioner.trained_part} weights")
-            conditioner.trainable.eval()
-        check_spatial(cfg.conditioning.spatial, cfg.unet.concat_channels, parts.autoencoder_config.in_channels,
-                      parts.autoencoder_config.embed_dim)
+        unet, autoencoder, conditioner = parts.networks(dev, storage)
         ae_cfg = AutoencoderRunConfig(model=parts.autoencoder_config, data=DataConfig(resolution=parts.resolution))
         pipe = cls(cfg, unet, autoencoder, ae_cfg, conditioner, dev, precision, backend)
         math = PRECISIONS[pipe.math] if storage != torch.float32 else storage  # OpenVINO converts fp32 weights
@@ -99,6 +87,34 @@ class Pipeline(LatentDiffusion):
             from latent_diffusion.inference.openvino import OpenVINOUNet, default_cache_dir
             self._openvino = OpenVINOUNet(self.unet, self.precision, default_cache_dir())
         return self._openvino
+
+    def load_embedding(self, path: str | os.PathLike, token: str | None = None) -> str:
+        """Attach a textual-inversion embedding (A1111 `.pt` / `.safetensors`, diffusers `learned_embeds.*`) to the
+        text encoder; returns the trigger word that calls it in prompts (`token`, else the file's)."""
+        return embeddings.load_embedding(self, path, token)
+
+    def unload_embeddings(self) -> None:
+        """Take every loaded embedding off the text encoder: prompts encode exactly as before."""
+        embeddings.unload_embeddings(self)
+
+    def load_lora(self, path: str | os.PathLike, weight: float = 1.0, name: str | None = None) -> str:
+        """Apply the LoRA file at `path` (kohya/A1111, LoCon, diffusers/PEFT; UNet and CLIP text encoder) with
+        `weight` (A1111's `<lora:name:weight>`), on the fly, or fused while `fuse_lora` is in effect (always with
+        the OpenVINO backend). Several stack, each with its own weight. Returns its name (the file's stem unless
+        given) for `unload_lora`. A file that does not fit the model is a clear error (`formats/lora.py`)."""
+        return self.loras.load(self, path, weight, name)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Take off the LoRA `name`, or all of them (None): the outputs are exactly those without it."""
+        self.loras.unload(self, name)
+
+    def fuse_lora(self) -> None:
+        """Fold the loaded LoRAs into the weights (no cost per step); `unfuse_lora` restores them bit for bit."""
+        self.loras.fuse(self)
+
+    def unfuse_lora(self) -> None:
+        """Restore the weights `fuse_lora` changed, bit for bit; the LoRAs apply on the fly again."""
+        self.loras.unfuse(self)
 
     @staticmethod
     def save(images: list[Image.Image], path: str | os.PathLike,
