@@ -29,6 +29,7 @@ import time
 from collections.abc import Collection
 from pathlib import Path
 
+from latent_diffusion.cli.generate import lora_argument
 from latent_diffusion.data.shapes import NEW_COLOURS, NEW_SHAPES, generate_scene
 from latent_diffusion.evaluation.shapes import ATTRIBUTES, adherence_grid, sample_adherence
 from latent_diffusion.files.atomic import atomic_write_bytes
@@ -66,15 +67,6 @@ def training_captions(folder: str | Path | None) -> set[str]:
 def with_trigger(caption: str, word: str, trigger: str) -> str:
     """`caption` with the whole word `word` written as `trigger` (a textual-inversion token)."""
     return re.sub(rf"\b{re.escape(word)}\b", trigger, caption)
-
-
-def parse_lora(spec: str) -> tuple[str, float]:
-    """(path, weight) of a `FILE[:WEIGHT]` argument (weight 1 when not given)."""
-    path, _, weight = spec.rpartition(":")
-    try:
-        return (path, float(weight)) if path else (spec, 1.0)
-    except ValueError:
-        return spec, 1.0
 
 
 def measure_row(make_pipeline, name: str, concept: str, concept_captions: list[str], old_captions: list[str],
@@ -148,7 +140,7 @@ def main() -> None:
     concept_captions = held_out_captions(args.captions, CONCEPT_SEED, args.concept, exclude)
     old_captions = held_out_captions(args.captions, OLD_SEED, None, exclude)
     rows = [] if args.no_before else [("before", {})]
-    rows += [(f"lora {Path(p).name}:{w:g}", {"lora": (p, w)}) for p, w in map(parse_lora, args.lora)]
+    rows += [(f"lora {Path(p).name}:{w:g}", {"lora": (p, w)}) for p, w in map(lora_argument, args.lora)]
     rows += [(f"embedding {Path(e).name}", {"embedding": e, "token": args.token}) for e in args.embedding]
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,14 +35,14 @@ from latent_diffusion.formats.model import ModelParts, load_model
 from latent_diffusion.generation.model import LatentDiffusion
 from latent_diffusion.runtime import autocast
 from latent_diffusion.training.adapter_config import ADAPTER_CONFIG_FILE, AdapterRunConfig
-from latent_diffusion.training.common import check_batch_fits, run_in_folder, set_learning_rate
-from latent_diffusion.training.distributed import DistributedContext, index_batches, micro_batches, rank_chunks
+from latent_diffusion.training.common import check_batch_fits, run_in_folder
+from latent_diffusion.training.distributed import DistributedContext, micro_batches, rank_chunks
 from latent_diffusion.training.ema import EMA
 from latent_diffusion.training.faults import NonFiniteGuard, StopSignals
 from latent_diffusion.training.grids import write_sample_grid
 from latent_diffusion.training.latent_cache import LatentCache, encode_dataset
-from latent_diffusion.training.loop import (STATE_FILE, distributed_context, finite_everywhere, optimizer_step,
-                                            resume_optimizers, train_loop)
+from latent_diffusion.training.loop import (STATE_FILE, LatentCacheSteps, distributed_context, finite_everywhere,
+                                            optimizer_step, resume_optimizers, train_loop)
 from latent_diffusion.training.personal import Adapter, make_adapter
 from latent_diffusion.training.run_log import log_summary, parameter_counts
 from latent_diffusion.training.state import resume_training_state, save_training_state
@@ -53,7 +52,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class _Run:
+class _Run(LatentCacheSteps):
     """The adapter's `Trainer` (see `training.loop`)."""
 
     cfg: AdapterRunConfig
@@ -84,17 +83,8 @@ class _Run:
     def label(self) -> str:
         return self.cfg.kind
 
-    def batches(self, step: int) -> Iterator[torch.Tensor]:
-        return index_batches(len(self.cache), self.cfg.training.batch_size, self.cfg.training.seed, step)
-
-    def train_step(self, indices: torch.Tensor, step: int, lr: float) -> None:
-        set_learning_rate(self.optimizer, lr)
-        self.losses.append(_train_step(self, indices, step))
-
-    def figures(self) -> dict[str, float]:
-        finite = [v for v in self.losses if math.isfinite(v)]
-        self.losses = []
-        return {"loss": sum(finite) / max(1, len(finite))}
+    def step_loss(self, indices: torch.Tensor, step: int) -> float:
+        return _train_step(self, indices, step)
 
     def save(self, step: int, checkpoint: bool, samples: bool) -> Image.Image | None:
         """The training state and the adapter file, and the grid drawn with the adapter (its EMA average when

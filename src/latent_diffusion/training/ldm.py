@@ -5,9 +5,8 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,16 +32,16 @@ from latent_diffusion.diffusion.schedule import build_schedule
 from latent_diffusion.formats.model import AUTOENCODER_DIR, CONDITIONER_FILE, CONFIG_FILE, UNET_FILE
 from latent_diffusion.generation.model import LatentDiffusion
 from latent_diffusion.runtime import autocast
-from latent_diffusion.training.common import check_batch_fits, run_in_folder, set_learning_rate
-from latent_diffusion.training.distributed import (DistributedContext, gather, gather_optimizer, index_batches,
+from latent_diffusion.training.common import check_batch_fits, run_in_folder
+from latent_diffusion.training.distributed import (DistributedContext, gather, gather_optimizer,
                                                    micro_batches, no_sync, rank_chunks, wrap)
 from latent_diffusion.training.ema import EMA
 from latent_diffusion.training.faults import NonFiniteGuard, StopSignals
 from latent_diffusion.training.first_stage import prepare_run_folder, stage_one_config
 from latent_diffusion.training.grids import sample_inputs, write_sample_grid
 from latent_diffusion.training.latent_cache import LatentCache, encode_dataset
-from latent_diffusion.training.loop import (STATE_FILE, distributed_context, finite_everywhere, optimizer_step,
-                                            resume_optimizers, train_loop)
+from latent_diffusion.training.loop import (STATE_FILE, LatentCacheSteps, distributed_context, finite_everywhere,
+                                            optimizer_step, resume_optimizers, train_loop)
 from latent_diffusion.training.run_log import log_summary, parameter_counts
 from latent_diffusion.unet import UNetModel
 
@@ -64,7 +63,7 @@ class TrainedNetwork(nn.Module):
 
 
 @dataclass
-class _Run:
+class _Run(LatentCacheSteps):
     """The diffusion model's `Trainer` (see `training.loop`): everything a training step needs."""
 
     cfg: LDMRunConfig
@@ -92,19 +91,8 @@ class _Run:
     def __post_init__(self) -> None:
         self.alphas_cumprod = build_schedule(self.cfg.diffusion).alphas_cumprod.to(self.ctx.device)
 
-    def batches(self, step: int) -> Iterator[torch.Tensor]:
-        """The global batches of latent-cache indices from step `step` on."""
-        return index_batches(len(self.cache), self.cfg.training.batch_size, self.cfg.training.seed, step)
-
-    def train_step(self, indices: torch.Tensor, step: int, lr: float) -> None:
-        set_learning_rate(self.optimizer, lr)
-        self.losses.append(_train_step(self, indices, step))
-
-    def figures(self) -> dict[str, float]:
-        """The mean loss of the steps since the last log line, skipped ones left out."""
-        finite = [v for v in self.losses if math.isfinite(v)]
-        self.losses = []
-        return {"loss": sum(finite) / max(1, len(finite))}
+    def step_loss(self, indices: torch.Tensor, step: int) -> float:
+        return _train_step(self, indices, step)
 
     def save(self, step: int, checkpoint: bool, samples: bool) -> Image.Image | None:
         """The training state and the sampling weights, and the grid drawn with them (rank 0 writes; every rank

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from time import monotonic
 from typing import Any, Protocol
@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 from latent_diffusion.config import TrainConfig
 from latent_diffusion.runtime import check_precision, resolve_device
-from latent_diffusion.training.common import learning_rate
-from latent_diffusion.training.distributed import DistributedContext
+from latent_diffusion.training.common import learning_rate, set_learning_rate
+from latent_diffusion.training.distributed import DistributedContext, index_batches
 from latent_diffusion.training.faults import NonFiniteGuard, StopSignals
 from latent_diffusion.training.run_log import RunLog, TimeEstimate, is_log_step
 from latent_diffusion.training.state import load_training_state
@@ -48,6 +48,27 @@ class Trainer(Protocol):
     def save(self, step: int, checkpoint: bool, samples: bool) -> Image.Image | None:
         """Write the checkpoint and/or the grid of samples (collective: every rank calls it; rank 0 writes);
         returns the grid drawn, if any."""
+
+
+class LatentCacheSteps:
+    """The stepping half of a diffusion `Trainer` over a latent cache (the LDM trainer, the adapter trainer):
+    global batches of cache indices, the learning rate set, the mean loss of the steps since the last log line.
+    The class provides `cfg.training`, `cache`, `optimizer`, `losses` and `step_loss(indices, step)` → the loss
+    of one optimiser step (NaN for a skipped one)."""
+
+    def batches(self, step: int) -> Iterator[torch.Tensor]:
+        """The global batches of latent-cache indices from step `step` on."""
+        return index_batches(len(self.cache), self.cfg.training.batch_size, self.cfg.training.seed, step)
+
+    def train_step(self, indices: torch.Tensor, step: int, lr: float) -> None:
+        set_learning_rate(self.optimizer, lr)
+        self.losses.append(self.step_loss(indices, step))
+
+    def figures(self) -> dict[str, float]:
+        """The mean loss of the steps since the last log line, skipped ones left out."""
+        finite = [v for v in self.losses if math.isfinite(v)]
+        self.losses = []
+        return {"loss": sum(finite) / max(1, len(finite))}
 
 
 def distributed_context(device: str, cfg: TrainConfig) -> DistributedContext:
