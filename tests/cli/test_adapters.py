@@ -25,6 +25,7 @@ def test_lora_and_embedding_arguments_take_a_weight_or_token_after_the_last_colo
     assert lora_argument("style.safetensors") == ("style.safetensors", 1.0)
     assert lora_argument("style.safetensors:0.7") == ("style.safetensors", 0.7)
     assert lora_argument("C:/loras/style.safetensors") == ("C:/loras/style.safetensors", 1.0)
+    assert lora_argument("runs/a:b/heart.safetensors:0.5") == ("runs/a:b/heart.safetensors", 0.5)
     assert embedding_argument("thing.pt") == ("thing.pt", None)
     assert embedding_argument("thing.pt:<thing>") == ("thing.pt", "<thing>")
 
