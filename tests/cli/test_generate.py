@@ -107,6 +107,27 @@ def test_png_parameters_in_a1111_layout_and_from_png_redraws_the_image(loads, tm
         tmp_path / "a-1.png")), "steps": 3}
 
 
+def test_img2img_and_inpainting_with_the_bundled_model(loads, tmp_path, capsys):
+    """--image alone redraws the picture at its size (strength 0.75 by default), written in the parameters;
+    --mask keeps the pixels outside the mask exactly; --from-png with the same --image draws it again."""
+    assert generate(capsys, PROMPT, "-o", tmp_path / "source.png", "--steps", 4, "--seed", 1)[0] == 0
+    assert generate(capsys, "a large red circle in the center", "--image", tmp_path / "source.png", "-o",
+                    tmp_path / "edit.png", "--steps", 4, "--seed", 2)[0] == 0
+    source, edit = pixels(tmp_path / "source.png"), pixels(tmp_path / "edit.png")
+    assert edit.shape == source.shape and np.abs(edit - source).mean() > 2
+    assert "Denoising strength: 0.75" in read_parameters(tmp_path / "edit.png")
+    mask = np.zeros(source.shape[:2], dtype=np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    assert generate(capsys, "a large red circle in the center", "--image", tmp_path / "source.png", "--mask",
+                    tmp_path / "mask.png", "-o", tmp_path / "filled.png", "--steps", 4, "--seed", 2)[0] == 0
+    filled = pixels(tmp_path / "filled.png")
+    assert np.array_equal(filled[mask == 0], source[mask == 0]) and np.abs(filled - source)[mask > 0].mean() > 2
+    assert generate(capsys, "--from-png", tmp_path / "edit.png", "--image", tmp_path / "source.png", "-o",
+                    tmp_path / "again.png")[0] == 0
+    assert np.abs(pixels(tmp_path / "again.png") - edit).max() <= 1
+
+
 def test_prompts_file_draws_each_prompt_into_its_own_files_with_one_load(loads, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# shapes\n\na small red circle in the center\n   \na large blue square on the left\n")
@@ -199,7 +220,10 @@ BAD = {
     "image empty": (["--image", "{empty}"], "--image: {empty} is empty"),
     "image corrupt": (["--image", "{corrupt}"], "--image: {corrupt} is not a readable image"),
     "mask corrupt": (["--mask", "{corrupt}"], "--mask: {corrupt} is not a readable image"),
-    "image for a text-only model": (["--image", "{plain}"], "takes no --image or --mask"),
+    "mask without image": (["--mask", "{plain}"], "--mask without --image: a mask marks the region"),
+    "strength without image": (["--strength", "0.5"], "--strength without --image"),
+    "strength too small": (["--image", "{plain}", "--strength", "0.2"], "--strength = 0.2 with 2 steps runs no"),
+    "strength 2": (["--image", "{plain}", "--strength", "2"], "--strength = 2.0: expected a finite number"),
     "prompts missing": (["--prompts", "{missing}", "--no-prompt"], "--prompts: {missing} does not exist"),
     "prompts empty": (["--prompts", "{comments}", "--no-prompt"], "--prompts: {comments} holds no prompts"),
     "prompt and prompts": (["--prompts", "{comments}"], "give PROMPT or --prompts FILE, not both"),

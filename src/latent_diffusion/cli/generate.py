@@ -14,11 +14,11 @@ from latent_diffusion.cli.common import BUNDLED_MODEL, bundled_model, naming
 GENERATE_FLAGS = {"steps": "--steps", "guidance_scale": "--guidance", "guidance_rescale": "--guidance-rescale",
                   "sampler": "--sampler", "eta": "--eta", "karras": "--karras", "seed": "--seed",
                   "num_images": "--num-images", "height": "--height", "width": "--width", "image": "--image",
-                  "mask": "--mask", "vae_tile": "--vae-tile"}
+                  "mask": "--mask", "vae_tile": "--vae-tile", "strength": "--strength"}
 # What --from-png reads (`infotext.parse_infotext`'s keys) into which flag, unless that flag is given
 FROM_PNG = {"prompt": "prompt", "negative_prompt": "negative", "steps": "steps", "guidance_scale": "guidance",
             "sampler": "sampler", "seed": "seed", "width": "width", "height": "height", "eta": "eta",
-            "guidance_rescale": "guidance_rescale"}
+            "guidance_rescale": "guidance_rescale", "strength": "strength"}
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -26,6 +26,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from latent_diffusion.pipeline.infotext import format_infotext
     from latent_diffusion.pipeline.outputs import check_grid, write_images
     from latent_diffusion.pipeline import Pipeline
+    from latent_diffusion.generation.editing import start_step
     from latent_diffusion.generation.request import MAX_BATCH
     from latent_diffusion.samplers import sampler_label
 
@@ -44,8 +45,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
         pipe.fuse_lora()  # the same outputs to rounding, with no extra work per step
     settings = pipe.settings(args.steps, args.guidance, args.sampler, args.eta, args.karras,
                              args.guidance_rescale or 0.0, names=GENERATE_FLAGS)
-    height, width = (pipe.config.data.resolution if side is None else side for side in (args.height, args.width))
-    pipe.check_spatial_inputs("image" in spatial, "mask" in spatial, GENERATE_FLAGS)
+    pipe.check_image_inputs("image" in spatial, "mask" in spatial, args.strength is not None, GENERATE_FLAGS)
+    strength = pipe.strength("image" in spatial, "mask" in spatial, args.strength)
+    if strength is not None:
+        start_step(settings.steps, strength, "--strength")
+    height, width = (pipe.config.data.resolution if side is None else side
+                     for side in pipe.output_size(spatial.get("image"), args.height, args.width))
     guided = settings.guidance_scale not in (0.0, 1.0)
     batch = min(MAX_BATCH, args.num_images, pipe.max_batch_size(height, width, guided, GENERATE_FLAGS))
     if args.grid:
@@ -56,11 +61,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
         infotext = functools.partial(format_infotext, prompt, args.negative, settings.steps,
                                      sampler_label(settings.sampler, karras), settings.guidance_scale,
                                      width=width, height=height, model=_model_name(args.model), eta=args.eta,
-                                     guidance_rescale=settings.guidance_rescale)
+                                     guidance_rescale=settings.guidance_rescale, strength=strength)
         write_images(pipe, prompt, paths, grid, seed, batch, infotext, negative_prompt=args.negative,
                      steps=settings.steps, guidance_scale=settings.guidance_scale, sampler=settings.sampler,
                      eta=args.eta, karras=karras, height=height, width=width,
-                     guidance_rescale=settings.guidance_rescale, **spatial)
+                     guidance_rescale=settings.guidance_rescale, strength=args.strength, overlay=args.overlay,
+                     **spatial)
         print(f"wrote {paths[0]}" + (f" … {paths[-1].name}" if len(paths) > 1 else "")
               + (f" and {grid.name}" if grid else ""))
 
@@ -108,6 +114,8 @@ def _generation_request(args: argparse.Namespace) -> tuple[list[str], list, int]
 def _apply_parameters(args: argparse.Namespace, found: dict) -> None:
     """Fill each flag not given on the command line from `found` (a prompts file replaces the image's prompt)."""
     for key, dest in FROM_PNG.items():
+        if dest == "strength" and args.image is None:
+            continue  # an edit's strength: the image it edited is not in the parameters
         if key in found and getattr(args, dest) is None and not (dest == "prompt" and args.prompts is not None):
             setattr(args, dest, found[key])
 
@@ -215,10 +223,19 @@ def _add_generate_command(sub) -> None:
                    help="load a textual-inversion embedding (AUTOMATIC1111 .pt/.safetensors, diffusers "
                         "learned_embeds); its word (TOKEN, else the file's name or stored token) then works in "
                         "prompts; repeatable")
-    p.add_argument("--image", default=None, help="input image of a model with a spatial condition (the "
-                                                 "low-resolution image, or the image to inpaint); 16-bit, palette "
-                                                 "and CMYK images are converted")
-    p.add_argument("--mask", default=None, help="inpainting mask image: white = region to generate")
+    p.add_argument("--image", default=None,
+                   help="an image to start from (img2img; the output has its size unless --width/--height say "
+                        "otherwise), the image to inpaint with --mask, or the low-resolution input of an upscaling "
+                        "model; 16-bit, palette and CMYK images are converted")
+    p.add_argument("--mask", default=None, help="inpainting mask image for --image: white = region to draw anew "
+                                                "(any model: latent blending; SD-inpainting models: their own "
+                                                "condition)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="with --image: the share of the steps run from the noised image, in (0, 1] (AUTOMATIC1111's "
+                        "denoising strength; default 0.75 for img2img, 1 for inpainting)")
+    p.add_argument("--overlay", action=argparse.BooleanOptionalAction, default=True,
+                   help="inpainting: paste the unmasked pixels of --image back over the result (default; "
+                        "--no-overlay keeps the decoded ones)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="bf16/fp16: weights in that dtype (half the memory); bf16 math on GPUs and on CPUs with AMX "

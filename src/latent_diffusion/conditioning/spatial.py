@@ -13,6 +13,7 @@ the conditional and the unconditional branch of guidance (as SD does): only the 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import ClassVar, Literal
 
 import torch
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from latent_diffusion.autoencoder import AutoencoderKL
 from latent_diffusion.config import ConfigError
+from latent_diffusion.samplers.common import randn
 
 SpatialKind = Literal["none", "low_res", "inpaint"]
 
@@ -48,15 +50,34 @@ def random_masks(batch_size: int, height: int, width: int, generator: torch.Gene
 
 
 @torch.no_grad()
+def encode_latents(autoencoder: AutoencoderKL, images: torch.Tensor, latent_scale: float,
+                   generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+    """Scaled latents of images (B, C, H, W) in [-1, 1]: the posterior mean, or with one generator per image a
+    sample of the posterior drawn from it (as diffusers' `retrieve_latents` and AUTOMATIC1111 do)."""
+    posterior = autoencoder.encode(images)
+    if generators is None:
+        return posterior.mode() * latent_scale
+    noise = randn(posterior.mean.shape, list(generators), posterior.mean.device, posterior.mean.dtype)
+    return (posterior.mean + posterior.std * noise) * latent_scale
+
+
+def binary_masks(masks: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Masks (B, 1, H, W) as 0/1 (≥ 0.5: 1, the region to generate), resized to `size` by nearest neighbours."""
+    masks = (masks >= 0.5).to(masks.dtype)
+    return masks if size is None else F.interpolate(masks, size=size, mode="nearest")
+
+
+@torch.no_grad()
 def inpaint_condition(autoencoder: AutoencoderKL, images: torch.Tensor, masks: torch.Tensor,
-                      latent_scale: float) -> torch.Tensor:
-    """[mask at the latent grid, scaled latents of the image with the masked region set to 0] (B, 1 + c, h, w)."""
+                      latent_scale: float, generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+    """[mask at the latent grid, scaled latents of the image with the masked region set to 0] (B, 1 + c, h, w);
+    the latents sampled from the posterior with `generators` when given (see `encode_latents`)."""
     if masks.shape[-2:] != images.shape[-2:] or masks.shape[1] != 1:
         raise ValueError(f"mask of shape {tuple(masks.shape)}: expected (B, 1, {images.shape[-2]}, "
                          f"{images.shape[-1]}), the image's size")
-    masks = (masks >= 0.5).to(images.dtype)
-    latents = autoencoder.encode(images * (1 - masks)).mode() * latent_scale
-    return torch.cat([F.interpolate(masks, size=latents.shape[-2:], mode="nearest"), latents], dim=1)
+    masks = binary_masks(masks).to(images.dtype)
+    latents = encode_latents(autoencoder, images * (1 - masks), latent_scale, generators)
+    return torch.cat([binary_masks(masks, latents.shape[-2:]), latents], dim=1)
 
 
 class SpatialCondition(ABC):
@@ -72,8 +93,10 @@ class SpatialCondition(ABC):
 
     @abstractmethod
     def condition(self, images: torch.Tensor, latent_size: tuple[int, int], autoencoder: AutoencoderKL | None = None,
-                  latent_scale: float = 1.0, masks: torch.Tensor | None = None) -> torch.Tensor:
-        """The condition (B, channels, h, w) of images (B, C, H, W) in [-1, 1] (and masks, 1 = to generate)."""
+                  latent_scale: float = 1.0, masks: torch.Tensor | None = None,
+                  generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+        """The condition (B, channels, h, w) of images (B, C, H, W) in [-1, 1] (and masks, 1 = to generate); latents
+        in it sampled from the posterior with `generators` (one per image) when given, else its mean."""
 
     def training_masks(self, batch_size: int, height: int, width: int,
                        generator: torch.Generator | None = None) -> torch.Tensor | None:
@@ -98,7 +121,7 @@ class LowResolution(SpatialCondition):
     def channels(self, image_channels: int, latent_channels: int) -> int:
         return image_channels
 
-    def condition(self, images, latent_size, autoencoder=None, latent_scale=1.0, masks=None):
+    def condition(self, images, latent_size, autoencoder=None, latent_scale=1.0, masks=None, generators=None):
         return low_res_condition(images, latent_size)
 
     def sample_inputs(self, images):
@@ -117,10 +140,10 @@ class Inpainting(SpatialCondition):
     def channels(self, image_channels: int, latent_channels: int) -> int:
         return 1 + latent_channels
 
-    def condition(self, images, latent_size, autoencoder=None, latent_scale=1.0, masks=None):
+    def condition(self, images, latent_size, autoencoder=None, latent_scale=1.0, masks=None, generators=None):
         if autoencoder is None or masks is None:
             raise ValueError("an inpainting condition needs the autoencoder and a mask")
-        return inpaint_condition(autoencoder, images, masks, latent_scale)
+        return inpaint_condition(autoencoder, images, masks, latent_scale, generators)
 
     def training_masks(self, batch_size, height, width, generator=None):
         return random_masks(batch_size, height, width, generator)

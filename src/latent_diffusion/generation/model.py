@@ -12,11 +12,12 @@ from tqdm import tqdm
 
 from latent_diffusion.autoencoder import AutoencoderKL
 from latent_diffusion.conditioning.conditioner import Conditioner
-from latent_diffusion.conditioning.spatial import spatial_kind, with_spatial
+from latent_diffusion.conditioning.spatial import binary_masks, encode_latents, spatial_kind, with_spatial
 from latent_diffusion.config import AutoencoderRunConfig, LDMRunConfig
 from latent_diffusion.diffusion.denoiser import Denoiser
 from latent_diffusion.diffusion.guidance import guided_model
 from latent_diffusion.diffusion.schedule import build_schedule
+from latent_diffusion.generation.editing import Start, overlay as overlay_pixels, start_step
 from latent_diffusion.generation.request import (activation_bytes, available_memory, check_guidance, check_num_images,
                                                  check_number, check_side, check_steps, generators, image_seeds)
 from latent_diffusion.images import pil_to_tensor, tensor_to_pil, to_8bit
@@ -25,10 +26,12 @@ from latent_diffusion.inference.precision import math_precision
 from latent_diffusion.runtime import PRECISIONS, autocast
 from latent_diffusion.samplers import SAMPLERS, GridOptions, get_sampler, resolve_sampler, sampler_options
 from latent_diffusion.samplers.common import randn
+from latent_diffusion.samplers.grid import grid_length
 from latent_diffusion.unet import UNetModel
 
 # How errors name a request's arguments: Python's keywords (`names=` maps them to a caller's own, e.g. CLI flags)
 ARGUMENT_NAMES = {"guidance_scale": "guidance scale", "image": "image=", "mask": "mask="}
+IMG2IMG_STRENGTH = 0.75  # the share of the steps img2img runs by default (AUTOMATIC1111's denoising strength)
 
 
 @dataclass(frozen=True)
@@ -118,37 +121,88 @@ class LatentDiffusion:
                              f"free on {self.device}; ask for a smaller size{tiles}")
         return free // per_image
 
-    def check_spatial_inputs(self, image: bool, mask: bool, names: Mapping[str, str] | None = None) -> None:
-        """That a request gives this model the image (and mask) its spatial condition needs, and no more."""
+    def check_image_inputs(self, image: bool, mask: bool, strength: bool = False,
+                           names: Mapping[str, str] | None = None) -> None:
+        """That a request's image, mask and strength fit this model: any model takes an image (img2img) and a mask
+        with it (inpainting); a model with a spatial condition needs the inputs that condition reads."""
         name, kind = _namer(names), self.config.conditioning.spatial
         wanted = spatial_kind(kind).inputs if kind != "none" else ()
         given = tuple(key for key, present in (("image", image), ("mask", mask)) if present)
-        if given == wanted:
-            return
-        if not wanted:
-            raise ValueError(f"this model has no spatial condition: it takes no {name('image')} or {name('mask')}")
-        listed = " and ".join(f"{'an' if key == 'image' else 'a'} {key} ({name(key)})" for key in wanted)
-        got = " and ".join(name(key) for key in given) or "neither"
-        raise ValueError(f"this model is conditioned on {listed} (conditioning.spatial = '{kind}'), got {got}")
+        if mask and not image:
+            raise ValueError(f"{name('mask')} without {name('image')}: a mask marks the region of an image to draw "
+                             "anew")
+        if strength and not image:
+            raise ValueError(f"{name('strength')} without {name('image')}: the strength is how much of an image "
+                             "to draw anew")
+        if kind == "low_res" and (mask or strength):
+            extra = name("mask") if mask else name("strength")
+            raise ValueError(f"{extra}: this model upscales its {name('image')} (conditioning.spatial = 'low_res'); "
+                             "it takes no mask or strength")
+        if wanted and given != wanted:
+            listed = " and ".join(f"{'an' if key == 'image' else 'a'} {key} ({name(key)})" for key in wanted)
+            got = " and ".join(name(key) for key in given) or "neither"
+            raise ValueError(f"this model is conditioned on {listed} (conditioning.spatial = '{kind}'), got {got}")
 
-    def spatial_input(self, image, mask, num_images: int, latent_size: tuple[int, int]) -> torch.Tensor | None:
-        """The spatial condition of a generation request (None for plain text-to-image models)."""
-        spatial = spatial_kind(self.config.conditioning.spatial)
-        self.check_spatial_inputs(image is not None, mask is not None)
-        if spatial is None:
-            return None
+    def output_size(self, image, height: int | None, width: int | None) -> tuple[int | None, int | None]:
+        """The size asked for, else that of the image edited (rounded down to the multiple the model needs, as
+        diffusers does); None for the training size. The image of an upscaling model is the small one: not its."""
+        if image is None or self.config.conditioning.spatial == "low_res":
+            return height, width
+        image_height, image_width = image.size[::-1] if isinstance(image, Image.Image) else image.shape[-2:]
+        multiple = self.ae_config.model.downsample_factor * self.config.unet.downsample_factor
+        return (height or max(multiple, image_height - image_height % multiple),
+                width or max(multiple, image_width - image_width % multiple))
+
+    def image_inputs(self, image, mask, num_images: int, latent_size: tuple[int, int]
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(images (N, C, H, W) in [-1, 1], masks (N, 1, H, W) in [0, 1]) of a request on the device, the images at
+        the output's size (an upscaling model's as given), None where not given."""
+        if image is None:
+            return None, None
         f, channels = self.ae_config.model.downsample_factor, self.ae_config.model.in_channels
-        size = (latent_size[0] * f, latent_size[1] * f)
+        size = None if self.config.conditioning.spatial == "low_res" else (latent_size[0] * f, latent_size[1] * f)
         if isinstance(image, Image.Image):
             image = to_8bit(image).convert("L" if channels == 1 else "RGB")
         if isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[1] != channels:
             raise ValueError(f"image has {image.shape[1]} channels: this model's images have {channels}")
-        masked = "mask" in spatial.inputs  # the image is then the output's size, as its mask
-        images = _batch(image, num_images, size if masked else None, "image").to(self.device)
-        masks = _batch(mask, num_images, size, "mask", is_mask=True).to(self.device) if masked else None
+        images = _batch(image, num_images, size, "image").to(self.device)
+        masks = None if mask is None else _batch(mask, num_images, size, "mask", is_mask=True).to(self.device)
+        return images, masks
+
+    def spatial_input(self, images: torch.Tensor | None, masks: torch.Tensor | None, latent_size: tuple[int, int],
+                      generator: list[torch.Generator]) -> torch.Tensor | None:
+        """The spatial condition of a request's images and masks (None for models without one); latents in it are
+        sampled from the posterior with each image's generator (as diffusers does)."""
+        spatial = spatial_kind(self.config.conditioning.spatial)
+        if spatial is None:
+            return None
         with autocast(self.device, self.math):
-            condition = spatial.condition(images, latent_size, self.autoencoder, self.latent_scale, masks)
+            condition = spatial.condition(images, latent_size, self.autoencoder, self.latent_scale, masks, generator)
         return condition.float()
+
+    def strength(self, image: bool, mask: bool, strength: float | None) -> float | None:
+        """The strength a request runs at: the one asked for, else 1 for inpainting and IMG2IMG_STRENGTH for
+        img2img; None without an image to start from (an upscaling model's image is its condition)."""
+        if not image or self.config.conditioning.spatial == "low_res":
+            return None
+        return strength if strength is not None else 1.0 if mask else IMG2IMG_STRENGTH
+
+    def start(self, images: torch.Tensor | None, masks: torch.Tensor | None, strength: float | None, steps: int,
+              generator: list[torch.Generator], noise_shape: tuple[int, ...]) -> tuple[torch.Tensor, Start | None]:
+        """(the noise, where sampling starts from the image or None) of a request. The generators draw, per image,
+        the image's posterior sample first, then the noise (diffusers' order). Plain models edit their image
+        (img2img; inpainting by latent blending where a mask is given); an inpainting model starts from its image
+        only below strength 1."""
+        kind, strength = self.config.conditioning.spatial, self.strength(images is not None, masks is not None,
+                                                                           strength)
+        if strength is None or (kind == "inpaint" and strength == 1.0):
+            return randn(noise_shape, generator), None
+        step = start_step(steps, strength)
+        with autocast(self.device, self.math):
+            latents = encode_latents(self.autoencoder, images, self.latent_scale, generator).float()
+        noise = randn(noise_shape, generator)
+        blend = None if masks is None or kind == "inpaint" else binary_masks(masks, latents.shape[-2:])
+        return noise, Start(latents, noise.to(self.device), blend, step)
 
     @torch.no_grad()
     def generate_tensors(self, prompt: str | Sequence[str], negative_prompt: str | None = None,
@@ -157,24 +211,30 @@ class LatentDiffusion:
                          guidance_rescale: float = 0.0, progress: bool = True,
                          image: torch.Tensor | Image.Image | None = None,
                          mask: torch.Tensor | Image.Image | None = None, eta: float | None = None,
-                         karras: bool | None = None) -> torch.Tensor:
+                         karras: bool | None = None, strength: float | None = None,
+                         overlay: bool = True) -> torch.Tensor:
         """Images (N, C, H, W) in [-1, 1]; the same arguments and seed always give the same images.
 
         `prompt` is one prompt (drawn `num_images` times) or a list of prompts (one image each). Image k is drawn
         with seed + k alone (its initial and its sampler's noise), so any image of a batch is redrawn alone with
-        its seed. `sampler`, `eta` and `karras` as in `settings`. A model with a spatial condition takes `image`
-        (low_res: the low-resolution image; inpaint: the image to fill in) and, for inpainting, `mask` (white / 1
-        = region to generate): PIL images or tensors (1 or N, C, H, W) in [-1, 1] (masks in [0, 1]).
+        its seed. `sampler`, `eta` and `karras` as in `settings`.
+
+        `image` (PIL, or a tensor (1 or N, C, H, W) in [-1, 1]) is the image to start from (img2img, `strength`
+        default 0.75: the share of the steps run), with `mask` (white / 1 = region to draw anew; masks in [0, 1])
+        the image to inpaint (`strength` default 1; the kept pixels pasted back unless `overlay` is False); the
+        output has the image's size unless `height`/`width` say otherwise. A model with a spatial condition reads
+        them as that condition (low_res: the low-resolution image; inpaint: the image and mask to fill in).
         """
         settings = self.settings(steps, guidance_scale, sampler, eta, karras, guidance_rescale)
-        steps, guidance_scale = settings.steps, settings.guidance_scale
+        self.check_image_inputs(image is not None, mask is not None, strength is not None)
         check_num_images(num_images)
+        height, width = self.output_size(image, height, width)
         h, w = self.latent_size(height, width)
         prompts = [prompt] * num_images if isinstance(prompt, str) else list(prompt)
         num_images = len(prompts)
         check_num_images(num_images, name="number of prompts")
         seeds = image_seeds(seed, num_images)
-        fits = self.max_batch_size(height, width, guided=guidance_scale not in (0.0, 1.0))
+        fits = self.max_batch_size(height, width, guided=settings.guidance_scale not in (0.0, 1.0))
         if num_images > fits:
             raise ValueError(f"num_images = {num_images}: only about {fits} images of this size fit in the free "
                              f"memory of {self.device} at once; generate them in batches of at most {fits}")
@@ -182,24 +242,42 @@ class LatentDiffusion:
         cond = self.conditioner.encode_prompts(prompts)
         uncond = (self.conditioner.encode_prompts([negative_prompt] * num_images) if negative_prompt is not None
                   else self.conditioner.unconditional(num_images))
-
-        spatial = self.spatial_input(image, mask, num_images, (h, w))
-        model = guided_model(with_spatial(self.network, spatial), cond, uncond, guidance_scale, guidance_rescale)
-        denoiser = Denoiser(model, self.schedule, self.config.diffusion.prediction_type)
+        images, masks = self.image_inputs(image, mask, num_images, (h, w))
         generator = generators(seeds)
-        noise = randn((num_images, self.ae_config.model.embed_dim, h, w), generator)
+        noise, start = self.start(images, masks, strength, settings.steps, generator,
+                                  (num_images, self.ae_config.model.embed_dim, h, w))
+        spatial = self.spatial_input(images, masks, (h, w), generator)
+        model = guided_model(with_spatial(self.network, spatial), cond, uncond, settings.guidance_scale,
+                             guidance_rescale)
+        out = self.sample(Denoiser(model, self.schedule, self.config.diffusion.prediction_type), settings, noise,
+                          generator, start, from_noise=masks is not None and strength in (None, 1.0),
+                          progress=progress)
+        if masks is not None and overlay:
+            out = overlay_pixels(out, images.float(), masks.float())
+        return out.float().clamp(-1, 1).cpu()
+
+    def sample(self, denoiser: Denoiser, settings: Settings, noise: torch.Tensor, generator: list[torch.Generator],
+               start: Start | None = None, from_noise: bool = True, progress: bool = True) -> torch.Tensor:
+        """Decoded images of the sampler's latents: from `noise` over the whole grid, or from an image (`start`)."""
         sampler = get_sampler(settings.sampler)
-        grid = sampler.make_grid(self.schedule, steps, settings.grid)
-        bar = tqdm(total=steps, desc="sampling", disable=not progress)
+        grid = sampler.make_grid(self.schedule, settings.steps, settings.grid)
+        x, blend = noise.to(self.device), None
+        if start is not None:
+            grid, x = start.begin(grid, from_noise)
+            blend = start.blending(grid)
+        bar = tqdm(total=grid_length(grid), desc="sampling", disable=not progress)
+
+        def callback(i: int, x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor | None:
+            bar.update(1)
+            return None if blend is None else blend(i, x, denoised)
+
         # One autocast region around every step: autocast keeps its bf16/fp16 copies of the weights until the
         # outermost region ends, so the UNet's weights are cast once per image, not once per step.
         with autocast(self.device, self.math):
-            latents = sampler.sample(denoiser, noise.to(self.device), grid, generator=generator,
-                                     callback=lambda *_: bar.update(1), **settings.options)
+            latents = sampler.sample(denoiser, x, grid, generator=generator, callback=callback, **settings.options)
             bar.close()
             release_free_memory()  # the UNet's activations: the decoder's are of other sizes
-            images = self.decode(latents.float() / self.latent_scale)
-        return images.float().clamp(-1, 1).cpu()
+            return self.decode(latents.float() / self.latent_scale).float()
 
     def network(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
         """ε_θ(x, t, condition) in fp32, the UNet run at the math precision."""

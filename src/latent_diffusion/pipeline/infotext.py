@@ -26,11 +26,12 @@ _SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 def format_infotext(prompt: str, negative_prompt: str | None, steps: int, sampler: str, guidance_scale: float,
                     seed: int, width: int, height: int, model: str | None = None, eta: float | None = None,
-                    guidance_rescale: float = 0.0) -> str:
-    """One image's parameters; `sampler` by its A1111 name (`samplers.sampler_label`)."""
+                    guidance_rescale: float = 0.0, strength: float | None = None) -> str:
+    """One image's parameters; `sampler` by its A1111 name (`samplers.sampler_label`); `strength` of img2img and
+    inpainting (A1111's denoising strength)."""
     fields = {"Steps": steps, "Sampler": sampler, "CFG scale": guidance_scale, "Seed": seed,
               "Size": f"{width}x{height}", "Model": model, "Eta": eta,
-              "Guidance rescale": guidance_rescale or None}
+              "Guidance rescale": guidance_rescale or None, "Denoising strength": strength}
     pairs = ", ".join(f"{key}: {_quote(value)}" for key, value in fields.items() if value is not None)
     negative = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
     return f"{prompt}{negative}\n{pairs}"
@@ -38,7 +39,7 @@ def format_infotext(prompt: str, negative_prompt: str | None, steps: int, sample
 
 def parse_infotext(text: str) -> dict[str, Any]:
     """The settings in an infotext, by `Pipeline.generate_tensors`' keywords (prompt, negative_prompt, steps,
-    sampler, guidance_scale, seed, width, height, eta, guidance_rescale), and model; only those it holds."""
+    sampler, guidance_scale, seed, width, height, eta, guidance_rescale, strength), and model; only those it holds."""
     *lines, last = text.strip().split("\n")
     if len(_PAIR.findall(last)) < 3:  # no parameter line: all of it is prompt (as A1111 reads it)
         lines, last = [*lines, last], ""
@@ -55,7 +56,8 @@ def parse_infotext(text: str) -> dict[str, Any]:
         found["negative_prompt"] = "\n".join(negative)
     for key, name, kind in (("Steps", "steps", int), ("CFG scale", "guidance_scale", float), ("Seed", "seed", int),
                             ("Eta", "eta", float), ("Eta DDIM", "eta", float),
-                            ("Guidance rescale", "guidance_rescale", float), ("Model", "model", str)):
+                            ("Guidance rescale", "guidance_rescale", float), ("Model", "model", str),
+                            ("Denoising strength", "strength", float)):
         if key in fields:
             found[name] = _typed(key, fields[key], kind)
     if "Sampler" in fields:

@@ -9,7 +9,8 @@ import torch
 
 from latent_diffusion.diffusion.denoiser import Denoiser
 
-Callback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step index, x after the step, x̂_0 of the step)
+# (step index, x after the step, x̂_0 of the step) → None, or the x to go on from instead (inpainting's blending)
+Callback = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
 # One generator for the whole batch, or one per batch item (item k's noise from generator k, as diffusers' randn_tensor)
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -40,9 +41,10 @@ def randn_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
     return randn(x.shape, generator, x.device, x.dtype)
 
 
-def report(callback: Callback | None, i: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
-    if callback is not None:
-        callback(i, x, denoised)
+def report(callback: Callback | None, i: int, x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+    """Tell `callback` of step i; the x the sampler goes on from: the tensor the callback returns, else x."""
+    replaced = None if callback is None else callback(i, x, denoised)
+    return replaced if isinstance(replaced, torch.Tensor) else x
 
 
 def model_kwargs(extra_args: Mapping[str, Any] | None) -> dict[str, Any]:

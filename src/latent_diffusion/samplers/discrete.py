@@ -43,7 +43,7 @@ def _ddim_loop(denoiser: Denoiser, x: torch.Tensor, steps: list[DiscreteStep], e
         x0, eps = denoiser.predict(x, step.t, **extra)
         std = ddim_std(step, eta)
         x = ddim_update(x0, eps, step.alpha_cumprod_prev, std, randn_like(x, generator) if std > 0 else None)
-        report(callback, i, x, x0)
+        x = report(callback, i, x, x0)
     return x
 
 
@@ -104,5 +104,5 @@ def sample_plms(denoiser: Denoiser, noise: torch.Tensor, grid: list[DiscreteStep
         else:
             eps_prime = _adams_bashforth(history)
         x = _transfer(x, eps_prime, step)
-        report(callback, i, x, x0)
+        x = report(callback, i, x, x0)
     return x

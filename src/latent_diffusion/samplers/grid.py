@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import torch
+
 from latent_diffusion.diffusion.schedule import (NoiseSchedule, TimestepSpacing, interpolate, karras_sigmas,
                                                  timestep_grid)
 
@@ -98,3 +100,33 @@ def dpm_solver_grid(schedule: NoiseSchedule, num_steps: int, spacing: TimestepSp
             t = timestep_grid(num_steps + 1, spacing, schedule.num_timesteps, steps_offset)[:-1].round()
         sigmas = interpolate(schedule.sigmas, t)
     return _sigma_grid(sigmas.tolist() + [0.0], vp_prior=True)
+
+
+Grid = list[DiscreteStep] | SigmaGrid
+
+
+def grid_length(grid: Grid) -> int:
+    """The number of steps of a grid."""
+    return len(grid.sigmas) - 1 if isinstance(grid, SigmaGrid) else len(grid)
+
+
+def grid_from(grid: Grid, start: int) -> Grid:
+    """The steps of `grid` from step `start` on, for a sampler that starts from `noised(grid, start, …)` rather than
+    from unit noise (img2img: diffusers' `timesteps[t_start:]` with `set_begin_index`)."""
+    if not 0 <= start < grid_length(grid):
+        raise ValueError(f"start step {start}: expected 0 to {grid_length(grid) - 1}")
+    if isinstance(grid, SigmaGrid):
+        return SigmaGrid(grid.sigmas[start:], init_noise_sigma=1.0)  # the sampler's x is then given as it is
+    return grid[start:]
+
+
+def noised(grid: Grid, step: int, latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Clean `latents` brought to the noise level at which step `step` of `grid` starts (its end, step = length:
+    the latents themselves), in the sampler's own x: x_0 + σ ε in σ-space, √ᾱ_t x_0 + √(1 − ᾱ_t) ε for the VP
+    samplers (DDPM eq. 4; diffusers' `scheduler.add_noise`)."""
+    if step == grid_length(grid):
+        return latents
+    if isinstance(grid, SigmaGrid):
+        return latents + grid.sigmas[step] * noise
+    alpha_cumprod = grid[step].alpha_cumprod
+    return alpha_cumprod**0.5 * latents + (1 - alpha_cumprod) ** 0.5 * noise

@@ -54,7 +54,7 @@ def sample_euler_a(denoiser: Denoiser, noise: torch.Tensor, grid: SigmaGrid, *,
         x = euler_update(x, denoised, sigma, sigma_down)
         if sigma_up > 0:
             x = x + sigma_up * randn_like(x, generator)
-        report(callback, i, x, denoised)
+        x = report(callback, i, x, denoised)
     return x
 
 
@@ -73,7 +73,7 @@ def sample_heun(denoiser: Denoiser, noise: torch.Tensor, grid: SigmaGrid, *,
             d_mean = ((x - denoised) / sigma + (x_next - denoised_next) / sigma_next) / 2
             x_next = x + (sigma_next - sigma) * d_mean
         x = x_next
-        report(callback, i, x, denoised)
+        x = report(callback, i, x, denoised)
     return x
 
 
@@ -102,5 +102,5 @@ def sample_dpmpp_2m(denoiser: Denoiser, noise: torch.Tensor, grid: SigmaGrid, *,
             x = (sigma_next / sigma) * x - math.expm1(-h) * d
             h_last = h
         old_denoised = denoised
-        report(callback, i, x, denoised)
+        x = report(callback, i, x, denoised)
     return x
