@@ -14,7 +14,8 @@ from latent_diffusion.cli.common import BUNDLED_MODEL, bundled_model, naming
 GENERATE_FLAGS = {"steps": "--steps", "guidance_scale": "--guidance", "guidance_rescale": "--guidance-rescale",
                   "sampler": "--sampler", "eta": "--eta", "karras": "--karras", "seed": "--seed",
                   "num_images": "--num-images", "height": "--height", "width": "--width", "image": "--image",
-                  "mask": "--mask", "vae_tile": "--vae-tile", "strength": "--strength"}
+                  "mask": "--mask", "vae_tile": "--vae-tile", "strength": "--strength",
+                  "image_prompt": "--image-prompt", "image_prompt_scale": "--image-prompt-scale"}
 # What --from-png reads (`infotext.parse_infotext`'s keys) into which flag, unless that flag is given
 FROM_PNG = {"prompt": "prompt", "negative_prompt": "negative", "steps": "steps", "guidance_scale": "guidance",
             "sampler": "sampler", "seed": "seed", "width": "width", "height": "height", "eta": "eta",
@@ -43,6 +44,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         naming("--lora", pipe.load_lora, path, weight)
     if args.lora:
         pipe.fuse_lora()  # the same outputs to rounding, with no extra work per step
+    image_prompt = _image_prompt(pipe, args)
     settings = pipe.settings(args.steps, args.guidance, args.sampler, args.eta, args.karras,
                              args.guidance_rescale or 0.0, names=GENERATE_FLAGS)
     pipe.check_image_inputs("image" in spatial, "mask" in spatial, args.strength is not None, GENERATE_FLAGS)
@@ -66,9 +68,30 @@ def cmd_generate(args: argparse.Namespace) -> None:
                      steps=settings.steps, guidance_scale=settings.guidance_scale, sampler=settings.sampler,
                      eta=args.eta, karras=karras, height=height, width=width,
                      guidance_rescale=settings.guidance_rescale, strength=args.strength, overlay=args.overlay,
-                     **spatial)
+                     **image_prompt, **spatial)
         print(f"wrote {paths[0]}" + (f" … {paths[-1].name}" if len(paths) > 1 else "")
               + (f" and {grid.name}" if grid else ""))
+
+
+def _image_prompt(pipe, args: argparse.Namespace) -> dict:
+    """The IP-Adapter of --ip-adapter loaded into `pipe`; the image-prompt keywords of each request."""
+    from latent_diffusion.generation.request import check_number
+    from latent_diffusion.images import open_image
+
+    given = [flag for flag, value in (("--ip-adapter", args.ip_adapter), ("--image-encoder", args.image_encoder),
+                                      ("--image-prompt", args.image_prompt)) if value]
+    if given and len(given) < 3:
+        raise ValueError(f"{', '.join(given)}: an image prompt needs --image-prompt IMAGE, --ip-adapter FILE and "
+                         "--image-encoder PATH (the CLIP image encoder the adapter was trained with)")
+    if args.image_prompt_scale is not None and not given:
+        raise ValueError("--image-prompt-scale: give --image-prompt, --ip-adapter and --image-encoder too")
+    if not given:
+        return {}
+    if args.image_prompt_scale is not None:
+        check_number(args.image_prompt_scale, -10.0, 10.0, "--image-prompt-scale", " (1: as trained, 0: off)")
+    naming("--ip-adapter", pipe.load_ip_adapter, args.ip_adapter, args.image_encoder)
+    return {"image_prompt": naming("--image-prompt", open_image, args.image_prompt),
+            "image_prompt_scale": args.image_prompt_scale}
 
 
 def lora_argument(text: str) -> tuple[str, float]:
@@ -236,6 +259,15 @@ def _add_generate_command(sub) -> None:
     p.add_argument("--overlay", action=argparse.BooleanOptionalAction, default=True,
                    help="inpainting: paste the unmasked pixels of --image back over the result (default; "
                         "--no-overlay keeps the decoded ones)")
+    p.add_argument("--image-prompt", default=None, metavar="IMAGE",
+                   help="an image whose content steers the result (IP-Adapter; with --ip-adapter and "
+                        "--image-encoder)")
+    p.add_argument("--ip-adapter", default=None, metavar="FILE",
+                   help="IP-Adapter weights (ip-adapter_sd15.bin / .safetensors; base or Plus)")
+    p.add_argument("--image-encoder", default=None, metavar="PATH",
+                   help="the IP-Adapter's CLIP image encoder: a folder with config.json and model.safetensors")
+    p.add_argument("--image-prompt-scale", type=float, default=None, metavar="S",
+                   help="the image prompt's weight λ (default 1; 0 ignores it, 0.5 balances it with the text)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="bf16/fp16: weights in that dtype (half the memory); bf16 math on GPUs and on CPUs with AMX "

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,15 +18,21 @@ class Conditioning:
 
     :param tokens: (B, L, D) context vectors.
     :param mask: (B, L) bool, True at real tokens, False at padding (whose tokens are zero).
+    :param extra: tokens (B, L', D') of the cross-attention layers' extra streams by name (IP-Adapter's image
+        tokens; `nn.attention.KVStream`), none for the paper's model.
     """
 
     tokens: torch.Tensor
     mask: torch.Tensor
+    extra: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.tokens.ndim != 3 or self.mask.shape != self.tokens.shape[:2] or self.mask.dtype != torch.bool:
             raise ValueError(f"expected tokens (B, L, D) and a bool mask (B, L), got tokens {tuple(self.tokens.shape)} "
                              f"and mask {tuple(self.mask.shape)} {self.mask.dtype}")
+        wrong = {name: tuple(t.shape) for name, t in self.extra.items() if t.ndim != 3 or len(t) != len(self.tokens)}
+        if wrong:
+            raise ValueError(f"expected extra tokens (B={len(self.tokens)}, L, D) for every stream, got {wrong}")
 
     @property
     def batch_size(self) -> int:
@@ -34,15 +40,25 @@ class Conditioning:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Conditioning:
         """Move to `device`; `dtype` casts the tokens only (the mask stays bool)."""
-        return Conditioning(self.tokens.to(device=device, dtype=dtype), self.mask.to(device=device))
+        return Conditioning(self.tokens.to(device=device, dtype=dtype), self.mask.to(device=device),
+                            {name: t.to(device=device, dtype=dtype) for name, t in self.extra.items()})
+
+    def with_extra(self, name: str, tokens: torch.Tensor) -> Conditioning:
+        """The same condition with `tokens` (B, L', D') for the extra stream `name`."""
+        return Conditioning(self.tokens, self.mask, {**self.extra, name: tokens})
 
     @staticmethod
     def cat(items: Sequence[Conditioning]) -> Conditioning:
-        """Concatenate along the batch, padding shorter sequences with zero tokens and False mask entries."""
+        """Concatenate along the batch, padding shorter sequences with zero tokens and False mask entries; extra
+        streams must be in every item (each concatenated as it is)."""
         length = max(c.tokens.shape[1] for c in items)
         tokens = [nn.functional.pad(c.tokens, (0, 0, 0, length - c.tokens.shape[1])) for c in items]
         masks = [nn.functional.pad(c.mask, (0, length - c.mask.shape[1]), value=False) for c in items]
-        return Conditioning(torch.cat(tokens), torch.cat(masks))
+        names = set(items[0].extra)
+        if any(set(c.extra) != names for c in items):
+            raise ValueError(f"conditions with different extra streams: {[sorted(c.extra) for c in items]}")
+        extra = {name: torch.cat([c.extra[name] for c in items]) for name in names}
+        return Conditioning(torch.cat(tokens), torch.cat(masks), extra)
 
 
 class FrozenEncoder(nn.Module):

@@ -12,9 +12,10 @@ from latent_diffusion.conditioning.base import Conditioning
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def network_kwargs(cond: Conditioning) -> dict[str, torch.Tensor]:
-    """Keyword arguments of `UNetModel.forward` for a condition."""
-    return {"context": cond.tokens, "context_mask": cond.mask}
+def network_kwargs(cond: Conditioning) -> dict:
+    """Keyword arguments of `UNetModel.forward` for a condition (its extra streams' tokens where it has some)."""
+    kwargs = {"context": cond.tokens, "context_mask": cond.mask}
+    return {**kwargs, "extra_context": dict(cond.extra)} if cond.extra else kwargs
 
 
 def rescale_guidance(guided: torch.Tensor, conditional: torch.Tensor, phi: float) -> torch.Tensor:

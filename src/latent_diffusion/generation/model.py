@@ -3,7 +3,8 @@ sampler(CFG(denoiser)) in latent space → decoder → images. `Pipeline` (`pipe
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -11,12 +12,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from latent_diffusion.autoencoder import AutoencoderKL
+from latent_diffusion.conditioning.base import Conditioning
 from latent_diffusion.conditioning.conditioner import Conditioner
+from latent_diffusion.conditioning.image_prompt import ImagePrompt, ip_adapter_scale, set_ip_adapter_scale
 from latent_diffusion.conditioning.spatial import binary_masks, encode_latents, spatial_kind, with_spatial
 from latent_diffusion.config import AutoencoderRunConfig, LDMRunConfig
 from latent_diffusion.diffusion.denoiser import Denoiser
 from latent_diffusion.diffusion.guidance import guided_model
 from latent_diffusion.diffusion.schedule import build_schedule
+from latent_diffusion.generation.control import Control, ControlledNetwork
 from latent_diffusion.generation.editing import Start, overlay as overlay_pixels, start_step
 from latent_diffusion.generation.request import (activation_bytes, available_memory, check_guidance, check_num_images,
                                                  check_number, check_side, check_steps, generators, image_seeds)
@@ -66,6 +70,7 @@ class LatentDiffusion:
         # bounded memory; None decodes whole (exact). See `AutoencoderKL.decode_tiled`.
         self.vae_tile: int | None = None
         self.latent_scale = ae_config.model.latent_scale
+        self.image_prompt: ImagePrompt | None = None  # an IP-Adapter's image encoder and projection, when loaded
 
     def settings(self, steps: int | None = None, guidance_scale: float | None = None, sampler: str | None = None,
                  eta: float | None = None, karras: bool | None = None, guidance_rescale: float = 0.0,
@@ -180,6 +185,51 @@ class LatentDiffusion:
             condition = spatial.condition(images, latent_size, self.autoencoder, self.latent_scale, masks, generator)
         return condition.float()
 
+    def with_image_prompt(self, cond: Conditioning, uncond: Conditioning,
+                          image_prompt: Image.Image | Sequence[Image.Image]) -> tuple[Conditioning, Conditioning]:
+        """The conditions with the IP-Adapter's tokens of `image_prompt` (one image for every output, or one
+        each) and its null image prompt (diffusers' zero image embedding) for ∅."""
+        n = cond.batch_size
+        if self.image_prompt is None:
+            raise ValueError("image_prompt: no IP-Adapter is loaded (Pipeline.load_ip_adapter; --ip-adapter)")
+        images = [image_prompt] if isinstance(image_prompt, Image.Image) else list(image_prompt)
+        if len(images) not in (1, n) or not all(isinstance(image, Image.Image) for image in images):
+            raise ValueError(f"image_prompt: expected a PIL image, or one for each of the {n} images")
+        name = self.image_prompt.name
+        tokens = self.image_prompt.tokens(images).float().to(self.device).expand(n, -1, -1)
+        return (cond.with_extra(name, tokens),
+                uncond.with_extra(name, self.image_prompt.unconditional(n).float().to(self.device)))
+
+    @contextlib.contextmanager
+    def image_prompt_scale(self, scale: float | None) -> Iterator[None]:
+        """Within: the IP-Adapter's layers at `scale` (None: as loaded); after: as they were."""
+        if scale is None:
+            yield
+            return
+        if self.image_prompt is None:
+            raise ValueError("image_prompt_scale: no IP-Adapter is loaded (Pipeline.load_ip_adapter; --ip-adapter)")
+        check_number(scale, -10.0, 10.0, "image_prompt_scale", " (IP-Adapter's λ; 1: as trained, 0: off)")
+        was = ip_adapter_scale(self.unet, self.image_prompt.name)
+        set_ip_adapter_scale(self.unet, scale, self.image_prompt.name)
+        try:
+            yield
+        finally:
+            set_ip_adapter_scale(self.unet, was, self.image_prompt.name)
+
+    def check_controls(self, controls: Sequence[Control], latent_size: tuple[int, int]) -> None:
+        """Each control's settings in range and its image at the output's size (a clear error otherwise)."""
+        f = self.ae_config.model.downsample_factor
+        size = (latent_size[0] * f, latent_size[1] * f)
+        for k, control in enumerate(controls):
+            control.check(f"controls[{k}]")
+            image = control.image
+            if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != 3:
+                got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+                raise ValueError(f"controls[{k}].image: expected a tensor (1 or N, 3, H, W) in [0, 1], got {got}")
+            if tuple(image.shape[-2:]) != size:
+                raise ValueError(f"controls[{k}].image is {image.shape[-1]}×{image.shape[-2]}: expected the output's "
+                                 f"{size[1]}×{size[0]} (prepare it at that size: conditioning.control_images)")
+
     def strength(self, image: bool, mask: bool, strength: float | None) -> float | None:
         """The strength a request runs at: the one asked for, else 1 for inpainting and IMG2IMG_STRENGTH for
         img2img; None without an image to start from (an upscaling model's image is its condition)."""
@@ -212,7 +262,9 @@ class LatentDiffusion:
                          image: torch.Tensor | Image.Image | None = None,
                          mask: torch.Tensor | Image.Image | None = None, eta: float | None = None,
                          karras: bool | None = None, strength: float | None = None,
-                         overlay: bool = True) -> torch.Tensor:
+                         overlay: bool = True, controls: Sequence[Control] = (), guess_mode: bool = False,
+                         image_prompt: Image.Image | Sequence[Image.Image] | None = None,
+                         image_prompt_scale: float | None = None) -> torch.Tensor:
         """Images (N, C, H, W) in [-1, 1]; the same arguments and seed always give the same images.
 
         `prompt` is one prompt (drawn `num_images` times) or a list of prompts (one image each). Image k is drawn
@@ -224,6 +276,11 @@ class LatentDiffusion:
         the image to inpaint (`strength` default 1; the kept pixels pasted back unless `overlay` is False); the
         output has the image's size unless `height`/`width` say otherwise. A model with a spatial condition reads
         them as that condition (low_res: the low-resolution image; inpaint: the image and mask to fill in).
+
+        `controls` are ControlNets with their control images at the output's size (`generation.control.Control`);
+        in `guess_mode` they see the conditional branch of guidance only, their residuals scaled up by depth.
+        `image_prompt` (one image, or one per output image) is read by the loaded IP-Adapter at its scale, or at
+        `image_prompt_scale` for this request.
         """
         settings = self.settings(steps, guidance_scale, sampler, eta, karras, guidance_rescale)
         self.check_image_inputs(image is not None, mask is not None, strength is not None)
@@ -242,23 +299,32 @@ class LatentDiffusion:
         cond = self.conditioner.encode_prompts(prompts)
         uncond = (self.conditioner.encode_prompts([negative_prompt] * num_images) if negative_prompt is not None
                   else self.conditioner.unconditional(num_images))
+        if image_prompt is not None:
+            cond, uncond = self.with_image_prompt(cond, uncond, image_prompt)
         images, masks = self.image_inputs(image, mask, num_images, (h, w))
         generator = generators(seeds)
         noise, start = self.start(images, masks, strength, settings.steps, generator,
                                   (num_images, self.ae_config.model.embed_dim, h, w))
         spatial = self.spatial_input(images, masks, (h, w), generator)
-        model = guided_model(with_spatial(self.network, spatial), cond, uncond, settings.guidance_scale,
-                             guidance_rescale)
-        out = self.sample(Denoiser(model, self.schedule, self.config.diffusion.prediction_type), settings, noise,
-                          generator, start, from_noise=masks is not None and strength in (None, 1.0),
-                          progress=progress)
+        network = with_spatial(self.network, spatial)
+        if controls:
+            self.check_controls(controls, (h, w))
+            branches = {0.0: ("uncond",), 1.0: ("cond",)}.get(settings.guidance_scale, ("uncond", "cond"))
+            network = ControlledNetwork(network, controls, settings.steps, branches, guess_mode)
+        model = guided_model(network, cond, uncond, settings.guidance_scale, guidance_rescale)
+        with self.image_prompt_scale(image_prompt_scale):
+            out = self.sample(Denoiser(model, self.schedule, self.config.diffusion.prediction_type), settings, noise,
+                              generator, start, from_noise=masks is not None and strength in (None, 1.0),
+                              progress=progress, controlled=network if controls else None)
         if masks is not None and overlay:
             out = overlay_pixels(out, images.float(), masks.float())
         return out.float().clamp(-1, 1).cpu()
 
     def sample(self, denoiser: Denoiser, settings: Settings, noise: torch.Tensor, generator: list[torch.Generator],
-               start: Start | None = None, from_noise: bool = True, progress: bool = True) -> torch.Tensor:
-        """Decoded images of the sampler's latents: from `noise` over the whole grid, or from an image (`start`)."""
+               start: Start | None = None, from_noise: bool = True, progress: bool = True,
+               controlled: ControlledNetwork | None = None) -> torch.Tensor:
+        """Decoded images of the sampler's latents: from `noise` over the whole grid, or from an image (`start`);
+        `controlled` (the ControlNets' wrapper of the network) counts the steps that run."""
         sampler = get_sampler(settings.sampler)
         grid = sampler.make_grid(self.schedule, settings.steps, settings.grid)
         x, blend = noise.to(self.device), None
@@ -266,9 +332,13 @@ class LatentDiffusion:
             grid, x = start.begin(grid, from_noise)
             blend = start.blending(grid)
         bar = tqdm(total=grid_length(grid), desc="sampling", disable=not progress)
+        if controlled is not None:
+            controlled.steps = grid_length(grid)
 
         def callback(i: int, x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor | None:
             bar.update(1)
+            if controlled is not None:
+                controlled.advance()
             return None if blend is None else blend(i, x, denoised)
 
         # One autocast region around every step: autocast keeps its bf16/fp16 copies of the weights until the

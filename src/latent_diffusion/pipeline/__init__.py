@@ -19,7 +19,10 @@ from latent_diffusion.config import AutoencoderRunConfig, DataConfig, LDMRunConf
 from latent_diffusion.formats.model import ModelParts, load_model
 from latent_diffusion.generation.model import LatentDiffusion
 from latent_diffusion.images import save_image
+from latent_diffusion.conditioning.image_prompt import cross_attention_layers, detach_ip_adapter
+from latent_diffusion.formats.ip_adapter import load_image_prompt
 from latent_diffusion.inference import check_backend, prepare_for_inference
+from latent_diffusion.inference.precision import store_weights
 from latent_diffusion.pipeline.lora import PipelineLoRAs
 from latent_diffusion.pipeline import embeddings
 from latent_diffusion.pipeline.outputs import check_writable, image_paths, output_file
@@ -115,6 +118,28 @@ class Pipeline(LatentDiffusion):
     def unfuse_lora(self) -> None:
         """Restore the weights `fuse_lora` changed, bit for bit; the LoRAs apply on the fly again."""
         self.loras.unfuse(self)
+
+    def load_ip_adapter(self, path: str | os.PathLike, image_encoder: str | os.PathLike,
+                        scale: float = 1.0) -> None:
+        """Load an IP-Adapter (`ip-adapter_sd15.bin` / `.safetensors`: `image_proj.*`, `ip_adapter.*`; base or
+        Plus) with its CLIP image encoder (a folder with config.json, or a .safetensors file beside one): image
+        prompts (`image_prompt=`) then steer the UNet's cross-attention at weight `scale`. Replaces one loaded
+        before; a file for another model is a clear error (`formats/ip_adapter.py`)."""
+        if self.backend != "torch":
+            raise ValueError("IP-Adapter: the OpenVINO backend runs a UNet compiled without its layers; use "
+                             "backend 'torch'")
+        self.unload_ip_adapter()
+        prompt = load_image_prompt(path, image_encoder, self.unet, self.device, torch.float32, scale)
+        storage = next(self.unet.parameters()).dtype
+        for _, layer in cross_attention_layers(self.unet):  # kept and computed as the UNet's own weights
+            store_weights(layer.streams[prompt.name], storage, PRECISIONS[self.math])
+        self.image_prompt = prompt
+
+    def unload_ip_adapter(self) -> None:
+        """Take the IP-Adapter off: the UNet is as before `load_ip_adapter`."""
+        if self.image_prompt is not None:
+            detach_ip_adapter(self.unet, self.image_prompt.name)
+            self.image_prompt = None
 
     @staticmethod
     def save(images: list[Image.Image], path: str | os.PathLike,
