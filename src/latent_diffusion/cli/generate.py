@@ -153,13 +153,22 @@ def cmd_convert(args: argparse.Namespace) -> None:
     import torch
 
     from latent_diffusion.files.atomic import check_writable
+    from latent_diffusion.formats.controlnet import is_controlnet, load_controlnet, save_controlnet
     from latent_diffusion.formats.model import load_model, save_model
 
     check_writable(args.dest, "DEST", folder=args.to != "original")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype)
+    if is_controlnet(args.source):
+        if args.to == "native":
+            raise ValueError("--to native: a ControlNet is written as --to original (a .safetensors file with "
+                             "control_model.* keys, what AUTOMATIC1111 and ComfyUI load) or --to diffusers")
+        save_controlnet(load_controlnet(args.source, dtype=dtype), args.dest, args.to)
+        print(f"wrote {args.dest} (ControlNet, {args.to})")
+        return
     options = {"prediction_type": args.prediction_type} if args.prediction_type else {}
     parts = load_model(args.source, **options)
-    if args.dtype:
-        parts = parts.to({"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype])
+    if dtype is not None:
+        parts = parts.to(dtype)
     save_model(parts, args.dest, args.to)
     print(f"wrote {args.dest} ({args.to})")
 

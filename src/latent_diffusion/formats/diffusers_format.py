@@ -270,14 +270,14 @@ def _read_weights(folder: Path, component: str, dtype: torch.dtype | None = None
         path = folder / component / name
         if path.is_file():
             tensors = (read_weights(path, dtype, device) if path.suffix == ".safetensors"
-                       else place_weights(_load_bin(path), dtype, device))
+                       else place_weights(load_bin(path), dtype, device))
             return tensors, str(path)
     present = sorted(p.name for p in (folder / component).iterdir()) if (folder / component).is_dir() else []
     raise CheckpointError(f"{folder / component}: no weights file; expected one of {', '.join(names)} (sharded "
                           f"weights are not supported); found: {', '.join(present) or 'nothing'}")
 
 
-def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+def load_bin(path: Path) -> dict[str, torch.Tensor]:
     """A PyTorch pickle of tensors, read with `weights_only=True` (no code runs)."""
     tensors = load_pickle(path)
     if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):

@@ -254,7 +254,8 @@ def infer_unet_config(unet: dict[str, torch.Tensor], latent_channels: int, openc
                       if f"input_blocks.{first[level]}.1.norm.weight" in unet)
     depth = len(_layer_index(unet, r"middle_block\.1\.transformer_blocks\.(\d+)\.norm1\.weight"))
     label = unet.get("label_emb.weight")
-    return UNetConfig(in_channels=in_channels, out_channels=unet["out.2.weight"].shape[0], model_channels=ch,
+    out_channels = unet["out.2.weight"].shape[0] if "out.2.weight" in unet else latent_channels  # a ControlNet: none
+    return UNetConfig(in_channels=in_channels, out_channels=out_channels, model_channels=ch,
                       channel_mult=tuple(w // ch for w in widths), num_res_blocks=num_res_blocks,
                       attention_resolutions=attention, transformer_depth=depth,
                       context_dim=unet["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1],

@@ -6,15 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
+from latent_diffusion.controlnet import ControlNet, guess_mode_scales
 from latent_diffusion.generation.request import check_number
 from latent_diffusion.unet import Residuals
-
-if TYPE_CHECKING:
-    from latent_diffusion.controlnet import ControlNet
 
 
 @dataclass(frozen=True)
@@ -82,7 +79,6 @@ class ControlledNetwork:
                                scale=control.scale)
         if "cond" not in self.branches:
             return None
-        from latent_diffusion.controlnet import guess_mode_scales
         n = x.shape[0] // branches
         part = slice(self.branches.index("cond") * n, (self.branches.index("cond") + 1) * n)
         context, mask = kwargs.get("context"), kwargs.get("context_mask")
