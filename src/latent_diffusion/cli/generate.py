@@ -53,6 +53,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         start_step(settings.steps, strength, "--strength")
     height, width = (pipe.config.data.resolution if side is None else side
                      for side in pipe.output_size(spatial.get("image"), args.height, args.width))
+    controls = _controls(pipe, args, height, width)
     guided = settings.guidance_scale not in (0.0, 1.0)
     batch = min(MAX_BATCH, args.num_images, pipe.max_batch_size(height, width, guided, GENERATE_FLAGS))
     if args.grid:
@@ -68,9 +69,59 @@ def cmd_generate(args: argparse.Namespace) -> None:
                      steps=settings.steps, guidance_scale=settings.guidance_scale, sampler=settings.sampler,
                      eta=args.eta, karras=karras, height=height, width=width,
                      guidance_rescale=settings.guidance_rescale, strength=args.strength, overlay=args.overlay,
-                     **image_prompt, **spatial)
+                     controls=controls, guess_mode=args.guess_mode, **image_prompt, **spatial)
         print(f"wrote {paths[0]}" + (f" … {paths[-1].name}" if len(paths) > 1 else "")
               + (f" and {grid.name}" if grid else ""))
+
+
+CONTROL_LISTS = ("control_model", "control_type", "control_scale", "control_start", "control_end")
+
+
+def _control_settings(args: argparse.Namespace) -> list[dict]:
+    """The settings of each --control, checked before the model loads: --control-model once per --control, each
+    other --control-* flag once for all or once per --control."""
+    count = len(args.control)
+    if not count:
+        given = [f"--{name.replace('_', '-')}" for name in CONTROL_LISTS if getattr(args, name)]
+        if given or args.guess_mode:
+            raise ValueError(f"{', '.join(given + ['--guess-mode'] * args.guess_mode)}: give --control IMAGE too")
+        return []
+    from latent_diffusion.conditioning.control_images import control_type
+    from latent_diffusion.generation.control import Control
+
+    columns = {}
+    for name in CONTROL_LISTS:
+        values = getattr(args, name)
+        if name == "control_model" and len(values) != count or len(values) not in (0, 1, count):
+            expected = f"{count} (one per --control)" if name == "control_model" else f"1 or {count}"
+            raise ValueError(f"--{name.replace('_', '-')}: given {len(values)} times for {count} --control; "
+                             f"expected {expected}")
+        columns[name] = values * count if len(values) == 1 else values
+    settings = [{"image": image, "model": model, "type": naming("--control-type", control_type, kind or "none"),
+                 "scale": scale, "start": start, "end": end}
+                for image, model, kind, scale, start, end in zip(
+                    args.control, columns["control_model"], columns["control_type"] or [None] * count,
+                    columns["control_scale"] or [1.0] * count, columns["control_start"] or [0.0] * count,
+                    columns["control_end"] or [1.0] * count, strict=True)]
+    for setting in settings:
+        Control(None, None, setting["scale"], setting["start"], setting["end"]).check("--control-{}".format)
+        for flag, path in (("--control", setting["image"]), ("--control-model", setting["model"])):
+            if not Path(path).exists():
+                raise ValueError(f"{flag}: {path} does not exist")
+    return settings
+
+
+def _controls(pipe, args: argparse.Namespace, height: int, width: int) -> list:
+    """The ControlNets of --control-model loaded into `pipe`, each with its control image made at the output size."""
+    from latent_diffusion.generation.control import Control
+    from latent_diffusion.images import open_image
+
+    controls = []
+    for setting in args.controls:
+        net = naming("--control-model", pipe.load_controlnet, setting["model"])
+        image = setting["type"].prepare(naming("--control", open_image, setting["image"]), width, height)
+        controls.append(Control(net, image, setting["scale"], setting["start"], setting["end"]))
+    return controls
 
 
 def _image_prompt(pipe, args: argparse.Namespace) -> dict:
@@ -131,6 +182,7 @@ def _generation_request(args: argparse.Namespace) -> tuple[list[str], list, int]
     image_seeds(seed, args.num_images, "--seed")
     if args.sampler is not None:
         naming("--sampler", resolve_sampler, args.sampler)
+    args.controls = _control_settings(args)
     return prompts, naming("-o", plan_outputs, args.output, len(prompts), args.num_images, args.grid), seed
 
 
@@ -268,6 +320,25 @@ def _add_generate_command(sub) -> None:
     p.add_argument("--overlay", action=argparse.BooleanOptionalAction, default=True,
                    help="inpainting: paste the unmasked pixels of --image back over the result (default; "
                         "--no-overlay keeps the decoded ones)")
+    p.add_argument("--control", action="append", default=[], metavar="IMAGE",
+                   help="a control image for a ControlNet (with --control-model); repeatable: several ControlNets "
+                        "at once, the other --control-* flags then given once for all or once each, in order")
+    p.add_argument("--control-model", action="append", default=[], metavar="FILE",
+                   help="the ControlNet: an original file (control_v11p_sd15_canny.pth / .safetensors) or a "
+                        "diffusers folder")
+    p.add_argument("--control-type", action="append", default=[], metavar="TYPE",
+                   help="how the control image is made from --control: canny (edges detected here), seg / mask "
+                        "(a map of regions, kept exact), none / depth / openpose / ... (a map already made); "
+                        "default none")
+    p.add_argument("--control-scale", action="append", default=[], type=float, metavar="S",
+                   help="the ControlNet's weight (default 1)")
+    p.add_argument("--control-start", action="append", default=[], type=float, metavar="F",
+                   help="the share of the steps before the ControlNet acts (default 0)")
+    p.add_argument("--control-end", action="append", default=[], type=float, metavar="F",
+                   help="the share of the steps after which it stops (default 1)")
+    p.add_argument("--guess-mode", action="store_true",
+                   help="ControlNets on the conditional branch of guidance only, shallow layers weakened: they "
+                        "find the content in the control image even with an empty prompt")
     p.add_argument("--image-prompt", default=None, metavar="IMAGE",
                    help="an image whose content steers the result (IP-Adapter; with --ip-adapter and "
                         "--image-encoder)")

@@ -31,13 +31,13 @@ class Control:
     start: float = 0.0
     end: float = 1.0
 
-    def check(self, name: str = "control") -> None:
-        """Clear errors for weights and step ranges out of bounds."""
-        check_number(self.scale, -10.0, 10.0, f"{name} scale")
-        check_number(self.start, 0.0, 1.0, f"{name} start", " (the share of the steps before it acts)")
-        check_number(self.end, 0.0, 1.0, f"{name} end", " (the share of the steps after which it stops)")
+    def check(self, name: Callable[[str], str] = "control.{}".format) -> None:
+        """Clear errors for weights and step ranges out of bounds; `name(field)` is how they call a field."""
+        check_number(self.scale, -10.0, 10.0, name("scale"))
+        check_number(self.start, 0.0, 1.0, name("start"), " (the share of the steps before it acts)")
+        check_number(self.end, 0.0, 1.0, name("end"), " (the share of the steps after which it stops)")
         if self.start >= self.end:
-            raise ValueError(f"{name} start = {self.start} and end = {self.end}: expected start < end")
+            raise ValueError(f"{name('start')} = {self.start} and {name('end')} = {self.end}: expected start < end")
 
     def active(self, step: int, steps: int) -> bool:
         """Whether it acts at `step` of `steps` (diffusers' `controlnet_keep`: off where i/n < start or

@@ -221,7 +221,7 @@ class LatentDiffusion:
         f = self.ae_config.model.downsample_factor
         size = (latent_size[0] * f, latent_size[1] * f)
         for k, control in enumerate(controls):
-            control.check(f"controls[{k}]")
+            control.check(f"controls[{k}].{{}}".format)
             image = control.image
             if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != 3:
                 got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__

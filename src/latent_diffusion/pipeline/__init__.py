@@ -20,6 +20,8 @@ from latent_diffusion.formats.model import ModelParts, load_model
 from latent_diffusion.generation.model import LatentDiffusion
 from latent_diffusion.images import save_image
 from latent_diffusion.conditioning.image_prompt import cross_attention_layers, detach_ip_adapter
+from latent_diffusion.controlnet import ControlNet, ControlNetConfig
+from latent_diffusion.formats.controlnet import load_controlnet
 from latent_diffusion.formats.ip_adapter import load_image_prompt
 from latent_diffusion.inference import check_backend, prepare_for_inference
 from latent_diffusion.inference.precision import store_weights
@@ -140,6 +142,24 @@ class Pipeline(LatentDiffusion):
         if self.image_prompt is not None:
             detach_ip_adapter(self.unet, self.image_prompt.name)
             self.image_prompt = None
+
+    def load_controlnet(self, path: str | os.PathLike) -> ControlNet:
+        """A ControlNet (an original `control_model.*` file or a diffusers folder) for this model, kept and computed
+        as the UNet is; pass it to a request as `controls=[Control(net, image, scale, start, end)]`. One made for
+        another model (other widths, token width or autoencoder factor) is a clear error."""
+        net = load_controlnet(path, self.device, next(self.unet.parameters()).dtype)
+        f = self.ae_config.model.downsample_factor
+        want = ControlNetConfig.of_unet(self.config.unet, f).unet
+        fields = ("model_channels", "channel_mult", "num_res_blocks", "context_dim", "transformer_depth")
+        wrong = [f"{name} {getattr(net.config.unet, name)} (this model: {getattr(want, name)})" for name in fields
+                 if getattr(net.config.unet, name) != getattr(want, name)]
+        if net.config.hint_factor != f:
+            wrong.append(f"control images {net.config.hint_factor}× the latents (this model's autoencoder: {f}×)")
+        if wrong:
+            raise ValueError(f"ControlNet {path} is for another model: {'; '.join(wrong)}")
+        storage = next(self.unet.parameters()).dtype
+        return prepare_for_inference(net, self.device, storage, PRECISIONS[self.math] if storage != torch.float32
+                                     else storage)
 
     @staticmethod
     def save(images: list[Image.Image], path: str | os.PathLike,
