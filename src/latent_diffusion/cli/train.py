@@ -1,4 +1,4 @@
-"""`ldm make-shapes`, `train-autoencoder`, `train`, `train-lora` and `train-embedding`."""
+"""`ldm make-shapes`, `train-autoencoder`, `train`, `train-lora`, `train-controlnet` and `train-embedding`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from latent_diffusion.cli.common import add_training_arguments, positive_int, se
 def cmd_make_shapes(args: argparse.Namespace) -> None:
     from latent_diffusion.data.shapes import write_shapes_folder
 
-    out = write_shapes_folder(args.out, args.count, args.seed, colours=args.colours, shapes=args.shapes)
+    out = write_shapes_folder(args.out, args.count, args.seed, colours=args.colours, shapes=args.shapes,
+                              control=args.control)
     print(f"wrote {args.count} captioned shape images to {out}")
 
 
@@ -35,7 +36,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def _adapter_config(args: argparse.Namespace, kind: str, **adapter):
-    """The `AdapterRunConfig` of `ldm train-lora` / `train-embedding` from its flags, checked as a config is."""
+    """The `AdapterRunConfig` of `ldm train-lora` / `train-controlnet` / `train-embedding` from its flags, checked as
+    a config is."""
     from latent_diffusion.config import apply_overrides, from_dict, to_dict
     from latent_diffusion.training.adapter_config import AdapterRunConfig
 
@@ -54,6 +56,14 @@ def cmd_train_lora(args: argparse.Namespace) -> None:
 
     cfg = _adapter_config(args, "lora", rank=args.rank, alpha=args.alpha, conv=args.conv,
                           text_encoder=args.text_encoder, format=args.format)
+    last = train_adapter(cfg, args.data, args.out, device=args.device)
+    print(json.dumps({"run": str(args.out), **last}))
+
+
+def cmd_train_controlnet(args: argparse.Namespace) -> None:
+    from latent_diffusion.training.adapters import train_adapter
+
+    cfg = _adapter_config(args, "controlnet", control_type=args.control_type, format=args.format)
     last = train_adapter(cfg, args.data, args.out, device=args.device)
     print(json.dumps({"run": str(args.out), **last}))
 
@@ -85,6 +95,9 @@ def add_training_commands(sub) -> None:
     p.add_argument("--shapes", nargs="+", default=None, metavar="SHAPE",
                    help="every object takes one of these shapes, e.g. 'heart', which the bundled model never saw "
                         "(default: circle, square, triangle)")
+    p.add_argument("--control", default=None, choices=["mask", "edges"],
+                   help="also write each image's control map for ControlNet training (conditioning/, named in "
+                        "metadata.jsonl's conditioning_image column): the objects' silhouettes or outlines")
     p.set_defaults(func=cmd_make_shapes)
 
     p = sub.add_parser("train-autoencoder", help="train (or resume) the KL autoencoder")
@@ -143,6 +156,25 @@ def _add_adapter_commands(sub) -> None:
     p.add_argument("--format", default="kohya", choices=["kohya", "peft"],
                    help="kohya (AUTOMATIC1111, ComfyUI; default) or peft (diffusers' load_lora_weights)")
     p.set_defaults(func=cmd_train_lora)
+
+    p = sub.add_parser("train-controlnet", help="train a ControlNet for a model on your images and their control "
+                                                "maps (the model frozen); writes a file AUTOMATIC1111, ComfyUI and "
+                                                "diffusers load",
+                       description="--data holds images, captions and a control map per image (metadata.jsonl's "
+                                   "conditioning_image column, as diffusers' train_controlnet.py reads it; "
+                                   "`ldm make-shapes --control mask` writes such a folder). The ControlNet starts "
+                                   "as a copy of the model's encoder. Rerun the same command on the same --out to "
+                                   "resume. Writes OUT/controlnet.safetensors at every checkpoint; use it with "
+                                   "`ldm generate --control IMAGE --control-model FILE`.")
+    _add_adapter_arguments(p, 500)
+    p.add_argument("--out", required=True, help="run folder; rerun on the same folder to resume")
+    p.add_argument("--control-type", default="none",
+                   help="what the maps are (canny, seg, mask, depth, ...; default none): recorded with the run, "
+                        "for --control-type at generation")
+    p.add_argument("--format", default="original", choices=["original", "diffusers"],
+                   help="original (control_model.*, AUTOMATIC1111 and ComfyUI; default) or diffusers (also a "
+                        "ControlNetModel folder, OUT/controlnet/)")
+    p.set_defaults(func=cmd_train_controlnet)
 
     p = sub.add_parser("train-embedding", help="learn a new word for a model's text encoder from your images "
                                                "(textual inversion); writes the file AUTOMATIC1111 and diffusers load",

@@ -18,20 +18,26 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
-def resize_and_crop(img: Image.Image, resolution: int, random_crop: bool, rng: random.Random) -> Image.Image:
-    """Scale the short side to `resolution`, then crop a square (centred or at random)."""
+def resize_and_crop(img: Image.Image, resolution: int, random_crop: bool, rng: random.Random,
+                    control: Image.Image | None = None) -> Image.Image | tuple[Image.Image, Image.Image]:
+    """Scale the short side to `resolution`, then crop a square (centred or at random); a `control` map is resized
+    (nearest neighbours: its regions keep their values) and cropped alike, and both are returned."""
     w, h = img.size
     scale = resolution / min(w, h)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
     if scale != 1:
-        img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
-                         Image.Resampling.BICUBIC)
+        img = img.resize(size, Image.Resampling.BICUBIC)
     w, h = img.size
     left = rng.randint(0, w - resolution) if random_crop else (w - resolution) // 2
     top = rng.randint(0, h - resolution) if random_crop else (h - resolution) // 2
-    return img.crop((left, top, left + resolution, top + resolution))
+    box = (left, top, left + resolution, top + resolution)
+    if control is None:
+        return img.crop(box)
+    return img.crop(box), control.resize(img.size, Image.Resampling.NEAREST).crop(box)
 
 
 CAPTION_COLUMNS = ("text", "caption", "prompt")  # metadata.jsonl's caption column, as the ecosystem names it
+CONTROL_COLUMN = "conditioning_image"  # a ControlNet's control map of the image (diffusers' train_controlnet.py)
 
 
 def _read_text(path: Path) -> str:
@@ -51,22 +57,35 @@ def _caption_of(record: dict) -> str | None:
     return None
 
 
-def _read_captions(root: Path, files: list[Path]) -> dict[Path, str]:
-    captions: dict[Path, str] = {}
-    metadata = root / "metadata.jsonl"
+def _metadata(root: Path) -> list[dict]:
+    """The records of `root/metadata.jsonl` (none without one), each checked to name its file."""
+    metadata, records = root / "metadata.jsonl", []
     if metadata.is_file():
         for number, line in enumerate(_read_text(metadata).splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-                name = record["file_name"]
+                record["file_name"] = str(record["file_name"])
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise ValueError(f"{metadata}:{number}: expected a JSON object with 'file_name' and a caption "
                                  f"column ({' / '.join(CAPTION_COLUMNS)}) ({exc})") from exc
-            caption = _caption_of(record)
-            if caption is not None:
-                captions[(root / name).resolve()] = caption
+            records.append(record)
+    return records
+
+
+def _read_controls(root: Path, records: list[dict]) -> dict[Path, Path]:
+    """image → its control map, from metadata.jsonl's `conditioning_image` column."""
+    return {(root / r["file_name"]).resolve(): (root / str(r[CONTROL_COLUMN])).resolve()
+            for r in records if r.get(CONTROL_COLUMN)}
+
+
+def _read_captions(root: Path, files: list[Path], records: list[dict]) -> dict[Path, str]:
+    captions: dict[Path, str] = {}
+    for record in records:
+        caption = _caption_of(record)
+        if caption is not None:
+            captions[(root / record["file_name"]).resolve()] = caption
     for path in files:
         txt = path.with_suffix(".txt")
         if txt.is_file():
@@ -92,10 +111,14 @@ class ImageFolder(Dataset):
             raise FileNotFoundError(f"image folder not found: {self.root}")
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
-        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        records = _metadata(self.root)
+        self.controls = _read_controls(self.root, records)  # image → its control map (ControlNet training)
+        maps = set(self.controls.values())
+        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+                            and p.resolve() not in maps)
         if not self.files:
             raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found in {self.root}")
-        self.captions = _read_captions(self.root, self.files) if captions else {}
+        self.captions = _read_captions(self.root, self.files, records) if captions else {}
         self.resolution, self.channels = resolution, channels
         self.random_crop, self.flip = random_crop, flip
         self.rng = random.Random(seed)
@@ -106,6 +129,18 @@ class ImageFolder(Dataset):
 
     def caption(self, index: int) -> str:
         return self.captions.get(self.files[index].resolve(), "")
+
+    def control(self, index: int) -> Image.Image | None:
+        """The control map of image `index` (RGB), None when the folder has none; when the folder has control maps,
+        an image without one is an error naming it."""
+        controls = getattr(self, "controls", {})  # subclasses reading other sources have none
+        if not controls:
+            return None
+        path = controls.get(self.files[index].resolve())
+        if path is None:
+            raise ValueError(f"{self.files[index]}: no control map ({CONTROL_COLUMN} in metadata.jsonl), while other "
+                             "images of the folder have one")
+        return open_image(path, "RGB")
 
     def load(self, index: int) -> Image.Image:
         """The image at `index`, decoded and converted, before cropping."""
@@ -122,9 +157,15 @@ class ImageFolder(Dataset):
                 self.bad.add(i)
                 log.warning("skipping an unreadable image: %s", exc)
                 continue
-            img = resize_and_crop(img, self.resolution, self.random_crop, self.rng)
+            control = self.control(i)
+            if control is None:
+                img = resize_and_crop(img, self.resolution, self.random_crop, self.rng)
+            else:
+                img, control = resize_and_crop(img, self.resolution, self.random_crop, self.rng, control)
             if self.flip and self.rng.random() < 0.5:
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            return {"image": pil_to_tensor(img), "caption": self.caption(i)}
+                control = None if control is None else control.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            item = {"image": pil_to_tensor(img), "caption": self.caption(i)}
+            return item if control is None else {**item, "control": (pil_to_tensor(control) + 1) / 2}
         raise ValueError(f"--data {self.root}: none of its {len(self.files)} images can be read (see the warnings "
                          "above for each file)")

@@ -205,6 +205,26 @@ def render_scene(scene: ShapeScene) -> Image.Image:
     return img
 
 
+CONTROL_MAPS = ("mask", "edges")  # what `control_map` draws for a ControlNet
+CONDITIONING_FOLDER = "conditioning"  # where a shapes folder keeps its control maps
+
+
+def control_map(scene: ShapeScene, kind: str = "mask") -> Image.Image:
+    """Where the scene's objects are, as a ControlNet reads it (RGB, white on black): "mask", their filled
+    silhouettes; "edges", their one-pixel outlines."""
+    if kind not in CONTROL_MAPS:
+        raise ValueError(f"control map {kind!r}: expected one of {', '.join(CONTROL_MAPS)}")
+    filled = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
+    for obj in scene.objects:
+        x0, y0, x1, _ = obj.bbox
+        filled |= shape_mask(obj.shape, x1 - x0 + 1, x0, y0)
+    if kind == "edges":  # pixels of a silhouette with a 4-neighbour outside it
+        padded = np.pad(filled, 1)
+        inside = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+        filled &= ~inside
+    return Image.fromarray(filled.astype(np.uint8) * 255).convert("RGB")
+
+
 def parse_caption(caption: str) -> list[dict[str, str | int]]:
     """Structured attributes (size, colour, shape, row, col) of each object a caption asks for (new concepts
     included)."""
@@ -223,11 +243,16 @@ def parse_caption(caption: str) -> list[dict[str, str | int]]:
 
 
 def write_shapes_folder(out: str | os.PathLike, count: int, seed: int = 0, progress: bool = True,
-                        colours: Iterable[str] | None = None, shapes: Iterable[str] | None = None) -> Path:
+                        colours: Iterable[str] | None = None, shapes: Iterable[str] | None = None,
+                        control: str | None = None) -> Path:
     """Write `count` scenes as PNGs plus a `metadata.jsonl` (file_name, text, scene attributes); gives the folder.
 
     `colours` / `shapes` restrict every object to those names (see `generate_scene`), e.g. `shapes=["heart"]`.
+    `control` ("mask" or "edges") also writes each scene's control map to `conditioning/` and names it in the
+    `conditioning_image` column (diffusers' ControlNet training layout).
     """
+    if control is not None and control not in CONTROL_MAPS:
+        raise ValueError(f"--control {control!r}: expected one of {', '.join(CONTROL_MAPS)}")
     from tqdm import tqdm
 
     from latent_diffusion.files.atomic import atomic_path
@@ -243,7 +268,12 @@ def write_shapes_folder(out: str | os.PathLike, count: int, seed: int = 0, progr
         scene = generate_scene(seed, i, colours, shapes)
         name = f"{i:0{width}d}.png"
         render_scene(scene).save(out / name)
-        lines.append(json.dumps({"file_name": name, "text": scene.caption, **scene.to_json()}))
+        record = {"file_name": name, "text": scene.caption, **scene.to_json()}
+        if control is not None:
+            (out / CONDITIONING_FOLDER).mkdir(exist_ok=True)
+            control_map(scene, control).save(out / CONDITIONING_FOLDER / name)
+            record["conditioning_image"] = f"{CONDITIONING_FOLDER}/{name}"
+        lines.append(json.dumps(record))
     with atomic_path(out / "metadata.jsonl") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     return out

@@ -1,4 +1,5 @@
-"""What `ldm train-lora` and `ldm train-embedding` train, as the `adapter.yaml` of their run folder."""
+"""What `ldm train-lora`, `ldm train-embedding` and `ldm train-controlnet` train, as the `adapter.yaml` of their run
+folder."""
 
 from __future__ import annotations
 
@@ -47,6 +48,21 @@ class EmbeddingSettings:
     file: str = ""
 
 
+@dataclass(frozen=True)
+class ControlNetSettings:
+    """A ControlNet (Zhang et al. 2023) trained on the data's control maps (metadata.jsonl's `conditioning_image`),
+    its encoder starting as a copy of the model's.
+
+    :param control_type: what the maps are ("mask", "canny", "seg", ...: `conditioning.control_images`), recorded
+        for the user; the maps are read as given.
+    :param format: the file written: "original" (`controlnet.safetensors`, `control_model.*`: what AUTOMATIC1111's
+        extension and ComfyUI load), or "diffusers" (a `controlnet/` ControlNetModel folder as well).
+    """
+
+    control_type: str = "none"
+    format: Literal["original", "diffusers"] = "original"
+
+
 def _adapter_training() -> TrainConfig:
     return TrainConfig(batch_size=4, learning_rate=1e-4, adam_betas=(0.9, 0.999), max_steps=500, log_every=25,
                        image_every=100, checkpoint_every=100, weight_decay=0.0)
@@ -54,7 +70,7 @@ def _adapter_training() -> TrainConfig:
 
 @dataclass(frozen=True)
 class AdapterRunConfig:
-    """One run of `ldm train-lora` / `ldm train-embedding`.
+    """One run of `ldm train-lora` / `ldm train-embedding` / `ldm train-controlnet`.
 
     :param model: the base model (any format `load_model` reads), frozen.
     :param resolution: the training image size; None: the model's.
@@ -64,9 +80,10 @@ class AdapterRunConfig:
     """
 
     model: str
-    kind: Literal["lora", "embedding"]
+    kind: Literal["lora", "embedding", "controlnet"]
     lora: LoRASettings = field(default_factory=LoRASettings)
     embedding: EmbeddingSettings = field(default_factory=EmbeddingSettings)
+    controlnet: ControlNetSettings = field(default_factory=ControlNetSettings)
     resolution: int | None = None
     p_uncond: float | None = None
     prompts: tuple[str, ...] = ()

@@ -1,5 +1,6 @@
-"""Personalising a trained model with the model frozen: LoRA (`ldm train-lora`) and textual inversion
-(`ldm train-embedding`), on any model `load_model` reads (ours, an SD checkpoint file, a diffusers folder).
+"""Adapting a trained model with the model frozen: LoRA (`ldm train-lora`), textual inversion
+(`ldm train-embedding`) and ControlNet (`ldm train-controlnet`), on any model `load_model` reads (ours, an SD
+checkpoint file, a diffusers folder).
 
 Both train a small set of weights with the model's own objective on the user's captioned images, through the same
 loop as the LDM trainer (`training.loop`: latent cache, optional EMA, resume, SIGTERM, NaN guard, torchrun); the
@@ -32,6 +33,7 @@ from latent_diffusion.diffusion.objective import diffusion_loss
 from latent_diffusion.diffusion.schedule import build_schedule
 from latent_diffusion.files.weights import CheckpointError
 from latent_diffusion.formats.model import ModelParts, load_model
+from latent_diffusion.generation.control import Control
 from latent_diffusion.generation.model import LatentDiffusion
 from latent_diffusion.runtime import autocast
 from latent_diffusion.training.adapter_config import ADAPTER_CONFIG_FILE, AdapterRunConfig
@@ -118,7 +120,7 @@ def train_adapter(cfg: AdapterRunConfig, data: str | os.PathLike, out: str | os.
 
 def check_resumable(stored: AdapterRunConfig, given: AdapterRunConfig, run_dir: Path) -> None:
     """A run resumes with new training settings, never with another model or adapter."""
-    section = "lora" if given.kind == "lora" else "embedding"
+    section = given.kind
     pairs = [(name, getattr(stored, name), getattr(given, name)) for name in ("model", "kind", "resolution")]
     pairs += [(f"{section}.{f.name}", getattr(getattr(stored, section), f.name), getattr(getattr(given, section),
                                                                                          f.name))
@@ -169,6 +171,9 @@ def _train(cfg: AdapterRunConfig, data, out: Path, ctx: DistributedContext, sign
     cache = encode_dataset(autoencoder, dataset, out / "cache", batch_size=64, progress=progress and ctx.is_main,
                            ctx=ctx, signals=signals, num_workers=tcfg.num_workers)
     adapter.check_captions(cache.captions)
+    if adapter.reads_controls and cache.controls is None:
+        raise ValueError(f"--data {data}: its images have no control maps (a conditioning_image column in "
+                         "metadata.jsonl naming each image's map; `ldm make-shapes --control mask` writes one)")
     ema = EMA(adapter.module, tcfg.ema_decay).to(dev) if tcfg.ema_decay else None
     optimizer = torch.optim.AdamW(adapter.module.parameters(), lr=tcfg.learning_rate, betas=tcfg.adam_betas,
                                   weight_decay=tcfg.weight_decay)
@@ -214,9 +219,11 @@ def _train_step(run: _Run, indices: torch.Tensor, step: int) -> float:
     for part in rank_chunks(n, ctx, run.accumulation):
         with autocast(dev, run.cfg.training.precision):
             cond = _condition(run, indices[part], drop[part])
+            controls = run.cache.control_maps(indices[part]).to(dev) if run.adapter.reads_controls else None
 
-            def network(x: torch.Tensor, timesteps: torch.Tensor, cond=cond) -> torch.Tensor:
-                return run.unet(x, timesteps, **network_kwargs(cond))
+            def network(x: torch.Tensor, timesteps: torch.Tensor, cond=cond, controls=controls) -> torch.Tensor:
+                return run.unet(x, timesteps, **network_kwargs(cond),
+                                **run.adapter.unet_kwargs(x, timesteps, cond, controls))
 
             loss = diffusion_loss(network, z0[part].to(dev), t[part].to(dev), noise[part].to(dev),
                                   run.alphas_cumprod, diffusion.prediction_type, diffusion.min_snr_gamma)
@@ -268,4 +275,8 @@ def _write_samples(run: _Run, step: int) -> Image.Image | None:
     ae_cfg = AutoencoderRunConfig(model=run.autoencoder.config, data=run.model_cfg.data)
     pipe = LatentDiffusion(run.model_cfg, run.unet, run.autoencoder, ae_cfg, run.conditioner, run.ctx.device,
                            run.cfg.training.precision)
-    return write_sample_grid(run.out, step, pipe)
+    if not run.adapter.reads_controls:
+        return write_sample_grid(run.out, step, pipe)
+    maps = run.cache.control_maps(torch.arange(min(4, len(run.cache)))).to(run.ctx.device)
+    return write_sample_grid(run.out, step, pipe, {"controls": [Control(run.adapter.module, maps)]},
+                             ("control maps", maps * 2 - 1))

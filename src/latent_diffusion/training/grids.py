@@ -36,20 +36,23 @@ def sample_inputs(kind: str, cache: LatentCache, count: int = 4) -> dict[str, to
 
 
 @torch.no_grad()
-def write_sample_grid(out: Path, step: int, pipe: LatentDiffusion,
-                      inputs: dict[str, torch.Tensor] | None = None) -> Image.Image:
-    """One row per sampling prompt (written under it), at the configured sampler and guidance; a spatial model's
-    `inputs` (images, masks) condition every row and are shown as the first row. Written and returned."""
+def write_sample_grid(out: Path, step: int, pipe: LatentDiffusion, inputs: dict | None = None,
+                      shown: tuple[str, torch.Tensor] | None = None) -> Image.Image:
+    """One row per sampling prompt (written under it), at the configured sampler and guidance; `inputs` (a spatial
+    model's images and masks, or ControlNets) condition every row and are shown as the first row (`shown`: its
+    caption and images in [-1, 1], else the spatial condition's). Written and returned."""
     s, inputs = pipe.config.sampling, inputs or {}
-    count = inputs["image"].shape[0] if inputs else 4
+    if inputs and shown is None:
+        spatial = spatial_kind(pipe.config.conditioning.spatial)
+        shown = (f"input ({spatial.shown_as})", spatial.shown(inputs, pipe.latent_size(None, None)))
+    count = shown[1].shape[0] if shown else 4
     rows = [pipe.generate_tensors(prompt, num_images=count, steps=s.steps, guidance_scale=s.guidance_scale,
                                   sampler=s.sampler, seed=s.seed, progress=False, **inputs) for prompt in s.prompts]
     captions = list(s.prompts)
-    if inputs:
-        spatial = spatial_kind(pipe.config.conditioning.spatial)
-        shown = spatial.shown(inputs, pipe.latent_size(None, None))
-        rows.insert(0, torch.nn.functional.interpolate(shown, size=rows[0].shape[-2:], mode="nearest"))
-        captions.insert(0, f"input ({spatial.shown_as})")
+    if shown:
+        rows.insert(0, torch.nn.functional.interpolate(shown[1].float().cpu(), size=rows[0].shape[-2:],
+                                                       mode="nearest"))
+        captions.insert(0, shown[0])
     grid = make_grid(rows, scale=max(1, 128 // rows[0].shape[-1]), captions=captions)
     save_image(grid, out / "samples" / f"samples_{step:07d}.png")
     return grid

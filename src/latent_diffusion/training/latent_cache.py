@@ -23,12 +23,14 @@ CACHE_FILE = "latents.safetensors"
 class LatentCache:
     """Posterior means/stds of every image, with its caption and label; fresh z ~ q(z|x) drawn per use.
 
-    `images` (uint8, N×C×H×W) is kept too when training needs the pixels (spatial conditions).
+    `images` (uint8, N×C×H×W) is kept too when training needs the pixels (spatial conditions); `controls` (uint8,
+    N×3×H×W) when the dataset has control maps (ControlNet training).
     """
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor, captions: list[str], labels: list[int],
-                 images: torch.Tensor | None = None):
+                 images: torch.Tensor | None = None, controls: torch.Tensor | None = None):
         self.mean, self.std, self.captions, self.labels, self.images = mean, std, captions, labels, images
+        self.controls = controls
 
     def __len__(self) -> int:
         return self.mean.shape[0]
@@ -44,6 +46,12 @@ class LatentCache:
             raise RuntimeError("this latent cache keeps no images (encode it with keep_images=True)")
         return self.images[indices].float() / 127.5 - 1
 
+    def control_maps(self, indices: torch.Tensor) -> torch.Tensor:
+        """The control maps in [0, 1] (float) of the given images."""
+        if self.controls is None:
+            raise RuntimeError("this latent cache keeps no control maps (its dataset has none)")
+        return self.controls[indices].float() / 255
+
     def items(self, indices: torch.Tensor) -> list[dict]:
         return [{"caption": self.captions[i], "label": self.labels[i]} for i in indices.tolist()]
 
@@ -56,7 +64,7 @@ def fingerprint(autoencoder: AutoencoderKL, dataset: Dataset, keep_images: bool 
         digest.update(value.detach().float().cpu().numpy().tobytes())
     digest.update(type(dataset).__name__.encode())
     digest.update(str(len(dataset)).encode())
-    for attr in ("files", "resolution", "channels", "random_crop"):
+    for attr in ("files", "resolution", "channels", "random_crop", "controls"):
         digest.update(repr(getattr(dataset, attr, None)).encode())
     if hasattr(dataset, "images"):
         digest.update(hashlib.sha256(dataset.images.tobytes()).digest())
@@ -84,14 +92,15 @@ def _read_cache(path: Path, key: str) -> LatentCache | None:
         log.warning("latent cache unreadable, re-encoding: %s", exc)
         return None
     return LatentCache(tensors["mean"], tensors["std"], json.loads(meta["captions"]), json.loads(meta["labels"]),
-                       tensors.get("images"))
+                       tensors.get("images"), tensors.get("controls"))
 
 
 def _join(parts: list[LatentCache]) -> LatentCache:
-    images = [p.images for p in parts]
+    images, controls = [p.images for p in parts], [p.controls for p in parts]
     return LatentCache(torch.cat([p.mean for p in parts]), torch.cat([p.std for p in parts]),
                        [c for p in parts for c in p.captions], [label for p in parts for label in p.labels],
-                       None if images[0] is None else torch.cat(images))
+                       None if images[0] is None else torch.cat(images),
+                       None if controls[0] is None else torch.cat(controls))
 
 
 @torch.no_grad()
@@ -145,8 +154,9 @@ def _encode(autoencoder: AutoencoderKL, dataset: Dataset, path: Path, key: str, 
         posterior = autoencoder.encode(batch["image"].to(device))
         labels = batch["label"].tolist() if "label" in batch else [-1] * len(batch["image"])
         images = ((batch["image"] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8) if keep_images else None
+        controls = (batch["control"] * 255).round().clamp(0, 255).to(torch.uint8) if "control" in batch else None
         parts.append(LatentCache(posterior.mean.float().cpu(), posterior.std.float().cpu(), list(batch["caption"]),
-                                 labels, images))
+                                 labels, images, controls))
     cache = _join(parts)
     _write(cache, path, key)
     partial_path(path).unlink(missing_ok=True)
@@ -155,6 +165,7 @@ def _encode(autoencoder: AutoencoderKL, dataset: Dataset, path: Path, key: str, 
 
 def _write(cache: LatentCache, path: Path, key: str) -> None:
     """Store `cache` in `path` (atomically), keyed by the fingerprint of its inputs."""
-    tensors = {"mean": cache.mean, "std": cache.std, **({"images": cache.images} if cache.images is not None else {})}
+    tensors = {"mean": cache.mean, "std": cache.std,
+               **{name: t for name, t in (("images", cache.images), ("controls", cache.controls)) if t is not None}}
     save_weights(tensors, path, metadata={"fingerprint": key, "captions": json.dumps(cache.captions),
                                           "labels": json.dumps(cache.labels)})

@@ -1,5 +1,5 @@
-"""The two things a personalisation run trains, each attached to the frozen model from outside: LoRA adapters
-(`nn.lora`) and a new word's token vectors (`conditioning.embeddings`)."""
+"""What an adapter run trains, each attached to the frozen model from outside: LoRA adapters (`nn.lora`), a new
+word's token vectors (`conditioning.embeddings`), and a ControlNet (`controlnet.py`) whose residuals the UNet adds."""
 
 from __future__ import annotations
 
@@ -7,32 +7,44 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+import torch
 from torch import nn
 
 from latent_diffusion.conditioning.base import Conditioning, FrozenEncoder
 from latent_diffusion.conditioning.clip import ClipAttention, ClipMLP, ClipTextEncoder
 from latent_diffusion.conditioning.conditioner import Conditioner
+from latent_diffusion.conditioning.control_images import control_type
 from latent_diffusion.conditioning.embeddings import A1111_INIT_TEXT, add_embedding
 from latent_diffusion.config import ConfigError
+from latent_diffusion.controlnet import ControlNet
+from latent_diffusion.formats.controlnet import save_controlnet
 from latent_diffusion.formats.embeddings import DIFFUSERS_FILES, write_embedding
 from latent_diffusion.formats.lora import write_lora
 from latent_diffusion.formats.model import ModelParts
 from latent_diffusion.nn.attention import SpatialTransformer
 from latent_diffusion.nn.lora import LoRA
-from latent_diffusion.training.adapter_config import AdapterRunConfig, EmbeddingSettings, LoRASettings
+from latent_diffusion.training.adapter_config import (AdapterRunConfig, ControlNetSettings, EmbeddingSettings,
+                                                     LoRASettings)
 from latent_diffusion.unet import Downsample, ResBlock, Upsample, UNetModel
 
 LORA_FILES = {"kohya": "lora.safetensors", "peft": "pytorch_lora_weights.safetensors"}
+CONTROLNET_FILE = "controlnet.safetensors"
 
 
 class Adapter(Protocol):
     """What a personalisation run trains.
 
     `module` holds every trained parameter (checkpointed, averaged by EMA); `trains_text` says whether the
-    condition must be computed through the text encoder with gradients (`encode`)."""
+    condition must be computed through the text encoder with gradients (`encode`); `reads_controls` whether each
+    training image comes with a control map (`unet_kwargs` gets them)."""
 
     module: nn.Module
     trains_text: bool
+    reads_controls: bool
+
+    def unet_kwargs(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                    controls: torch.Tensor | None) -> dict:
+        """What the adapter passes to the frozen UNet's forward besides the condition (a ControlNet's residuals)."""
 
     def encode(self, conditioner: Conditioner, captions: list[str]) -> Conditioning:
         """The frozen text encoder's tokens of `captions`, with gradients reaching the adapter."""
@@ -68,7 +80,16 @@ def text_lora_layers(transformer: nn.Module) -> list[str]:
             for name, layer in module.named_children() if isinstance(layer, nn.Linear)]
 
 
-class LoRAAdapter:
+class _ReachesFromOutside:
+    """Adapters that act through hooks or token vectors: nothing passed to the UNet, no control maps read."""
+
+    reads_controls = False
+
+    def unet_kwargs(self, x, t, cond, controls) -> dict:
+        return {}
+
+
+class LoRAAdapter(_ReachesFromOutside):
     """LoRA on the UNet's transformer layers (and optionally its 3×3 convolutions and CLIP's layers)."""
 
     def __init__(self, settings: LoRASettings, unet: UNetModel, conditioner: Conditioner, parts: ModelParts):
@@ -107,7 +128,7 @@ class _Vectors(nn.Module):
         self.vectors = vectors
 
 
-class EmbeddingAdapter:
+class EmbeddingAdapter(_ReachesFromOutside):
     """A new trigger word's N token vectors (textual inversion), the text encoder and UNet frozen."""
 
     trains_text = True
@@ -142,8 +163,39 @@ class EmbeddingAdapter:
                 write_embedding(out / DIFFUSERS_FILES[0], self.settings.token, vectors, "diffusers")]
 
 
+class ControlNetAdapter:
+    """A ControlNet beside the frozen UNet, its encoder copied from the UNet's and its zero convolutions at zero,
+    trained on the data's control maps."""
+
+    trains_text, reads_controls = False, True
+
+    def __init__(self, settings: ControlNetSettings, unet: UNetModel, parts: ModelParts):
+        control_type(settings.control_type)  # a clear error for an unknown kind
+        self.settings = settings
+        self.module = ControlNet.from_unet(unet, parts.autoencoder_config.downsample_factor)
+
+    def unet_kwargs(self, x, t, cond, controls) -> dict:
+        return {"residuals": self.module(x, t, controls.to(x.dtype), context=cond.tokens, context_mask=cond.mask)}
+
+    def encode(self, conditioner: Conditioner, captions: list[str]) -> Conditioning:
+        raise NotImplementedError("a ControlNet trains no part of the text encoder")
+
+    def check_captions(self, captions: Sequence[str]) -> None:
+        pass
+
+    def write(self, out: Path, step: int) -> list[Path]:
+        files = [out / CONTROLNET_FILE]
+        save_controlnet(self.module, files[0], "original")
+        if self.settings.format == "diffusers":
+            files.append(out / "controlnet")
+            save_controlnet(self.module, files[1], "diffusers")
+        return files
+
+
 def make_adapter(cfg: AdapterRunConfig, unet: UNetModel, conditioner: Conditioner, parts: ModelParts) -> Adapter:
     """The adapter `cfg.kind` asks for, attached to the model."""
     if cfg.kind == "lora":
         return LoRAAdapter(cfg.lora, unet, conditioner, parts)
+    if cfg.kind == "controlnet":
+        return ControlNetAdapter(cfg.controlnet, unet, parts)
     return EmbeddingAdapter(cfg.embedding, conditioner, parts)
