@@ -4,6 +4,7 @@ measures a model over guidance scales, samplers and steps."""
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import ImageFilter
 
@@ -72,3 +73,17 @@ def test_cli_eval_adherence_sweeps_samplers_and_steps(ldm_run, shapes_folder, tm
     assert main(["eval-adherence", str(ldm_run), "--data", str(shapes_folder), "--sampler", "ddim", "nope",
                  "--device", "cpu"]) == 2
     assert "unknown sampler(s) ['nope']" in capsys.readouterr().err
+
+
+
+def test_layout_iou_of_a_scene_with_its_own_mask_is_one_and_of_an_empty_image_zero():
+    from PIL import Image
+
+    from latent_diffusion.data.shapes import BACKGROUNDS, control_map
+    from latent_diffusion.evaluation.shapes import layout_iou
+
+    scene, other = generate_scene(5, 2), generate_scene(5, 3)
+    mask = np.asarray(control_map(scene))[..., 0] > 127
+    assert layout_iou(render_scene(scene), mask) == 1.0
+    assert layout_iou(Image.new("RGB", (64, 64), BACKGROUNDS[scene.background]), mask) == 0.0
+    assert layout_iou(render_scene(other), mask) < 0.5

@@ -1,5 +1,5 @@
 """The `ldm` command: thin wrappers that parse arguments, call the library and report (one module per group of
-subcommands: `train`, `generate`, `evaluate`; `common` for what they share)."""
+subcommands: `train`, `generate`, `upscale`, `evaluate`; `common` for what they share)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from latent_diffusion.cli.common import BUNDLED_MODEL, USER_ERRORS, Parser
 from latent_diffusion.cli.evaluate import add_evaluation_commands
 from latent_diffusion.cli.generate import add_model_commands
 from latent_diffusion.cli.train import add_training_commands
+from latent_diffusion.cli.upscale import add_upscale_command
 
 __all__ = ["BUNDLED_MODEL", "build_parser", "describe_error", "main"]
 
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_training_commands(sub)
     add_model_commands(sub)
+    add_upscale_command(sub)
     add_evaluation_commands(sub)
     return parser
 

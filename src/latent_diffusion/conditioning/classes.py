@@ -43,8 +43,9 @@ class ClassConditioner(Conditioner):
         return self.encoder([item["label"] for item in items])
 
     def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
-        """The conditions of the classes the prompts name (`class_label`)."""
-        return self.encoder([class_label(p, self.cfg) for p in prompts])
+        """The conditions of the classes the prompts name (`class_label`); the empty prompt is ∅ (the null label),
+        as for text models."""
+        return self.encoder([class_label(p, self.cfg) if p.strip() else self.encoder.null_label for p in prompts])
 
     def unconditional(self, batch_size: int) -> Conditioning:
         return self.encoder.unconditional(batch_size)

@@ -106,6 +106,22 @@ def detect_objects(image: Image.Image | np.ndarray, colours: Iterable[str] = tup
     return found
 
 
+def foreground(image: Image.Image | np.ndarray) -> np.ndarray:
+    """Where a shapes image (64×64) has objects: pixels nearer an object colour than any background (bool H×W)."""
+    pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
+    palette = np.array(list(ALL_COLOURS.values()) + list(BACKGROUNDS.values()), dtype=np.float32)
+    nearest = np.argmin(((pixels[:, :, None, :] - palette[None, None]) ** 2).sum(-1), axis=-1)
+    return nearest < len(ALL_COLOURS)
+
+
+def layout_iou(image: Image.Image | np.ndarray, mask: np.ndarray) -> float:
+    """Intersection over union of an image's objects (`foreground`) with a layout mask (bool H×W); 1 when both are
+    empty."""
+    drawn = foreground(image)
+    union = (drawn | mask).sum()
+    return float((drawn & mask).sum() / union) if union else 1.0
+
+
 def score_image(image: Image.Image | np.ndarray, caption: str) -> list[dict[str, bool]]:
     """For each object the caption asks for: which of colour/shape/size/position the image gets right."""
     detected = detect_objects(image)
