@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 import yaml
 
+MAX_NOISE_LEVEL = 350  # the x4 upscaler's max_noise_level: more noise leaves nothing of the image
+
 
 class ConfigError(ValueError):
     """A configuration file or dictionary that does not match the schema."""
@@ -286,6 +288,9 @@ class ConditioningConfig:
     :param spatial: a spatial condition concatenated to z_t: "low_res" (the image at the latent grid's size:
         super-resolution) or "inpaint" (mask + masked-image latents, SD inpainting's layout); the UNet's
         concat_channels must match (image channels, or 1 + latent channels).
+    :param noise_level: "low_res" only: the low-resolution image is noised to this level t of a fixed DDPM schedule
+        (`conditioning.spatial.LOW_RES_SCHEDULE`) before it is concatenated, and t is the UNet's class label: noise
+        augmentation (Ho et al. 2022, cascaded diffusion), as SD's x4 upscaler (level 20 by default, at most 350).
     :param class_names: names of a class-conditional model's labels (in label order): prompts may then name the
         class ("a photo of a sneaker") instead of giving its number.
     :param adapter_layers: transformer layers trained with the UNet on top of the frozen text tokens (the learned
@@ -305,8 +310,12 @@ class ConditioningConfig:
     adapter_layers: int = 0
     clause_tokens: bool = False
     class_names: tuple[str, ...] | None = None
+    noise_level: int | None = None
 
     def __post_init__(self) -> None:
+        _check(self.noise_level is None or (self.spatial == "low_res" and 0 <= self.noise_level <= MAX_NOISE_LEVEL),
+               "conditioning.noise_level", self.noise_level,
+               f"None, or with spatial 'low_res' an integer from 0 to {MAX_NOISE_LEVEL}")
         if self.class_names is not None:
             _check(self.encoder == "class" and len(self.class_names) == self.num_classes, "conditioning.class_names",
                    self.class_names, f"one name per label of a class-conditional model ({self.num_classes} names)")

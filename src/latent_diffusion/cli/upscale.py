@@ -27,12 +27,15 @@ def cmd_upscale(args: argparse.Namespace) -> None:
     width, height = image.width * f, image.height * f
     settings = pipe.settings(args.steps, args.guidance, args.sampler, names={"guidance_scale": "--guidance"})
     seed = random.randrange(2**32) if args.seed is None else args.seed
+    level = naming("--noise-level", pipe.noise_level, args.noise_level)
     big = pipe(args.prompt, image=image, height=height, width=width, steps=settings.steps, seed=seed,
-               guidance_scale=settings.guidance_scale, sampler=settings.sampler, karras=settings.grid.karras)[0]
+               guidance_scale=settings.guidance_scale, sampler=settings.sampler, karras=settings.grid.karras,
+               noise_level=level)[0]
     parameters = format_infotext(args.prompt, None, settings.steps,
                                  sampler_label(settings.sampler, settings.grid.karras), settings.guidance_scale, seed,
                                  width, height, model=Path(args.model).stem)
-    Pipeline.save([big], output, [f"{parameters}, Upscale: {f}x from {Path(args.input).name}"])
+    noise = "" if level is None else f", Noise level: {level}"
+    Pipeline.save([big], output, [f"{parameters}, Upscale: {f}x from {Path(args.input).name}{noise}"])
     print(f"wrote {output} ({image.width}x{image.height} -> {width}x{height}, seed {seed})")
 
 
@@ -50,6 +53,9 @@ def add_upscale_command(sub) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     p.add_argument("--sampler", default=None, help="sampler (default: the model's)")
+    p.add_argument("--noise-level", type=int, default=None,
+                   help="for noise-augmented upscalers (SD's x4): how much noise the small image gets, 0-350 "
+                        "(default: the model's, 20; more lets the model invent more detail)")
     p.add_argument("--seed", type=seed_int, default=None, help="seed (default: a random one, printed)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights and math")

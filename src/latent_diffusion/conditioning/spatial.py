@@ -21,14 +21,31 @@ import torch.nn.functional as F
 
 from latent_diffusion.autoencoder import AutoencoderKL
 from latent_diffusion.config import ConfigError
+from latent_diffusion.diffusion.schedule import NoiseSchedule, scaled_linear_betas
 from latent_diffusion.samplers.common import randn
 
 SpatialKind = Literal["none", "low_res", "inpaint"]
 
 
+# The noise-augmentation schedule of a low-resolution condition (CompVis' ImageConcatWithNoiseAugmentation, "linear"
+# 1e-4 … 0.02 over 1000 steps, which is diffusers' "scaled_linear": the x4 upscaler's low_res_scheduler)
+LOW_RES_SCHEDULE = ("scaled_linear", 1e-4, 0.02, 1000)
+
+
 def low_res_condition(images: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
     """Images (B, C, H, W) in [-1, 1] resized (area average) to the latent grid: (B, C, h, w)."""
     return F.interpolate(images, size=latent_size, mode="area")
+
+
+def noise_augmented(images: torch.Tensor, noise_level: int, generators: Sequence[torch.Generator] | None
+                    ) -> torch.Tensor:
+    """√ᾱ_t·x + √(1 − ᾱ_t)·ε at t = `noise_level` of `LOW_RES_SCHEDULE` (DDPM eq. 4; diffusers'
+    `low_res_scheduler.add_noise`), ε drawn from each image's generator."""
+    _, beta_start, beta_end, steps = LOW_RES_SCHEDULE
+    schedule = NoiseSchedule.from_betas(scaled_linear_betas(steps, beta_start, beta_end))
+    alpha_cumprod = schedule.alphas_cumprod[noise_level].item()
+    noise = randn(images.shape, None if generators is None else list(generators), images.device, images.dtype)
+    return alpha_cumprod**0.5 * images + (1 - alpha_cumprod) ** 0.5 * noise
 
 
 def random_masks(batch_size: int, height: int, width: int, generator: torch.Generator | None = None
@@ -94,9 +111,11 @@ class SpatialCondition(ABC):
     @abstractmethod
     def condition(self, images: torch.Tensor, latent_size: tuple[int, int], autoencoder: AutoencoderKL | None = None,
                   latent_scale: float = 1.0, masks: torch.Tensor | None = None,
-                  generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+                  generators: Sequence[torch.Generator] | None = None,
+                  noise_level: int | None = None) -> torch.Tensor:
         """The condition (B, channels, h, w) of images (B, C, H, W) in [-1, 1] (and masks, 1 = to generate); latents
-        in it sampled from the posterior with `generators` (one per image) when given, else its mean."""
+        in it sampled from the posterior with `generators` (one per image) when given, else its mean; the image
+        noise-augmented to `noise_level` where the kind takes one."""
 
     def training_masks(self, batch_size: int, height: int, width: int,
                        generator: torch.Generator | None = None) -> torch.Tensor | None:
@@ -121,8 +140,10 @@ class LowResolution(SpatialCondition):
     def channels(self, image_channels: int, latent_channels: int) -> int:
         return image_channels
 
-    def condition(self, images, latent_size, autoencoder=None, latent_scale=1.0, masks=None, generators=None):
-        return low_res_condition(images, latent_size)
+    def condition(self, images, latent_size, autoencoder=None, latent_scale=1.0, masks=None, generators=None,
+                  noise_level=None):
+        small = low_res_condition(images, latent_size)
+        return small if noise_level is None else noise_augmented(small, noise_level, generators)
 
     def sample_inputs(self, images):
         return {"image": images}
@@ -140,7 +161,8 @@ class Inpainting(SpatialCondition):
     def channels(self, image_channels: int, latent_channels: int) -> int:
         return 1 + latent_channels
 
-    def condition(self, images, latent_size, autoencoder=None, latent_scale=1.0, masks=None, generators=None):
+    def condition(self, images, latent_size, autoencoder=None, latent_scale=1.0, masks=None, generators=None,
+                  noise_level=None):
         if autoencoder is None or masks is None:
             raise ValueError("an inpainting condition needs the autoencoder and a mask")
         return inpaint_condition(autoencoder, images, masks, latent_scale, generators)
@@ -194,12 +216,15 @@ def infer_spatial(concat_channels: int, image_channels: int, latent_channels: in
                       f"(inpaint: {1 + latent_channels}, low_res: {image_channels})")
 
 
-def with_spatial(network, spatial: torch.Tensor | None):
-    """`network(x, t, **kw)` with `spatial` concatenated to x; repeated when guidance doubles the batch."""
+def with_spatial(network, spatial: torch.Tensor | None, class_labels: torch.Tensor | None = None):
+    """`network(x, t, **kw)` with `spatial` concatenated to x (and `class_labels` given, a noise-augmented
+    condition's level); repeated when guidance doubles the batch."""
     if spatial is None:
         return network
 
     def concatenated(x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
         repeats = x.shape[0] // spatial.shape[0]
+        if class_labels is not None:
+            kwargs["class_labels"] = class_labels.repeat(repeats)
         return network(torch.cat([x, spatial.to(x.dtype).repeat(repeats, 1, 1, 1)], dim=1), t, **kwargs)
     return concatenated

@@ -92,12 +92,7 @@ def detect_objects(image: Image.Image | np.ndarray, colours: Iterable[str] = tup
     objects named with `shapes` (default: every colour and shape the generator draws; `COLOURS`, `SHAPES` read an
     image as the evaluator did before the new concepts)."""
     colours, shapes = vocabulary(colours, shapes)
-    pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
-    if pixels.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
-        pixels = np.asarray(Image.fromarray(pixels.astype(np.uint8)).resize((IMAGE_SIZE, IMAGE_SIZE)),
-                            dtype=np.float32)
-    palette = np.array([ALL_COLOURS[c] for c in colours] + list(BACKGROUNDS.values()), dtype=np.float32)
-    nearest = np.argmin(((pixels[:, :, None, :] - palette[None, None]) ** 2).sum(-1), axis=-1)
+    nearest = _nearest_colour(image, colours)
     found = []
     for index, name in enumerate(colours):
         for blob in _components(nearest == index):
@@ -106,12 +101,19 @@ def detect_objects(image: Image.Image | np.ndarray, colours: Iterable[str] = tup
     return found
 
 
-def foreground(image: Image.Image | np.ndarray) -> np.ndarray:
-    """Where a shapes image (64×64) has objects: pixels nearer an object colour than any background (bool H×W)."""
+def _nearest_colour(image: Image.Image | np.ndarray, colours: tuple[str, ...]) -> np.ndarray:
+    """Each pixel's nearest palette entry (64×64 ints): i < len(colours) names colours[i], the rest are backgrounds."""
     pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
-    palette = np.array(list(ALL_COLOURS.values()) + list(BACKGROUNDS.values()), dtype=np.float32)
-    nearest = np.argmin(((pixels[:, :, None, :] - palette[None, None]) ** 2).sum(-1), axis=-1)
-    return nearest < len(ALL_COLOURS)
+    if pixels.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
+        pixels = np.asarray(Image.fromarray(pixels.astype(np.uint8)).resize((IMAGE_SIZE, IMAGE_SIZE)),
+                            dtype=np.float32)
+    palette = np.array([ALL_COLOURS[c] for c in colours] + list(BACKGROUNDS.values()), dtype=np.float32)
+    return np.argmin(((pixels[:, :, None, :] - palette[None, None]) ** 2).sum(-1), axis=-1)
+
+
+def foreground(image: Image.Image | np.ndarray) -> np.ndarray:
+    """Where a shapes image has objects: pixels nearer an object colour than any background (bool 64×64)."""
+    return _nearest_colour(image, tuple(ALL_COLOURS)) < len(ALL_COLOURS)
 
 
 def layout_iou(image: Image.Image | np.ndarray, mask: np.ndarray) -> float:

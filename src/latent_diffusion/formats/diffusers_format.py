@@ -27,6 +27,7 @@ import torch
 
 from latent_diffusion.conditioning.clip import ClipTextEncoder
 from latent_diffusion.conditioning.registry import conditioner_type
+from latent_diffusion.conditioning.spatial import LOW_RES_SCHEDULE
 from latent_diffusion.conditioning.text import ClipConditioner
 from latent_diffusion.conditioning.tokenizer import END_TOKEN, START_TOKEN, ClipTokenizer
 from latent_diffusion.config import (ClipTextConfig, ConditioningConfig, ConfigError, DiffusionConfig, SamplingConfig,
@@ -57,7 +58,9 @@ EXTRA_FIELDS = {"diffusion": ("min_snr_gamma", "p_uncond"),
                 "conditioning": ("max_length", "cache")}
 PIPELINES = {"none": "StableDiffusionPipeline", "inpaint": "StableDiffusionInpaintPipeline"}
 KNOWN_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "safety_checker", "feature_extractor",
-                    "image_encoder")
+                    "image_encoder", "low_res_scheduler")
+UPSCALE_PIPELINE = "StableDiffusionUpscalePipeline"  # SD's x4 upscaler: a noise-augmented low-resolution image
+UPSCALE_NOISE_LEVEL = 20  # its pipeline's default noise_level
 
 
 # --- writing -----------------------------------------------------------------------------------------------------
@@ -154,7 +157,8 @@ def read_diffusers(folder: str | os.PathLike, prediction_type: str | None = None
     """A diffusers Stable Diffusion 1.x/2.x folder as `ModelParts`; `prediction_type` overrides the scheduler's;
     `dtype` and `device` as in `load_model`."""
     folder = Path(folder)
-    extra = _read_index(folder).get(METADATA_KEY, {})
+    index = _read_index(folder)
+    extra = index.get(METADATA_KEY, {})
     unet_cfg, latent_size = unet_config_from_diffusers(*_read_config(folder / "unet" / "config.json"))
     vae_cfg = vae_config_from_diffusers(*_read_config(folder / "vae" / "config.json"))
     text_config, text_path = _read_config(folder / "text_encoder" / "config.json")
@@ -167,7 +171,8 @@ def read_diffusers(folder: str | os.PathLike, prediction_type: str | None = None
         unet=unet_state_from_diffusers(unet_cfg, *_read_weights(folder, "unet", dtype, device)),
         autoencoder=vae_state_from_diffusers(vae_cfg, *_read_weights(folder, "vae", dtype, device)),
         text_encoder=clip_state_from_transformers(clip, *_read_weights(folder, "text_encoder", dtype, device)),
-        conditioning=_conditioning(unet_cfg, clip, extra), diffusion=diffusion, sampling=sampling,
+        conditioning=_conditioning(unet_cfg, vae_cfg.in_channels, clip, extra, index, folder),
+        diffusion=diffusion, sampling=sampling,
         tokenizer=tokenizer, **({} if latent_size is None else {"resolution": latent_size * vae_cfg.downsample_factor}))
 
 
@@ -249,15 +254,32 @@ def _read_scheduler(path: Path, extra: dict[str, Any], prediction_type: str | No
     return diffusion, from_dict(SamplingConfig, {**ours, **sampling}, "sampling")
 
 
-def _conditioning(unet_cfg: UNetConfig, clip: ClipTextConfig, extra: dict[str, Any]) -> ConditioningConfig:
+def _conditioning(unet_cfg: UNetConfig, image_channels: int, clip: ClipTextConfig, extra: dict[str, Any],
+                  index: dict[str, Any], folder: Path) -> ConditioningConfig:
     conditioning = from_dict(ConditioningConfig, extra.get("conditioning", {}), "conditioning")
     conditioning = dataclasses.replace(conditioning, encoder="clip", clip=clip)
     if unet_cfg.concat_channels == 0:
         return conditioning
+    if index.get("_class_name") == UPSCALE_PIPELINE and unet_cfg.concat_channels == image_channels:
+        _check_low_res_scheduler(folder / "low_res_scheduler" / "scheduler_config.json")
+        return dataclasses.replace(conditioning, spatial="low_res", noise_level=UPSCALE_NOISE_LEVEL)
     if unet_cfg.concat_channels != unet_cfg.out_channels + 1:
         raise ConfigError(f"unet in_channels = {unet_cfg.in_channels} with out_channels = {unet_cfg.out_channels}: "
-                          "only plain (in = out) and inpainting (in = 2·out + 1) UNets are supported")
+                          "only plain (in = out), inpainting (in = 2·out + 1) and x4-upscaler (in = out + image "
+                          "channels) UNets are supported")
     return dataclasses.replace(conditioning, spatial="inpaint")
+
+
+def _check_low_res_scheduler(path: Path) -> None:
+    """The upscaler's noise augmentation must be `LOW_RES_SCHEDULE`'s (the one released x4 upscaler's)."""
+    config = read_json(path)
+    schedule = LOW_RES_SCHEDULE[0]
+    found = (config.get("beta_schedule"), config.get("beta_start"), config.get("beta_end"),
+             config.get("num_train_timesteps"))
+    numbers = all(isinstance(a, (int, float)) for a in found[1:])
+    if found[0] != schedule or not numbers or any(abs(a - b) > 1e-9 for a, b in zip(found[1:], LOW_RES_SCHEDULE[1:])):
+        raise ConfigError(f"{path}: a noise-augmentation schedule {found} (beta_schedule, beta_start, beta_end, "
+                          f"num_train_timesteps) is not supported; expected {LOW_RES_SCHEDULE}")
 
 
 def _read_weights(folder: Path, component: str, dtype: torch.dtype | None = None,

@@ -16,7 +16,7 @@ from latent_diffusion.conditioning.base import Conditioning
 from latent_diffusion.conditioning.conditioner import Conditioner
 from latent_diffusion.conditioning.image_prompt import ImagePrompt, ip_adapter_scale, set_ip_adapter_scale
 from latent_diffusion.conditioning.spatial import binary_masks, encode_latents, spatial_kind, with_spatial
-from latent_diffusion.config import AutoencoderRunConfig, LDMRunConfig
+from latent_diffusion.config import MAX_NOISE_LEVEL, AutoencoderRunConfig, LDMRunConfig
 from latent_diffusion.diffusion.denoiser import Denoiser
 from latent_diffusion.diffusion.guidance import guided_model
 from latent_diffusion.diffusion.schedule import build_schedule
@@ -175,15 +175,28 @@ class LatentDiffusion:
         return images, masks
 
     def spatial_input(self, images: torch.Tensor | None, masks: torch.Tensor | None, latent_size: tuple[int, int],
-                      generator: list[torch.Generator]) -> torch.Tensor | None:
+                      generator: list[torch.Generator], noise_level: int | None = None) -> torch.Tensor | None:
         """The spatial condition of a request's images and masks (None for models without one); latents in it are
-        sampled from the posterior with each image's generator (as diffusers does)."""
+        sampled from the posterior, and a noise-augmented image noised, with each image's generator (as diffusers
+        does)."""
         spatial = spatial_kind(self.config.conditioning.spatial)
         if spatial is None:
             return None
         with autocast(self.device, self.math):
-            condition = spatial.condition(images, latent_size, self.autoencoder, self.latent_scale, masks, generator)
+            condition = spatial.condition(images, latent_size, self.autoencoder, self.latent_scale, masks, generator,
+                                          noise_level)
         return condition.float()
+
+    def noise_level(self, level: int | None) -> int | None:
+        """The augmentation level of a request: the one asked for, else the model's (None: not augmented)."""
+        own = self.config.conditioning.noise_level
+        if level is None:
+            return own
+        if own is None:
+            raise ValueError(f"noise_level = {level}: this model's low-resolution input is not noise-augmented")
+        if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= MAX_NOISE_LEVEL:
+            raise ValueError(f"noise_level = {level}: expected an integer from 0 to {MAX_NOISE_LEVEL}")
+        return level
 
     def with_image_prompt(self, cond: Conditioning, uncond: Conditioning,
                           image_prompt: Image.Image | Sequence[Image.Image]) -> tuple[Conditioning, Conditioning]:
@@ -264,7 +277,7 @@ class LatentDiffusion:
                          karras: bool | None = None, strength: float | None = None,
                          overlay: bool = True, controls: Sequence[Control] = (), guess_mode: bool = False,
                          image_prompt: Image.Image | Sequence[Image.Image] | None = None,
-                         image_prompt_scale: float | None = None) -> torch.Tensor:
+                         image_prompt_scale: float | None = None, noise_level: int | None = None) -> torch.Tensor:
         """Images (N, C, H, W) in [-1, 1]; the same arguments and seed always give the same images.
 
         `prompt` is one prompt (drawn `num_images` times) or a list of prompts (one image each). Image k is drawn
@@ -280,7 +293,8 @@ class LatentDiffusion:
         `controls` are ControlNets with their control images at the output's size (`generation.control.Control`);
         in `guess_mode` they see the conditional branch of guidance only, their residuals scaled up by depth.
         `image_prompt` (one image, or one per output image) is read by the loaded IP-Adapter at its scale, or at
-        `image_prompt_scale` for this request.
+        `image_prompt_scale` for this request. `noise_level` overrides a noise-augmented upscaler's
+        (`conditioning.noise_level`).
         """
         settings = self.settings(steps, guidance_scale, sampler, eta, karras, guidance_rescale)
         self.check_image_inputs(image is not None, mask is not None, strength is not None)
@@ -303,10 +317,16 @@ class LatentDiffusion:
             cond, uncond = self.with_image_prompt(cond, uncond, image_prompt)
         images, masks = self.image_inputs(image, mask, num_images, (h, w))
         generator = generators(seeds)
+        level = self.noise_level(noise_level)
+        # the generators draw in diffusers' order: an upscaler's augmentation noise before the latents' noise, an
+        # inpainting model's masked-image latents after it
+        early = self.config.conditioning.spatial == "low_res"
+        spatial = self.spatial_input(images, masks, (h, w), generator, level) if early else None
         noise, start = self.start(images, masks, strength, settings.steps, generator,
                                   (num_images, self.ae_config.model.embed_dim, h, w))
-        spatial = self.spatial_input(images, masks, (h, w), generator)
-        network = with_spatial(self.network, spatial)
+        spatial = spatial if early else self.spatial_input(images, masks, (h, w), generator)
+        labels = None if level is None else torch.full((num_images,), level, dtype=torch.long, device=self.device)
+        network = with_spatial(self.network, spatial, labels)
         if controls:
             self.check_controls(controls, (h, w))
             branches = {0.0: ("uncond",), 1.0: ("cond",)}.get(settings.guidance_scale, ("uncond", "cond"))
