@@ -10,7 +10,10 @@ Held-out scenes (seed 30,000, which no training folder of this project uses) giv
 control map; each is drawn with the bundled model's sampling settings, without and with the ControlNet, from the
 same seed. Layout adherence is the IoU of the drawn objects (pixels nearer an object colour than a background's)
 with the control mask; caption adherence is `evaluation.shapes.caption_adherence` (every attribute right).
-`results.json` and `grid.png` (control | without | with) are written to --out.
+What text cannot say: the "unplaced" case keeps one object of each held-out scene and drops its position from the
+prompt ("a large red circle"), so only the control mask says where it goes; its position is then scored against
+the scene's full caption. `results.json`, `grid.png` and `grid-unplaced.png` (control | without | with) are
+written to --out.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latent_diffusion.data.shapes import control_map, generate_scene
+from latent_diffusion.data.shapes import ShapeScene, control_map, generate_scene
 from latent_diffusion.evaluation.shapes import caption_adherence, layout_iou
 from latent_diffusion.files.atomic import atomic_write_bytes
 from latent_diffusion.generation.control import Control
@@ -36,7 +39,19 @@ HELD_OUT_SEED = 30_000
 
 def held_out(count: int, seed: int = HELD_OUT_SEED) -> tuple[list[str], torch.Tensor]:
     """(captions, control maps (N, 3, 64, 64) in [0, 1]) of scenes `seed`, 0 … count − 1."""
+    return _captions_and_maps([generate_scene(seed, i) for i in range(count)])
+
+
+def unplaced(count: int, seed: int = HELD_OUT_SEED) -> tuple[list[str], list[str], torch.Tensor]:
+    """(prompts without a position, full captions, control maps) of the first object of scenes `seed`, 0 … count − 1:
+    only the map says where the object goes."""
     scenes = [generate_scene(seed, i) for i in range(count)]
+    scenes = [ShapeScene(scene.background, scene.objects[:1]) for scene in scenes]
+    prompts = [f"a {o.size} {o.colour} {o.shape}" for o in (scene.objects[0] for scene in scenes)]
+    return prompts, *_captions_and_maps(scenes)
+
+
+def _captions_and_maps(scenes: list[ShapeScene]) -> tuple[list[str], torch.Tensor]:
     maps = torch.stack([(pil_to_tensor(control_map(scene)) + 1) / 2 for scene in scenes])
     return [scene.caption for scene in scenes], maps
 
@@ -73,22 +88,31 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     pipe = Pipeline.from_pretrained(args.model, device="cpu")
     net = pipe.load_controlnet(args.controlnet)
-    captions, maps = held_out(args.count)
     begin = time.time()
-    rows, shown = [], {}
-    for label, scale in [("without", None)] + [(f"with, scale {s:g}", s) for s in args.scales]:
-        images = draw(pipe, captions, maps, None if scale is None else net, scale, args.batch, args.seed)
-        rows.append({"row": label, **measure(images, captions, maps)})
-        shown[label] = torch.stack([pil_to_tensor(image) for image in images[:8]])
-        print(json.dumps(rows[-1]))
+    captions, maps = held_out(args.count)
+    rows = compare(pipe, net, captions, captions, maps, args, out / "grid.png")
+    prompts, full, single = unplaced(args.count)
+    rows_unplaced = compare(pipe, net, prompts, full, single, args, out / "grid-unplaced.png")
     sampling = pipe.config.sampling
     result = {"scenes": args.count, "held_out_seed": HELD_OUT_SEED, "seed": args.seed, "controlnet": args.controlnet,
               "sampling": {"sampler": sampling.sampler, "steps": sampling.steps, "guidance": sampling.guidance_scale},
-              "minutes": round((time.time() - begin) / 60, 1), "rows": rows}
+              "minutes": round((time.time() - begin) / 60, 1), "rows": rows, "unplaced": rows_unplaced}
     atomic_write_bytes(out / "results.json", (json.dumps(result, indent=2) + "\n").encode())
-    grid = make_grid([maps[:8] * 2 - 1, *shown.values()], scale=2, captions=["control", *shown])
-    save_image(grid, out / "grid.png")
-    print(f"wrote {out / 'results.json'} and {out / 'grid.png'}")
+    print(f"wrote {out / 'results.json'}, {out / 'grid.png'} and {out / 'grid-unplaced.png'}")
+
+
+def compare(pipe: Pipeline, net, prompts: list[str], captions: list[str], maps: torch.Tensor,
+            args: argparse.Namespace, grid_path: Path) -> list[dict]:
+    """The figures of `prompts` drawn without and with the ControlNet (at each of args.scales), scored against
+    `captions` and `maps`; the first 8 of each in a grid (control | without | with)."""
+    rows, shown = [], {}
+    for label, scale in [("without", None)] + [(f"with, scale {s:g}", s) for s in args.scales]:
+        images = draw(pipe, prompts, maps, None if scale is None else net, scale, args.batch, args.seed)
+        rows.append({"row": label, **measure(images, captions, maps)})
+        shown[label] = torch.stack([pil_to_tensor(image) for image in images[:8]])
+        print(json.dumps(rows[-1]))
+    save_image(make_grid([maps[:8] * 2 - 1, *shown.values()], scale=2, captions=["control", *shown]), grid_path)
+    return rows
 
 
 if __name__ == "__main__":

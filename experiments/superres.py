@@ -2,11 +2,13 @@
 shrunk 4× (area average, 32² → 8²) and brought back to 32² by bicubic interpolation and by the SR LDM
 (configs/ldm/fashion-sr.yaml: the 8×8 image concatenated to the latents of the f = 4 autoencoder), without a class
 (the empty prompt) and with the image's class. Each is compared with the original: PSNR and SSIM per image
-(`evaluation.metrics`), and the FID of the set against real test images in the domain feature network's space
-(models/features-fashion, as `ldm eval-fid`).
+(`evaluation.metrics`, equal to scikit-image's), and the FID of the set against other real test images in the
+domain feature network's space (models/features-fashion, as `ldm eval-fid`). The autoencoder's own
+reconstructions of the originals are scored too: no LDM decoding through it can beat them.
 
     ldm train --config configs/ldm/fashion-sr.yaml --data fashion-mnist --out runs/fashion-sr
-    python experiments/superres.py --model runs/fashion-sr --out docs/experiments/superres
+    ldm convert runs/fashion-sr models/ldm-fashion-sr --to native --dtype fp16
+    python experiments/superres.py --model models/ldm-fashion-sr --out docs/experiments/superres
 
 `results.json` and `grid.png` (8×8 input | bicubic | LDM | original, first 8 images) are written to --out.
 """
@@ -51,6 +53,13 @@ def scores(upscaled: torch.Tensor, originals: torch.Tensor, features, reference:
             "fid": fid(extract(features, upscaled)[0], reference)}
 
 
+@torch.no_grad()
+def reconstructed(pipe: Pipeline, images: torch.Tensor, batch: int) -> torch.Tensor:
+    """The SR model's autoencoder's reconstructions (posterior mode) of `images`: the ceiling of its LDM."""
+    return torch.cat([pipe.autoencoder(images[s:s + batch], sample_posterior=False)[0].float().clamp(-1, 1)
+                      for s in range(0, len(images), batch)])
+
+
 def upscale(pipe: Pipeline, low: torch.Tensor, prompts: list[str], batch: int, seed: int, steps: int | None
             ) -> torch.Tensor:
     """The SR model's images for `low` (N, C, h, w), `prompts` one per image, in batches (image k with seed + k)."""
@@ -64,8 +73,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="the SR model folder")
     parser.add_argument("--features", default=str(ROOT / "models" / "features-fashion"))
-    parser.add_argument("--count", type=int, default=1000, help="held-out test images (default 1000)")
-    parser.add_argument("--reference", type=int, default=5000, help="real test images for the FID reference")
+    parser.add_argument("--count", type=int, default=2000, help="held-out test images (default 2000)")
+    parser.add_argument("--reference", type=int, default=8000,
+                        help="other real test images, the FID reference (default 8000: count + reference ≤ 10,000)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     parser.add_argument("--batch", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
@@ -77,6 +87,8 @@ def main() -> None:
     pipe = Pipeline.from_pretrained(args.model, device="cpu")
     test = open_dataset("fashion-mnist", pipe.config.data.resolution, 1, "test")
     images = reference_images(test)
+    if args.count + args.reference > len(images):
+        parser.error(f"--count {args.count} + --reference {args.reference}: the test split has {len(images)} images")
     labels = [int(test[i]["label"]) for i in range(args.count)]
     originals, reference_set = images[:args.count], images[-args.reference:]  # FID against other test images
     features = load_feature_net(args.features)
@@ -88,6 +100,7 @@ def main() -> None:
             "LDM, class prompt": upscale(pipe, low, [caption_for(label) for label in labels], args.batch, args.seed,
                                          args.steps)}
     minutes = (time.time() - begin) / 60
+    rows["autoencoder reconstruction (ceiling)"] = reconstructed(pipe, originals, args.batch)
     results = {name: scores(upscaled, originals, features, reference) for name, upscaled in rows.items()}
     results["originals"] = {"fid": fid(extract(features, originals)[0], reference)}
     summary = {"images": args.count, "reference": args.reference, "factor": FACTOR, "seed": args.seed,
@@ -97,7 +110,7 @@ def main() -> None:
     atomic_write_bytes(out / "results.json", (json.dumps(summary, indent=2) + "\n").encode())
     shown = [F.interpolate(low[:8], scale_factor=FACTOR, mode="nearest"), rows["bicubic"][:8],
              rows["LDM, no class"][:8], originals[:8]]
-    save_image(make_grid(shown, scale=3, captions=["8×8 input", "bicubic", "LDM (no class)", "original"]),
+    save_image(make_grid(shown, scale=3, captions=["8x8 input", "bicubic", "LDM (no class)", "original"]),
                out / "grid.png")
     print(json.dumps(results, indent=2))
 

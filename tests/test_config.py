@@ -24,7 +24,8 @@ def test_shipped_configs_load_and_find_their_models_from_any_directory(tmp_path,
         if cfg.autoencoder.startswith("runs/"):  # a walk-through's own stage one (configs/ldm/demo.yaml)
             continue
         ae = load_config(Path(cfg.autoencoder) / "config.yaml", AutoencoderRunConfig)
-        assert ae.model.latent_scale is not None and cfg.unet.in_channels == ae.model.embed_dim
+        latent_channels = cfg.unet.in_channels - cfg.unet.concat_channels  # spatial conditions ride on top
+        assert ae.model.latent_scale is not None and latent_channels == ae.model.embed_dim
 
 
 def test_unknown_key_is_named_with_a_suggestion():

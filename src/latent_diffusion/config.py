@@ -90,6 +90,9 @@ class UNetConfig:
     :param num_classes: if set, a class-label embedding is added to the timestep embedding.
     :param position_embedding: fixed 2-D sinusoidal position codes on the spatial transformers' tokens (an
         addition to the paper's network, no parameters; models with it exist only in the native format).
+    :param disable_self_attentions: per level, True where the transformers' first attention (attn1) reads the
+        condition tokens instead of the image's own (CompVis `disable_self_attentions`, diffusers
+        `only_cross_attention`; SD's x4 upscaler: [True, True, True, False]); None: self-attention everywhere.
     """
 
     in_channels: int = 4
@@ -109,6 +112,7 @@ class UNetConfig:
     dropout: float = 0.0
     norm_groups: int = 32
     gradient_checkpointing: bool = False
+    disable_self_attentions: tuple[bool, ...] | None = None
 
     @property
     def downsample_factor(self) -> int:
@@ -128,6 +132,10 @@ class UNetConfig:
                        f"divisible by num_head_channels={self.num_head_channels}")
         _check(self.concat_channels < self.in_channels, "unet.concat_channels", self.concat_channels,
                f"fewer than in_channels={self.in_channels} (in_channels counts latent + concatenated channels)")
+        _check(self.disable_self_attentions is None or (len(self.disable_self_attentions) == len(self.channel_mult)
+                                                         and self.context_dim is not None),
+               "unet.disable_self_attentions", self.disable_self_attentions,
+               f"None, or one flag per level ({len(self.channel_mult)}) of a UNet with context_dim")
 
 
 @dataclass(frozen=True)
@@ -328,7 +336,11 @@ class ConditioningConfig:
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """The forward process and the training objective."""
+    """The forward process and the training objective.
+
+    :param beta_range: (β_1, β_T) of a linear or scaled_linear schedule that does not run over its standard range
+        (DDPM's 1e-4 … 0.02, SD's 0.00085 … 0.012); SD's x4 upscaler: scaled_linear from 1e-4 to 0.02.
+    """
 
     schedule: Literal["linear", "scaled_linear", "cosine"] = "scaled_linear"
     num_timesteps: int = 1000
@@ -336,9 +348,14 @@ class DiffusionConfig:
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
     min_snr_gamma: float | None = None
     p_uncond: float = 0.1
+    beta_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.p_uncond <= 1.0, "diffusion.p_uncond", self.p_uncond, "a probability in [0, 1]")
+        _check(self.beta_range is None or (self.schedule != "cosine" and len(self.beta_range) == 2
+                                           and 0 < self.beta_range[0] < self.beta_range[1] < 1),
+               "diffusion.beta_range", self.beta_range, "None, or (β_1, β_T) with 0 < β_1 < β_T < 1 for a linear or "
+                                                        "scaled_linear schedule")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from torch import nn
 
 from latent_diffusion.config import UNetConfig
 from latent_diffusion.nn.embeddings import timestep_embedding
-from latent_diffusion.unet import Downsample, Residuals, TimestepEmbedSequential, UNetModel
+from latent_diffusion.unet import Downsample, Residuals, TimestepEmbedSequential, UNetModel, check_conditions
 
 SD_CONDITIONING_CHANNELS = (16, 32, 96, 256)  # the hint encoder's widths (diffusers' conditioning_embedding_out_channels)
 
@@ -104,6 +104,16 @@ class ControlNet(nn.Module):
         net.load_state_dict(copied, strict=False)
         return net.to(conv_in.device)
 
+    def check_inputs(self, x: torch.Tensor, t: torch.Tensor, hint: torch.Tensor, context: torch.Tensor | None,
+                     context_mask: torch.Tensor | None, class_labels: torch.Tensor | None) -> None:
+        """A clear error for latents, a control image or conditions that do not fit this network."""
+        channels = self.config.unet.in_channels
+        if x.ndim != 4 or x.shape[1] != channels:
+            raise ValueError(f"expected x of shape (B, {channels}, h, w) (the latents alone: a ControlNet does not "
+                             f"read an inpainting UNet's concatenated channels), got {tuple(x.shape)}")
+        check_conditions(self.config.unet, x.shape[0], t, context, context_mask, class_labels)
+        self.check_hint(x, hint)
+
     def check_hint(self, x: torch.Tensor, hint: torch.Tensor) -> None:
         """A clear error for a control image that does not fit the latents."""
         f, cfg = self.config.hint_factor, self.config
@@ -117,7 +127,7 @@ class ControlNet(nn.Module):
                 scale: float | Sequence[float] = 1.0) -> Residuals:
         """x (B, C, h, w) latents, t (B,), hint (B, 3, h·f, w·f) in [0, 1] → residuals × `scale` (one number, or
         one per residual with the middle block's last: `guess_mode_scales`)."""
-        self.check_hint(x, hint)
+        self.check_inputs(x, t, hint, context, context_mask, class_labels)
         count = len(self.input_blocks) + 1
         scales = [float(scale)] * count if isinstance(scale, (int, float)) else list(scale)
         if len(scales) != count:

@@ -126,7 +126,7 @@ class UNetModel(nn.Module):
                 layers: list[nn.Module] = [ResBlock(ch, emb_ch, mult * cfg.model_channels, cfg.dropout, groups)]
                 ch = mult * cfg.model_channels
                 if rate in cfg.attention_resolutions:
-                    layers.append(self._transformer(ch))
+                    layers.append(self._transformer(ch, level))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -145,7 +145,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip, emb_ch, cfg.model_channels * mult, cfg.dropout, groups)]
                 ch = cfg.model_channels * mult
                 if rate in cfg.attention_resolutions:
-                    layers.append(self._transformer(ch))
+                    layers.append(self._transformer(ch, level))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                     rate //= 2
@@ -155,14 +155,16 @@ class UNetModel(nn.Module):
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
 
-    def _transformer(self, ch: int) -> SpatialTransformer:
+    def _transformer(self, ch: int, level: int | None = None) -> SpatialTransformer:
+        """The spatial transformer of a level (None: the middle block, which keeps self-attention)."""
         cfg = self.config
+        disabled = level is not None and cfg.disable_self_attentions is not None and cfg.disable_self_attentions[level]
         if cfg.num_head_channels == -1:
             heads, dim_head = cfg.num_heads, ch // cfg.num_heads
         else:
             heads, dim_head = ch // cfg.num_head_channels, cfg.num_head_channels
         return SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim, cfg.dropout,
-                                  cfg.use_linear_in_transformer, cfg.norm_groups, cfg.position_embedding)
+                                  cfg.use_linear_in_transformer, cfg.norm_groups, cfg.position_embedding, disabled)
 
     def check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None,
                      context_mask: torch.Tensor | None, class_labels: torch.Tensor | None) -> None:
@@ -171,20 +173,7 @@ class UNetModel(nn.Module):
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"expected x of shape (B, {cfg.in_channels}, h, w) (unet.in_channels, concatenated "
                              f"conditions included), got {tuple(x.shape)}")
-        if tuple(t.shape) != (b,):
-            raise ValueError(f"expected timesteps of shape ({b},), got {tuple(t.shape)}")
-        if cfg.context_dim is not None and (context is None or context.ndim != 3 or context.shape[0] != b
-                                            or context.shape[-1] != cfg.context_dim):
-            got = None if context is None else tuple(context.shape)
-            raise ValueError(f"expected context tokens of shape ({b}, L, {cfg.context_dim}), got {got}")
-        if context_mask is not None and (context is None or tuple(context_mask.shape) != tuple(context.shape[:2])):
-            want = "no mask without context" if context is None else f"shape {tuple(context.shape[:2])} (B, L)"
-            raise ValueError(f"expected context_mask of {want}, got {tuple(context_mask.shape)}")
-        if (cfg.num_classes is not None) != (class_labels is not None):
-            raise ValueError("class_labels are required exactly when unet.num_classes is set "
-                             f"(num_classes={cfg.num_classes})")
-        if class_labels is not None and tuple(class_labels.shape) != (b,):
-            raise ValueError(f"expected class_labels of shape ({b},), got {tuple(class_labels.shape)}")
+        check_conditions(cfg, b, t, context, context_mask, class_labels)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None, class_labels: torch.Tensor | None = None,
@@ -222,3 +211,23 @@ class UNetModel(nn.Module):
         if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
+
+
+def check_conditions(cfg: UNetConfig, b: int, t: torch.Tensor, context: torch.Tensor | None,
+                     context_mask: torch.Tensor | None, class_labels: torch.Tensor | None) -> None:
+    """A clear error for timesteps, context tokens, mask or class labels that do not fit a batch of `b` for a
+    network of `cfg` (the UNet, or a ControlNet copying its encoder)."""
+    if tuple(t.shape) != (b,):
+        raise ValueError(f"expected timesteps of shape ({b},), got {tuple(t.shape)}")
+    if cfg.context_dim is not None and (context is None or context.ndim != 3 or context.shape[0] != b
+                                        or context.shape[-1] != cfg.context_dim):
+        got = None if context is None else tuple(context.shape)
+        raise ValueError(f"expected context tokens of shape ({b}, L, {cfg.context_dim}), got {got}")
+    if context_mask is not None and (context is None or tuple(context_mask.shape) != tuple(context.shape[:2])):
+        want = "no mask without context" if context is None else f"shape {tuple(context.shape[:2])} (B, L)"
+        raise ValueError(f"expected context_mask of {want}, got {tuple(context_mask.shape)}")
+    if (cfg.num_classes is not None) != (class_labels is not None):
+        raise ValueError("class_labels are required exactly when unet.num_classes is set "
+                         f"(num_classes={cfg.num_classes})")
+    if class_labels is not None and tuple(class_labels.shape) != (b,):
+        raise ValueError(f"expected class_labels of shape ({b},), got {tuple(class_labels.shape)}")

@@ -105,7 +105,20 @@ def test_original_files_are_read_by_their_shapes(folder, tmp_path, suffix):
     save_file(state, path) if suffix == ".safetensors" else torch.save({"state_dict": state}, path)
     cfg, tensors = read_original_controlnet(path)
     assert cfg == net.config and tensors.keys() == net.state_dict().keys()
-    assert is_controlnet(tmp_path / "control_tiny.safetensors") == (suffix == ".safetensors")
+    assert is_controlnet(path)
+    assert main(["convert", str(path), str(tmp_path / "d"), "--to", "diffusers"]) == 0
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(),
+                                                 load_controlnet(tmp_path / "d").state_dict().values(), strict=True))
+
+
+def test_is_controlnet_looks_at_the_keys_without_loading(tmp_path):
+    """A pickle's keys are read from its opcodes (nothing unpickled); other models and legacy pickles are not
+    ControlNets here (load_model then says what they are)."""
+    torch.save({"state_dict": {"model.diffusion_model.out.2.weight": torch.zeros(1)}}, tmp_path / "sd.ckpt")
+    torch.save({"input_hint_block.0.weight": torch.zeros(1)}, tmp_path / "legacy.pth",
+               _use_new_zipfile_serialization=False)
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "sd.ckpt").read_bytes()[:100])
+    assert not any(is_controlnet(tmp_path / name) for name in ("sd.ckpt", "legacy.pth", "cut.pth", "missing.pth"))
 
 
 def test_a_controlnet_for_an_f4_autoencoder_takes_a_hint_four_times_the_latents(tmp_path):

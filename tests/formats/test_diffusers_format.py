@@ -273,7 +273,7 @@ def edit_json(path, **changes):
     ("unet/config.json", {"down_block_types": ["SimpleCrossAttnDownBlock2D", "CrossAttnDownBlock2D"]},
      r"down_block_types\[0\] = 'SimpleCrossAttnDownBlock2D' is not supported"),
     ("unet/config.json", {"class_embed_type": "timestep"}, "class_embed_type = 'timestep'"),
-    ("scheduler/scheduler_config.json", {"beta_start": 0.0001}, "beta_start = 0.0001, beta_end = 0.012"),
+    ("unet/config.json", {"only_cross_attention": True}, "only_cross_attention = True is not supported"),
     ("scheduler/scheduler_config.json", {"beta_schedule": "sigmoid"}, "beta_schedule = 'sigmoid'"),
     ("text_encoder/config.json", {"hidden_act": "relu"}, "hidden_act = 'relu'"),
     ("model_index.json", {"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}, "text_encoder_2"),

@@ -30,6 +30,7 @@ SpatialKind = Literal["none", "low_res", "inpaint"]
 # The noise-augmentation schedule of a low-resolution condition (CompVis' ImageConcatWithNoiseAugmentation, "linear"
 # 1e-4 … 0.02 over 1000 steps, which is diffusers' "scaled_linear": the x4 upscaler's low_res_scheduler)
 LOW_RES_SCHEDULE = ("scaled_linear", 1e-4, 0.02, 1000)
+DEFAULT_NOISE_LEVEL = 20  # the x4 upscaler's default augmentation (diffusers' StableDiffusionUpscalePipeline)
 
 
 def low_res_condition(images: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:

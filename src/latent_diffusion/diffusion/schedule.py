@@ -89,12 +89,16 @@ class NoiseSchedule:
 
 
 def make_schedule(name: BetaScheduleName = "scaled_linear", num_timesteps: int = 1000, *,
-                  zero_terminal_snr: bool = False) -> NoiseSchedule:
-    """A named schedule with its standard β range, optionally rescaled to zero terminal SNR."""
+                  zero_terminal_snr: bool = False, beta_range: tuple[float, float] | None = None) -> NoiseSchedule:
+    """A named schedule over its standard β range or `beta_range` (β_1, β_T), optionally rescaled to zero
+    terminal SNR."""
     _check_name(name, BETA_SCHEDULES, "beta schedule")
     if num_timesteps < 2:
         raise ValueError(f"num_timesteps must be >= 2, got {num_timesteps}")
-    betas = {"linear": linear_betas, "scaled_linear": scaled_linear_betas, "cosine": cosine_betas}[name](num_timesteps)
+    if beta_range is not None and name == "cosine":
+        raise ValueError(f"beta_range = {beta_range}: the cosine schedule has no β range")
+    betas = {"linear": linear_betas, "scaled_linear": scaled_linear_betas, "cosine": cosine_betas}[name](
+        num_timesteps, *(beta_range or ()))
     if zero_terminal_snr:
         betas = rescale_zero_terminal_snr(betas)
     return NoiseSchedule.from_betas(betas)
@@ -155,4 +159,5 @@ def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float
 
 def build_schedule(cfg: DiffusionConfig) -> NoiseSchedule:
     """The noise schedule a model's `diffusion` config describes."""
-    return make_schedule(cfg.schedule, cfg.num_timesteps, zero_terminal_snr=cfg.zero_terminal_snr)
+    return make_schedule(cfg.schedule, cfg.num_timesteps, zero_terminal_snr=cfg.zero_terminal_snr,
+                         beta_range=cfg.beta_range)

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickletools
 import re
+import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +29,7 @@ from latent_diffusion.formats.diffusers_config import DIFFUSERS_VERSION, unet_co
     unet_config_to_diffusers
 from latent_diffusion.formats.diffusers_format import load_bin, read_json, write_json
 from latent_diffusion.formats.keymaps import convert_state, module_shapes, unet_to_diffusers
-from latent_diffusion.formats.original_format import infer_unet_config, load_original_state_dict
+from latent_diffusion.formats.original_format import PICKLE_SUFFIXES, infer_unet_config, load_original_state_dict
 
 ControlNetFormat = Literal["original", "diffusers"]
 PREFIX = "control_model."
@@ -47,7 +50,7 @@ _UP = {"DownBlock2D": "UpBlock2D", "CrossAttnDownBlock2D": "CrossAttnUpBlock2D"}
 
 def is_controlnet(path: str | os.PathLike) -> bool:
     """Whether `path` holds a ControlNet: a folder whose config.json is a ControlNetModel's, or a weights file
-    with a hint encoder (`input_hint_block`)."""
+    (.safetensors, or a .pth/.ckpt zip archive) with a hint encoder (`input_hint_block`), seen without loading it."""
     path = Path(path)
     if path.is_dir():
         config = path / CONFIG_FILE
@@ -55,8 +58,26 @@ def is_controlnet(path: str | os.PathLike) -> bool:
     if path.suffix == ".safetensors" and path.is_file():
         from safetensors import safe_open
         with safe_open(str(path), framework="pt") as f:
-            return any(k.removeprefix(PREFIX).startswith("input_hint_block.") for k in f.keys())
+            return _has_hint_encoder(f.keys())
+    if path.suffix in PICKLE_SUFFIXES and zipfile.is_zipfile(path):
+        return _has_hint_encoder(_pickled_strings(path))
     return False
+
+
+def _has_hint_encoder(keys: Iterable[str]) -> bool:
+    return any(k.removeprefix(PREFIX).startswith("input_hint_block.") for k in keys)
+
+
+def _pickled_strings(path: Path) -> list[str]:
+    """The strings in the pickle of a `torch.save` zip archive (its state dict's keys among them), read from its
+    opcodes: nothing is unpickled and no tensor is read. Legacy (pre-zip) pickles are not looked into."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.rsplit("/", 1)[-1] == "data.pkl"), None)
+            data = archive.read(name) if name else b""
+        return [arg for _, arg, _ in pickletools.genops(data) if isinstance(arg, str)]
+    except (zipfile.BadZipFile, ValueError):  # corrupt: not recognised here, load_controlnet / load_model say why
+        return []
 
 
 def load_controlnet(path: str | os.PathLike, device: str | torch.device = "cpu",

@@ -24,7 +24,7 @@ FOREIGN_KEYS = ("_class_name", "_diffusers_version", "_name_or_path", "_use_defa
 _UNET_FIXED: dict[str, Any] = {
     "addition_embed_type": None, "class_embed_type": None, "encoder_hid_dim_type": None, "encoder_hid_dim": None,
     "time_embedding_type": "positional", "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu",
-    "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False, "dual_cross_attention": False,
+    "mid_block_type": "UNetMidBlock2DCrossAttn", "dual_cross_attention": False,
     "resnet_time_scale_shift": "default", "conv_in_kernel": 3, "conv_out_kernel": 3, "time_embedding_dim": None,
     "time_cond_proj_dim": None, "projection_class_embeddings_input_dim": None, "timestep_post_act": None,
     "time_embedding_act_fn": None, "attention_type": "default", "center_input_sample": False,
@@ -36,7 +36,8 @@ _UNET_FIXED: dict[str, Any] = {
 _UNET_READ = {"sample_size", "in_channels", "out_channels", "down_block_types", "up_block_types",
               "block_out_channels", "layers_per_block", "attention_head_dim", "cross_attention_dim",
               "transformer_layers_per_block", "use_linear_projection", "norm_num_groups", "num_class_embeds",
-              "dropout", "upcast_attention", "addition_embed_type_num_heads"}  # upcast: fp16 precision only
+              "dropout", "upcast_attention", "addition_embed_type_num_heads",  # upcast: fp16 precision only
+              "only_cross_attention"}
 _VAE_FIXED: dict[str, Any] = {"act_fn": "silu", "shift_factor": None, "latents_mean": None, "latents_std": None,
                               "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True}
 _VAE_READ = {"in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
@@ -49,7 +50,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
                              "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
                              "attention_head_dim": 8, "cross_attention_dim": 1280, "transformer_layers_per_block": 1,
                              "use_linear_projection": False, "norm_num_groups": 32, "num_class_embeds": None,
-                             "dropout": 0.0},
+                             "dropout": 0.0, "only_cross_attention": False},
     "AutoencoderKL": {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"],
                       "up_block_types": ["UpDecoderBlock2D"], "block_out_channels": [64], "layers_per_block": 1,
                       "latent_channels": 4, "norm_num_groups": 32, "sample_size": 32,
@@ -115,7 +116,8 @@ def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int) -> dict[str, Any
             "attention_head_dim": heads,  # diffusers' (misnamed) heads per level, see diffusers#2011
             "cross_attention_dim": cfg.context_dim, "transformer_layers_per_block": cfg.transformer_depth,
             "use_linear_projection": cfg.use_linear_in_transformer, "norm_num_groups": cfg.norm_groups,
-            "num_class_embeds": cfg.num_classes, "dropout": cfg.dropout, "upcast_attention": False, **_UNET_FIXED}
+            "num_class_embeds": cfg.num_classes, "dropout": cfg.dropout, "upcast_attention": False,
+            "only_cross_attention": list(cfg.disable_self_attentions or ()) or False, **_UNET_FIXED}
 
 
 def _attention_levels(config: dict[str, Any], what: str) -> list[bool]:
@@ -167,8 +169,22 @@ def unet_config_from_diffusers(config: dict[str, Any], what: str = "unet/config.
                      context_dim=_one(config["cross_attention_dim"], "cross_attention_dim", what),
                      use_linear_in_transformer=config["use_linear_projection"], num_classes=config["num_class_embeds"],
                      concat_channels=max(in_ch - out_ch, 0), dropout=float(config["dropout"]),
-                     norm_groups=config["norm_num_groups"])
+                     norm_groups=config["norm_num_groups"],
+                     disable_self_attentions=_self_attention_off(config["only_cross_attention"], len(widths), what))
     return cfg, _one(config["sample_size"], "sample_size", what)
+
+
+def _self_attention_off(value: Any, levels: int, what: str) -> tuple[bool, ...] | None:
+    """Our `disable_self_attentions` of diffusers' `only_cross_attention` (one flag per down block; the up blocks
+    take them in reverse, as CompVis' output blocks take their level's)."""
+    if not isinstance(value, (list, tuple)):
+        if value:  # one True covers the middle block too (mid_block_only_cross_attention), which CompVis never did
+            raise ConfigError(f"{what}: only_cross_attention = {value!r} is not supported (only per-block flags, "
+                              "the middle block keeping self-attention)")
+        return None
+    if len(value) != levels:
+        raise ConfigError(f"{what}: only_cross_attention = {list(value)}: expected one flag per block ({levels})")
+    return tuple(bool(v) for v in value) if any(value) else None
 
 
 def vae_config_to_diffusers(cfg: AutoencoderConfig) -> dict[str, Any]:
@@ -269,7 +285,7 @@ def scheduler_config_to_diffusers(diffusion: DiffusionConfig, sampling: Sampling
               "num_train_timesteps": diffusion.num_timesteps, "beta_schedule": BETA_SCHEDULES[diffusion.schedule],
               "trained_betas": None, "prediction_type": diffusion.prediction_type,
               "steps_offset": sampling.steps_offset}
-    betas = beta_range(diffusion.schedule)
+    betas = diffusion.beta_range or beta_range(diffusion.schedule)
     if betas is not None:
         config["beta_start"], config["beta_end"] = betas
     if name == "DDIMScheduler":
@@ -295,21 +311,21 @@ def scheduler_config_from_diffusers(config: dict[str, Any], what: str = "schedul
     if schedule is None:
         raise ConfigError(f"{what}: beta_schedule = {name!r} is not supported (expected one of "
                           f"{', '.join(BETA_SCHEDULES.values())})")
-    _check_betas(config, schedule, what)
     diffusion = {"schedule": schedule, "num_timesteps": config.get("num_train_timesteps", 1000),
                  "zero_terminal_snr": config.get("rescale_betas_zero_snr", False),
-                 "prediction_type": config.get("prediction_type", "epsilon")}
+                 "prediction_type": config.get("prediction_type", "epsilon"),
+                 "beta_range": _own_betas(config, schedule)}
     sampling = {"sampler": SAMPLER_OF_SCHEDULER.get(config.get("_class_name")),
                 "steps_offset": config.get("steps_offset", 0),
                 **{field: config.get(field) for field in GRID_FIELDS}}
     return diffusion, sampling
 
 
-def _check_betas(config: dict[str, Any], schedule: str, what: str) -> None:
+def _own_betas(config: dict[str, Any], schedule: str) -> tuple[float, float] | None:
+    """(beta_start, beta_end) where they are not our `schedule`'s standard range (SD's x4 upscaler: scaled_linear
+    from 1e-4 to 0.02), else None; the cosine schedule has no range."""
     expected = beta_range(schedule)
-    if expected is None:
-        return
-    got = (config.get("beta_start", 0.0001), config.get("beta_end", 0.02))  # diffusers' defaults
-    if not all(math.isclose(g, e, rel_tol=1e-6) for g, e in zip(got, expected, strict=True)):
-        raise ConfigError(f"{what}: beta_start = {got[0]}, beta_end = {got[1]}: our '{schedule}' schedule runs from "
-                          f"{expected[0]} to {expected[1]}; other ranges are not supported")
+    got = (float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02)))  # diffusers' defaults
+    if expected is None or all(math.isclose(g, e, rel_tol=1e-6) for g, e in zip(got, expected, strict=True)):
+        return None
+    return got

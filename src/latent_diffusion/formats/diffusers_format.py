@@ -27,7 +27,7 @@ import torch
 
 from latent_diffusion.conditioning.clip import ClipTextEncoder
 from latent_diffusion.conditioning.registry import conditioner_type
-from latent_diffusion.conditioning.spatial import LOW_RES_SCHEDULE
+from latent_diffusion.conditioning.spatial import DEFAULT_NOISE_LEVEL, LOW_RES_SCHEDULE
 from latent_diffusion.conditioning.text import ClipConditioner
 from latent_diffusion.conditioning.tokenizer import END_TOKEN, START_TOKEN, ClipTokenizer
 from latent_diffusion.config import (ClipTextConfig, ConditioningConfig, ConfigError, DiffusionConfig, SamplingConfig,
@@ -60,7 +60,6 @@ PIPELINES = {"none": "StableDiffusionPipeline", "inpaint": "StableDiffusionInpai
 KNOWN_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "safety_checker", "feature_extractor",
                     "image_encoder", "low_res_scheduler")
 UPSCALE_PIPELINE = "StableDiffusionUpscalePipeline"  # SD's x4 upscaler: a noise-augmented low-resolution image
-UPSCALE_NOISE_LEVEL = 20  # its pipeline's default noise_level
 
 
 # --- writing -----------------------------------------------------------------------------------------------------
@@ -262,7 +261,7 @@ def _conditioning(unet_cfg: UNetConfig, image_channels: int, clip: ClipTextConfi
         return conditioning
     if index.get("_class_name") == UPSCALE_PIPELINE and unet_cfg.concat_channels == image_channels:
         _check_low_res_scheduler(folder / "low_res_scheduler" / "scheduler_config.json")
-        return dataclasses.replace(conditioning, spatial="low_res", noise_level=UPSCALE_NOISE_LEVEL)
+        return dataclasses.replace(conditioning, spatial="low_res", noise_level=DEFAULT_NOISE_LEVEL)
     if unet_cfg.concat_channels != unet_cfg.out_channels + 1:
         raise ConfigError(f"unet in_channels = {unet_cfg.in_channels} with out_channels = {unet_cfg.out_channels}: "
                           "only plain (in = out), inpainting (in = 2·out + 1) and x4-upscaler (in = out + image "

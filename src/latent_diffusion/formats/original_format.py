@@ -27,9 +27,9 @@ from latent_diffusion.autoencoder import AutoencoderKL
 from latent_diffusion.conditioning.clip import ClipTextTransformer
 from latent_diffusion.conditioning.registry import conditioner_type
 from latent_diffusion.conditioning.text import ClipConditioner
-from latent_diffusion.conditioning.spatial import infer_spatial
-from latent_diffusion.config import (AutoencoderConfig, ClipTextConfig, ConditioningConfig, ConfigError, read_yaml,
-                                     DiffusionConfig, SamplingConfig, UNetConfig)
+from latent_diffusion.conditioning.spatial import DEFAULT_NOISE_LEVEL, LOW_RES_SCHEDULE, infer_spatial
+from latent_diffusion.config import (MAX_NOISE_LEVEL, AutoencoderConfig, ClipTextConfig, ConditioningConfig,
+                                     ConfigError, DiffusionConfig, SamplingConfig, UNetConfig, read_yaml)
 from latent_diffusion.files.atomic import atomic_path, atomic_write_bytes
 from latent_diffusion.files.weights import (CheckpointError, load_module_weights, load_pickle, load_weights,
                                            place_weights, read_weights, save_weights)
@@ -147,10 +147,28 @@ def from_original_state_dict(state_dict: dict[str, torch.Tensor], params: dict[s
     _check_structure(ClipTextTransformer, clip_cfg, text_encoder, f"{where}: text encoder")
     diffusion = _diffusion_config(params, prediction_type)
     resolution = 768 if openclip and diffusion.prediction_type == "v_prediction" else 512
+    spatial = infer_spatial(unet_cfg.concat_channels, ae_cfg.in_channels, ae_cfg.embed_dim)
+    conditioning = ConditioningConfig(encoder="clip", clip=clip_cfg, spatial=spatial,
+                                      noise_level=_noise_level(params, spatial, unet_cfg, where))
     return ModelParts(unet_config=unet_cfg, unet=unet, autoencoder_config=ae_cfg, autoencoder=vae,
-                      conditioning=ConditioningConfig(encoder="clip", clip=clip_cfg, spatial=infer_spatial(
-                          unet_cfg.concat_channels, ae_cfg.in_channels, ae_cfg.embed_dim)), diffusion=diffusion,
-                      text_encoder=text_encoder, resolution=resolution, sampling=SD_SAMPLING)
+                      conditioning=conditioning, diffusion=diffusion, text_encoder=text_encoder,
+                      resolution=resolution, sampling=SD_SAMPLING)
+
+
+def _noise_level(params: dict[str, Any], spatial: str, unet_cfg: UNetConfig, where: str) -> int | None:
+    """The default noise level of an x4 upscaler (a low-resolution image and noise-level class labels: CompVis'
+    `LatentUpscaleDiffusion` with `ImageConcatWithNoiseAugmentation`), None for other models."""
+    if spatial != "low_res" or unet_cfg.num_classes is None:
+        return None
+    low = _section(params, "low_scale_config")
+    schedule = low.get("noise_schedule_config") or {}
+    found = (schedule.get("linear_start", LOW_RES_SCHEDULE[1]), schedule.get("linear_end", LOW_RES_SCHEDULE[2]),
+             low.get("max_noise_level", MAX_NOISE_LEVEL))
+    if not all(math.isclose(float(a), b, rel_tol=1e-6) for a, b in
+               zip(found, (*LOW_RES_SCHEDULE[1:3], MAX_NOISE_LEVEL), strict=True)):
+        raise CheckpointError(f"{where}: low_scale_config (linear_start, linear_end, max_noise_level) = {found} is "
+                              f"not supported; expected the x4 upscaler's {(*LOW_RES_SCHEDULE[1:3], MAX_NOISE_LEVEL)}")
+    return DEFAULT_NOISE_LEVEL
 
 
 def _with_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -263,7 +281,20 @@ def infer_unet_config(unet: dict[str, torch.Tensor], latent_channels: int, openc
                       num_classes=None if label is None else label.shape[0],
                       concat_channels=in_channels - latent_channels, dropout=float(params.get("dropout", 0.0)),
                       gradient_checkpointing=bool(params.get("use_checkpoint", False)),
+                      disable_self_attentions=_self_attention_off(unet, first, widths, params),
                       **_unet_heads(openclip, params))
+
+
+def _self_attention_off(unet: dict[str, torch.Tensor], first: list[int], widths: list[int],
+                        params: dict[str, Any]) -> tuple[bool, ...] | None:
+    """`disable_self_attentions` from the YAML, else from the shapes: a level whose attn1 reads tokens of another
+    width than its own reads the condition (where the widths agree only the YAML can tell: self-attention)."""
+    if params.get("disable_self_attentions") is not None:
+        flags = tuple(bool(f) for f in params["disable_self_attentions"])
+    else:
+        keys = [f"input_blocks.{b}.1.transformer_blocks.0.attn1.to_k.weight" for b in first]
+        flags = tuple(k in unet and unet[k].shape[1] != w for k, w in zip(keys, widths, strict=True))
+    return flags if any(flags) else None
 
 
 def _unet_heads(openclip: bool, params: dict[str, Any]) -> dict[str, int]:
@@ -324,23 +355,25 @@ def _diffusion_config(params: dict[str, Any], prediction_type: str | None) -> Di
     if prediction_type not in _PARAMETERIZATION.values():
         raise ValueError(f"prediction_type = {prediction_type!r}: expected one of "
                          f"{', '.join(_PARAMETERIZATION.values())}")
-    return DiffusionConfig(schedule=_schedule_name(params), num_timesteps=int(params.get("timesteps", 1000)),
-                           prediction_type=prediction_type)
+    schedule, beta_range = _schedule(params)
+    return DiffusionConfig(schedule=schedule, num_timesteps=int(params.get("timesteps", 1000)),
+                           prediction_type=prediction_type, beta_range=beta_range)
 
 
-def _schedule_name(params: dict[str, Any]) -> str:
-    """Our schedule for the YAML's beta_schedule/linear_start/linear_end (SD's scaled_linear when none is given)."""
+def _schedule(params: dict[str, Any]) -> tuple[str, tuple[float, float] | None]:
+    """Our schedule and β range (None: its standard one) for the YAML's beta_schedule/linear_start/linear_end (SD's
+    scaled_linear when none is given)."""
     keys = ("beta_schedule", "linear_start", "linear_end")
     if not any(k in params for k in keys):
-        return "scaled_linear"
+        return "scaled_linear", None
     name, start, end = (params.get(k, d) for k, d in zip(keys, _COMPVIS_SCHEDULE_DEFAULTS, strict=True))
     for ours, (theirs, our_start, our_end) in _SCHEDULES.items():
-        if name == theirs and (name == "cosine" or (math.isclose(float(start), our_start, rel_tol=1e-6)
-                                                    and math.isclose(float(end), our_end, rel_tol=1e-6))):
-            return ours
-    supported = "; ".join(f"{t} {s}..{e}" for t, s, e in _SCHEDULES.values())
-    raise CheckpointError(f"noise schedule beta_schedule={name!r}, linear_start={start}, linear_end={end} is not "
-                          f"supported; expected one of: {supported}")
+        if name == theirs:
+            standard = name == "cosine" or (math.isclose(float(start), our_start, rel_tol=1e-6)
+                                            and math.isclose(float(end), our_end, rel_tol=1e-6))
+            return ours, None if standard else (float(start), float(end))
+    raise CheckpointError(f"noise schedule beta_schedule={name!r} is not supported; expected one of: "
+                          f"{', '.join(t for t, _, _ in _SCHEDULES.values())}")
 
 
 def to_original_state_dict(parts: ModelParts) -> dict[str, torch.Tensor]:
@@ -405,6 +438,8 @@ def inference_config(parts: ModelParts) -> dict[str, Any]:
             "context_dim": u.context_dim, "dropout": u.dropout, "legacy": False}
     if u.num_classes is not None:
         unet["num_classes"] = u.num_classes
+    if u.disable_self_attentions is not None:
+        unet["disable_self_attentions"] = list(u.disable_self_attentions)
     ddconfig = {"double_z": True, "z_channels": a.z_channels, "resolution": a.resolution,
                 "in_channels": a.in_channels, "out_ch": a.out_channels, "ch": a.ch, "ch_mult": list(a.ch_mult),
                 "num_res_blocks": a.num_res_blocks, "attn_resolutions": list(a.attn_resolutions),
@@ -413,6 +448,7 @@ def inference_config(parts: ModelParts) -> dict[str, Any]:
     cond = ({"target": _OPENCLIP_TARGET, "params": {"freeze": True, "layer": "penultimate"}} if openclip
             else {"target": _CLIP_TARGET})
     beta_schedule, linear_start, linear_end = _SCHEDULES[d.schedule]
+    linear_start, linear_end = d.beta_range or (linear_start, linear_end)
     parameterization = {v: k for k, v in _PARAMETERIZATION.items()}[d.prediction_type]
     inpainting = u.concat_channels == 5  # mask + masked-image latents, as SD inpainting
     params = {"parameterization": parameterization, "linear_start": linear_start, "linear_end": linear_end,
@@ -427,4 +463,10 @@ def inference_config(parts: ModelParts) -> dict[str, Any]:
                                                 "lossconfig": {"target": "torch.nn.Identity"}}},
               "cond_stage_config": cond}
     target = "LatentInpaintDiffusion" if inpainting else "LatentDiffusion"
+    if parts.conditioning.noise_level is not None:  # the x4 upscaler's noise-augmented low-resolution image
+        target, params["conditioning_key"], params["low_scale_key"] = "LatentUpscaleDiffusion", "hybrid-adm", "lr"
+        schedule = {"linear_start": LOW_RES_SCHEDULE[1], "linear_end": LOW_RES_SCHEDULE[2]}
+        params["low_scale_config"] = {
+            "target": "ldm.modules.diffusionmodules.upscaling.ImageConcatWithNoiseAugmentation",
+            "params": {"noise_schedule_config": schedule, "max_noise_level": MAX_NOISE_LEVEL}}
     return {"model": {"target": f"ldm.models.diffusion.ddpm.{target}", "params": params}}

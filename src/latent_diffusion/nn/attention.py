@@ -86,18 +86,25 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-LayerNorm residual block: self-attention, cross-attention to the condition, GEGLU feed-forward."""
+    """Pre-LayerNorm residual block: self-attention, cross-attention to the condition, GEGLU feed-forward.
 
-    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None, dropout: float = 0.0):
+    With `disable_self_attn` the first attention reads the condition too (CompVis' `disable_self_attn`, diffusers'
+    `only_cross_attention`: SD's x4 upscaler at its outer levels).
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int | None, dropout: float = 0.0,
+                 disable_self_attn: bool = False):
         super().__init__()
-        self.attn1 = CrossAttention(dim, None, heads, dim_head, dropout)
+        self.disable_self_attn = disable_self_attn
+        self.attn1 = CrossAttention(dim, context_dim if disable_self_attn else None, heads, dim_head, dropout)
         self.ff = FeedForward(dim, dropout=dropout)
         self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, dropout)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 extra_context: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
+        first = (context, mask) if self.disable_self_attn else ()  # the condition's tokens, or x's own
+        x = x + self.attn1(self.norm1(x), *first)
         x = x + self.attn2(self.norm2(x), context, mask, extra_context)
         return x + self.ff(self.norm3(x))  # (B, N, D)
 
@@ -112,14 +119,15 @@ class SpatialTransformer(nn.Module):
 
     def __init__(self, channels: int, heads: int, dim_head: int, depth: int = 1, context_dim: int | None = None,
                  dropout: float = 0.0, use_linear: bool = False, norm_groups: int = 32,
-                 position_embedding: bool = False):
+                 position_embedding: bool = False, disable_self_attn: bool = False):
         super().__init__()
         inner = heads * dim_head
         self.use_linear, self.position_embedding = use_linear, position_embedding
         self.norm = nn.GroupNorm(norm_groups, channels, eps=1e-6, affine=True)
         self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout) for _ in range(depth))
+            BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout, disable_self_attn)
+            for _ in range(depth))
         self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
