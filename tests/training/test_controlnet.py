@@ -74,6 +74,10 @@ def test_train_controlnet_writes_a_controlnet_that_learnt_and_resumes(control_fo
     assert main([*train, "--steps", "4"]) == 0
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert max(entry.get("step", 0) for entry in log) == 4
+    assert main([*train[:6], str(tmp_path / "diffusers-run"), *train[7:], "--steps", "1", "--format", "diffusers"]) == 0
+    folder = load_controlnet(tmp_path / "diffusers-run" / "controlnet")  # a ControlNetModel folder, beside the file
+    file = load_controlnet(tmp_path / "diffusers-run" / "controlnet.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(folder.state_dict().values(), file.state_dict().values(), strict=True))
     assert main(["train-controlnet", "--model", str(model), "--data", str(control_folder.parent / "missing"),
                  "--out", str(tmp_path / "other")]) == 2
 
