@@ -155,3 +155,24 @@ def test_the_released_upscalers_unet_and_scheduler_are_read_and_written_back():
     assert DiffusionConfig(**scheduler_config_from_diffusers(written)[0]) == diffusion
     betas = diffusers.DDIMScheduler.from_config(X4_SCHEDULER).alphas_cumprod.double()
     assert torch.allclose(build_schedule(diffusion).alphas_cumprod, betas, rtol=1e-6)
+
+
+@pytest.mark.parametrize("guess_mode", [False, True])
+def test_a_controlnet_on_the_upscaler_reads_its_noise_level(upscaler, tmp_path, guess_mode):
+    """A ControlNet copied from a UNet with class embeddings gets the images' noise level as the UNet does."""
+    from latent_diffusion.controlnet import ControlNet
+    from latent_diffusion.formats.controlnet import save_controlnet
+    from latent_diffusion.generation.control import Control
+
+    ours = Pipeline.from_pretrained(upscaler, device="cpu")
+    net = ControlNet.from_unet(ours.unet, downsample_factor=4)
+    with torch.no_grad():
+        for conv in [*net.zero_convs, net.middle_block_out]:
+            conv[0].weight.normal_(0, 0.05)
+        net.input_hint_block[-1].weight.normal_(0, 0.05)
+    save_controlnet(net, tmp_path / "control.safetensors")
+    loaded = ours.load_controlnet(tmp_path / "control.safetensors")
+    options = dict(image=small_image(), steps=2, height=32, width=32, seed=3, progress=False, guess_mode=guess_mode)
+    plain = ours.generate_tensors(PROMPT, **options)
+    controlled = ours.generate_tensors(PROMPT, controls=[Control(loaded, torch.rand(1, 3, 32, 32))], **options)
+    assert (controlled - plain).abs().max() > 1e-3

@@ -52,12 +52,16 @@ class ControlledNetwork:
     :param branches: what the batch holds, in order, as guidance lays it out: ("uncond", "cond") for guided
         sampling, ("cond",) or ("uncond",) for one branch. In guess mode the ControlNets see only the conditional
         branch (the unconditional one gets no residuals) and their residuals are scaled by `guess_mode_scales`.
+    :param class_labels: the labels (N,) of the images, for a UNet with class embeddings (a noise-augmented
+        upscaler's level), which its ControlNets read too.
     """
 
     def __init__(self, network: Callable[..., torch.Tensor], controls: Sequence[Control], steps: int,
-                 branches: tuple[str, ...] = ("uncond", "cond"), guess_mode: bool = False):
+                 branches: tuple[str, ...] = ("uncond", "cond"), guess_mode: bool = False,
+                 class_labels: torch.Tensor | None = None):
         self.network, self.controls, self.steps = network, list(controls), steps
         self.branches, self.guess_mode, self.step = branches, guess_mode, 0
+        self.class_labels = None if class_labels is None else class_labels.repeat(len(branches))
 
     def advance(self) -> None:
         self.step += 1
@@ -74,9 +78,10 @@ class ControlledNetwork:
         branches = len(self.branches)
         hint = control.image.to(x.device, x.dtype)
         hint = hint.expand(x.shape[0] // branches, -1, -1, -1).repeat(branches, 1, 1, 1)
+        labels = self.class_labels
         if not self.guess_mode:
             return control.net(x, t, hint, context=kwargs.get("context"), context_mask=kwargs.get("context_mask"),
-                               scale=control.scale)
+                               class_labels=labels, scale=control.scale)
         if "cond" not in self.branches:
             return None
         n = x.shape[0] // branches
@@ -84,7 +89,7 @@ class ControlledNetwork:
         context, mask = kwargs.get("context"), kwargs.get("context_mask")
         out = control.net(x[part], t[part], hint[part], context=None if context is None else context[part],
                           context_mask=None if mask is None else mask[part],
-                          scale=guess_mode_scales(len(control.net.input_blocks) + 1, control.scale))
+                          class_labels=None if labels is None else labels[part], scale=guess_mode_scales(len(control.net.input_blocks) + 1, control.scale))
         return _spread(out, part, x.shape[0])
 
 

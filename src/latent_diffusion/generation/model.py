@@ -330,7 +330,7 @@ class LatentDiffusion:
         if controls:
             self.check_controls(controls, (h, w))
             branches = {0.0: ("uncond",), 1.0: ("cond",)}.get(settings.guidance_scale, ("uncond", "cond"))
-            network = ControlledNetwork(network, controls, settings.steps, branches, guess_mode)
+            network = ControlledNetwork(network, controls, settings.steps, branches, guess_mode, labels)
         model = guided_model(network, cond, uncond, settings.guidance_scale, guidance_rescale)
         with self.image_prompt_scale(image_prompt_scale):
             out = self.sample(Denoiser(model, self.schedule, self.config.diffusion.prediction_type), settings, noise,
