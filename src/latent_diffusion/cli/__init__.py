@@ -13,6 +13,7 @@ from latent_diffusion.cli.common import BUNDLED_MODEL, USER_ERRORS, Parser
 from latent_diffusion.cli.evaluate import add_evaluation_commands
 from latent_diffusion.cli.generate import add_model_commands
 from latent_diffusion.cli.train import add_training_commands
+from latent_diffusion.cli.serve import add_serve_command
 from latent_diffusion.cli.upscale import add_upscale_command
 
 __all__ = ["BUNDLED_MODEL", "build_parser", "describe_error", "main"]
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_commands(sub)
     add_model_commands(sub)
     add_upscale_command(sub)
+    add_serve_command(sub)
     add_evaluation_commands(sub)
     return parser
 

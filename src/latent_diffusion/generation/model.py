@@ -4,7 +4,7 @@ sampler(CFG(denoiser)) in latent space → decoder → images. `Pipeline` (`pipe
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -277,7 +277,8 @@ class LatentDiffusion:
                          karras: bool | None = None, strength: float | None = None,
                          overlay: bool = True, controls: Sequence[Control] = (), guess_mode: bool = False,
                          image_prompt: Image.Image | Sequence[Image.Image] | None = None,
-                         image_prompt_scale: float | None = None, noise_level: int | None = None) -> torch.Tensor:
+                         image_prompt_scale: float | None = None, noise_level: int | None = None,
+                         on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Images (N, C, H, W) in [-1, 1]; the same arguments and seed always give the same images.
 
         `prompt` is one prompt (drawn `num_images` times) or a list of prompts (one image each). Image k is drawn
@@ -294,7 +295,8 @@ class LatentDiffusion:
         in `guess_mode` they see the conditional branch of guidance only, their residuals scaled up by depth.
         `image_prompt` (one image, or one per output image) is read by the loaded IP-Adapter at its scale, or at
         `image_prompt_scale` for this request. `noise_level` overrides a noise-augmented upscaler's
-        (`conditioning.noise_level`).
+        (`conditioning.noise_level`). `on_step(done, total)` is called after every sampling step (a server's progress;
+        an exception it raises stops the request there).
         """
         settings = self.settings(steps, guidance_scale, sampler, eta, karras, guidance_rescale)
         self.check_image_inputs(image is not None, mask is not None, strength is not None)
@@ -335,14 +337,15 @@ class LatentDiffusion:
         with self.image_prompt_scale(image_prompt_scale):
             out = self.sample(Denoiser(model, self.schedule, self.config.diffusion.prediction_type), settings, noise,
                               generator, start, from_noise=masks is not None and strength in (None, 1.0),
-                              progress=progress, controlled=network if controls else None)
+                              progress=progress, controlled=network if controls else None, on_step=on_step)
         if masks is not None and overlay:
             out = overlay_pixels(out, images.float(), masks.float())
         return out.float().clamp(-1, 1).cpu()
 
     def sample(self, denoiser: Denoiser, settings: Settings, noise: torch.Tensor, generator: list[torch.Generator],
                start: Start | None = None, from_noise: bool = True, progress: bool = True,
-               controlled: ControlledNetwork | None = None) -> torch.Tensor:
+               controlled: ControlledNetwork | None = None,
+               on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Decoded images of the sampler's latents: from `noise` over the whole grid, or from an image (`start`);
         `controlled` (the ControlNets' wrapper of the network) counts the steps that run."""
         sampler = get_sampler(settings.sampler)
@@ -359,6 +362,8 @@ class LatentDiffusion:
             bar.update(1)
             if controlled is not None:
                 controlled.advance()
+            if on_step is not None:
+                on_step(i + 1, grid_length(grid))
             return None if blend is None else blend(i, x, denoised)
 
         # One autocast region around every step: autocast keeps its bf16/fp16 copies of the weights until the

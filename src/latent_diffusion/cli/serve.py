@@ -1,0 +1,42 @@
+"""`ldm serve`: AUTOMATIC1111's HTTP API over a warm model (needs the `serve` extra: FastAPI, uvicorn)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+
+from latent_diffusion.cli.common import bundled_model, positive_int
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"ldm serve needs {' and '.join(missing)}: pip install 'latent-diffusion[serve]'")
+    import uvicorn
+
+    from latent_diffusion.serving.app import Models, create_app
+
+    if args.host not in ("127.0.0.1", "localhost", "::1") and args.token is None:
+        print(f"warning: serving on {args.host} without --token: anyone who can reach it can use it")
+    models = Models(args.model or bundled_model(), args.models_dir, args.device, args.precision)
+    app = create_app(models, args.max_queue, args.token)
+    print(f"serving {models.current} on http://{args.host}:{args.port} (AUTOMATIC1111 API: /sdapi/v1/...)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+def add_serve_command(sub) -> None:
+    """`serve`."""
+    p = sub.add_parser("serve", help="serve a model over AUTOMATIC1111's HTTP API (loopback by default)",
+                       description="POST /sdapi/v1/txt2img and /sdapi/v1/img2img take A1111's payloads; "
+                                   "GET /sdapi/v1/samplers, /sd-models, /progress; POST /options (the model), "
+                                   "/interrupt. Jobs run one at a time in order; beyond --max-queue waiting, 429.")
+    p.add_argument("--model", default=None, help="the model served first (default: the bundled shapes model)")
+    p.add_argument("--models-dir", default=None, help="a folder of models a client may switch to by name "
+                                                      "(POST /sdapi/v1/options sd_model_checkpoint)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=positive_int, default=7860, help="port (default 7860, AUTOMATIC1111's)")
+    p.add_argument("--max-queue", type=positive_int, default=8, help="requests that may wait (default 8)")
+    p.add_argument("--token", default=None, help="require Authorization: Bearer TOKEN on every route")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights and math")
+    p.set_defaults(func=cmd_serve)
