@@ -99,6 +99,13 @@ def test_bad_requests_are_422_naming_the_field(client, body, field):
     assert reply.status_code == 422 and field in reply.text
 
 
+def test_img2img_takes_the_size_of_its_image_rounded_to_the_model(client):
+    odd = Image.new("RGB", (70, 50), (200, 30, 30))
+    reply = client.post("/sdapi/v1/img2img", json={"prompt": PROMPT, "init_images": [png(odd)], "steps": 2})
+    assert reply.status_code == 200, reply.text
+    assert decode(reply.json()["images"][0]).size == (64, 48)
+
+
 def test_bad_images_are_422(client):
     for init in ("not base64!", base64.b64encode(b"not an image").decode()):
         reply = client.post("/sdapi/v1/img2img", json={"prompt": PROMPT, "init_images": [init], "steps": 2})

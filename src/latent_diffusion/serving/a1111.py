@@ -124,8 +124,8 @@ def generation_kwargs(pipe, request: Txt2ImgRequest, seed: int) -> dict[str, Any
                   height=request.height or size, width=request.width or size, progress=False)
     if isinstance(request, Img2ImgRequest):
         image = decode_base64_image(request.init_images[0], "init_images[0]")
-        kwargs.update(image=image, strength=request.denoising_strength, height=request.height or image.height,
-                      width=request.width or image.width)
+        height, width = pipe.output_size(image, request.height, request.width)  # the image's, rounded as needed
+        kwargs.update(image=image, strength=request.denoising_strength, height=height, width=width)
         if request.mask is not None:
             mask = decode_base64_image(request.mask, "mask").convert("L")
             kwargs["mask"] = mask.point(lambda v: 255 - v) if request.inpainting_mask_invert else mask
