@@ -46,8 +46,8 @@ class Control:
 
 
 class ControlledNetwork:
-    """`network(x, t, **kw)` with the residuals of `controls` passed to it (`residuals=`); `advance()` after each
-    sampler step moves on the step counter the start/end shares read.
+    """`network(x, t, **kw)` with the residuals of `controls` passed to it (`residuals=`); `begin(steps)` before
+    sampling and `advance()` after each sampler step keep the step counter the start/end shares read.
 
     :param branches: what the batch holds, in order, as guidance lays it out: ("uncond", "cond") for guided
         sampling, ("cond",) or ("uncond",) for one branch. In guess mode the ControlNets see only the conditional
@@ -56,12 +56,16 @@ class ControlledNetwork:
         upscaler's level), which its ControlNets read too.
     """
 
-    def __init__(self, network: Callable[..., torch.Tensor], controls: Sequence[Control], steps: int,
+    def __init__(self, network: Callable[..., torch.Tensor], controls: Sequence[Control],
                  branches: tuple[str, ...] = ("uncond", "cond"), guess_mode: bool = False,
                  class_labels: torch.Tensor | None = None):
-        self.network, self.controls, self.steps = network, list(controls), steps
-        self.branches, self.guess_mode, self.step = branches, guess_mode, 0
+        self.network, self.controls = network, list(controls)
+        self.branches, self.guess_mode, self.step, self.steps = branches, guess_mode, 0, 1
         self.class_labels = None if class_labels is None else class_labels.repeat(len(branches))
+
+    def begin(self, steps: int) -> None:
+        """Sampling of `steps` steps starts (the steps that run: img2img runs fewer than asked)."""
+        self.step, self.steps = 0, steps
 
     def advance(self) -> None:
         self.step += 1

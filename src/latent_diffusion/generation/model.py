@@ -332,7 +332,7 @@ class LatentDiffusion:
         if controls:
             self.check_controls(controls, (h, w))
             branches = {0.0: ("uncond",), 1.0: ("cond",)}.get(settings.guidance_scale, ("uncond", "cond"))
-            network = ControlledNetwork(network, controls, settings.steps, branches, guess_mode, labels)
+            network = ControlledNetwork(network, controls, branches, guess_mode, labels)
         model = guided_model(network, cond, uncond, settings.guidance_scale, guidance_rescale)
         with self.image_prompt_scale(image_prompt_scale):
             out = self.sample(Denoiser(model, self.schedule, self.config.diffusion.prediction_type), settings, noise,
@@ -356,7 +356,7 @@ class LatentDiffusion:
             blend = start.blending(grid)
         bar = tqdm(total=grid_length(grid), desc="sampling", disable=not progress)
         if controlled is not None:
-            controlled.steps = grid_length(grid)
+            controlled.begin(grid_length(grid))
 
         def callback(i: int, x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor | None:
             bar.update(1)
