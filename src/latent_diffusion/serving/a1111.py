@@ -116,7 +116,7 @@ def generation_kwargs(pipe, request: Txt2ImgRequest, seed: int) -> dict[str, Any
     """The `Pipeline.generate_tensors` keywords of a request (one batch), the model's defaults filled in."""
     karras = True if (request.scheduler or "").lower() == "karras" else None
     settings = pipe.settings(request.steps, request.cfg_scale, request.sampler_name, request.eta, karras,
-                             names=A1111_NAMES)
+                             names=FIELD_NAMES)
     size = pipe.config.data.resolution
     kwargs = dict(prompt=request.prompt, negative_prompt=request.negative_prompt or None, steps=settings.steps,
                   guidance_scale=settings.guidance_scale, sampler=settings.sampler, seed=seed,
@@ -132,7 +132,8 @@ def generation_kwargs(pipe, request: Txt2ImgRequest, seed: int) -> dict[str, Any
     return kwargs
 
 
-A1111_NAMES = {"steps": "steps", "guidance_scale": "cfg_scale", "sampler": "sampler_name", "eta": "eta",
+# How errors name `Pipeline` keywords: by the request fields A1111 clients send
+FIELD_NAMES = {"steps": "steps", "guidance_scale": "cfg_scale", "sampler": "sampler_name", "eta": "eta",
                "karras": "scheduler", "seed": "seed", "num_images": "batch_size", "height": "height",
                "width": "width", "image": "init_images", "mask": "mask", "strength": "denoising_strength"}
 
