@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 LDM := $(VENV)/bin/ldm
 DEMO := runs/demo
 
-.PHONY: setup test demo demo-autoencoder demo-ldm fashion-mnist clean
+.PHONY: setup test browser demo demo-autoencoder demo-ldm fashion-mnist clean
 
 # torch==2.13.0 first: a CPU build; an unpinned torch would pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml Makefile
@@ -21,6 +21,10 @@ setup: $(VENV)/.installed
 test: setup
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
+
+# Debian's Chromium for the web page's browser test (Playwright drives it; without it that test is skipped).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
 PROMPT ?= a large red circle in the top left and a small blue square at the bottom
 

@@ -1,7 +1,6 @@
 """The machine's own limit and how close the UNet gets to it: measured fp32 and bf16 matmul GFLOP/s, the SD 1.5
 UNet's FLOPs per forward (counted by torch's FlopCounterMode on diffusers' UNet), and the achieved fraction of
-the matmul rate by our UNet forward at batch 2 (64×64×4 latents, 77×768 context): with the latent repeated, and
-shared by the two contexts as guidance runs it (the nominal FLOPs either way).
+the matmul rate by our UNet forward at batch 2 (64×64×4 latents, 77×768 context), as `Pipeline` runs it.
 
     python benchmarks/roofline.py [--dtype fp32 bf16] [--repeats 3]
 """
@@ -17,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import DTYPES, arguments, machine, timed, write_json  # noqa: E402
-from unet import SHARED, build  # noqa: E402
+from unet import build  # noqa: E402
 
 
 def matmul_rate(dtype: torch.dtype, device: str, n: int = 4096, repeats: int = 5) -> float:
@@ -48,14 +47,13 @@ def main() -> None:
         dtype = DTYPES[name]
         rate = matmul_rate(dtype, args.device)
         figures[name] = {"matmul_gflops": rate}
-        for impl, key in (("ours", "unet"), (SHARED, "unet_shared_x")):
-            _, call = build(impl, dtype, args.device)
-            call()
-            seconds = statistics.median(timed(call, args.repeats))
-            achieved = flops / seconds / 1e9
-            print(f"| {name} | {rate:.0f} | {impl} | {seconds:.2f} | {achieved:.0f} | {achieved / rate:.0%} |")
-            figures[name].update({f"{key}_s": seconds, f"{key}_gflops": achieved})
-            del call
+        _, call = build("ours", dtype, args.device)
+        call()
+        seconds = statistics.median(timed(call, args.repeats))
+        achieved = flops / seconds / 1e9
+        print(f"| {name} | {rate:.0f} | ours | {seconds:.2f} | {achieved:.0f} | {achieved / rate:.0%} |")
+        figures[name].update({"unet_s": seconds, "unet_gflops": achieved})
+        del call
     write_json(args.json, figures)
 
 

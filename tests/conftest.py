@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
+import io
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may be downloaded: every model here is built in the test or bundled
@@ -11,6 +13,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from latent_diffusion.cli import BUNDLED_MODEL
 from latent_diffusion.conditioning import ClipTextTransformer, ClipTokenizer, build_encoder
@@ -186,3 +189,22 @@ def write_idx(path, array: np.ndarray) -> None:
 def subprocess_env() -> dict[str, str]:
     """The environment of an `ldm` child process: one thread (the cores are shared), and offline like this one."""
     return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def png_base64(image: Image.Image) -> str:
+    """An image as a base64 PNG, as HTTP APIs carry them."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def from_base64(data: str) -> Image.Image:
+    """The image of a base64 PNG (its text chunks in `.text`)."""
+    return Image.open(io.BytesIO(base64.b64decode(data)))
+
+
+def hold(models, pipe):
+    """A server's `Models` holding `pipe` as its current model with no LoRA: what loading it does, without the
+    load (the tests' already loaded copy)."""
+    models._pipe, models._held = pipe, (models.current, ())
+    return models

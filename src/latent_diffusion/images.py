@@ -130,16 +130,20 @@ def save_image(image: Image.Image, path: str | os.PathLike, parameters: str | No
 
 
 def read_parameters(path: str | os.PathLike) -> str | None:
-    """The generation parameters an image carries (as `save_image` and AUTOMATIC1111 write them), or None."""
-    def read(img: Image.Image) -> str | None:
-        if "parameters" in img.info:
-            return str(img.info["parameters"])
-        comment = img.getexif().get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.UserComment)
-        if not isinstance(comment, bytes) or len(comment) <= 8:
-            return None
-        code, text = comment[:8], comment[8:]
-        return text.decode("utf-16-be" if code == _UNICODE else "latin-1", errors="replace").rstrip("\0")
-    return _read_image(path, read)
+    """The generation parameters an image file carries (as `save_image` and AUTOMATIC1111 write them), or None."""
+    return _read_image(path, image_parameters)
+
+
+def image_parameters(img: Image.Image) -> str | None:
+    """The generation parameters of an opened image: a PNG's "parameters" text, a JPEG's or WebP's EXIF
+    UserComment; None when it has neither."""
+    if "parameters" in img.info:
+        return str(img.info["parameters"])
+    comment = img.getexif().get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.UserComment)
+    if not isinstance(comment, bytes) or len(comment) <= 8:
+        return None
+    code, text = comment[:8], comment[8:]
+    return text.decode("utf-16-be" if code == _UNICODE else "latin-1", errors="replace").rstrip("\0")
 
 
 def open_image(path: str | os.PathLike, mode: str | None = None) -> Image.Image:

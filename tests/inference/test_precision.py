@@ -20,7 +20,8 @@ from conftest import randomised
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 AMX = {"avx512_f": True, "avx512_bf16": True, "amx_tile": True, "amx_bf16": True}
-AVX512_BF16 = {"avx512_f": True, "avx512_bf16": True, "amx_tile": False, "amx_bf16": False}  # this CI host
+AVX512_BF16 = {"avx512_f": True, "avx512_bf16": True, "amx_tile": False, "amx_bf16": False, "vendor": "GenuineIntel"}
+AMD_BF16 = {**AVX512_BF16, "vendor": "AuthenticAMD"}  # this CI host (Zen 4)
 
 
 def tiny_sd_parts() -> ModelParts:
@@ -38,10 +39,12 @@ def tiny_sd_parts() -> ModelParts:
                       sampling=SamplingConfig(sampler="ddim", steps=4), resolution=32)
 
 
-def test_bf16_math_where_the_cpu_has_amx_tiles_and_not_for_avx512_bf16_alone(monkeypatch):
+def test_bf16_math_with_amx_tiles_or_amds_avx512_bf16_and_not_intels_avx512_bf16_alone(monkeypatch):
     monkeypatch.delenv("LDM_CPU_BF16_MATH", raising=False)
     assert cpu_bf16_math(AMX) is True
-    assert cpu_bf16_math(AVX512_BF16) is False  # bf16 matmuls at half the fp32 rate (the CI host's AMD EPYC)
+    assert cpu_bf16_math(AMD_BF16) is True  # bf16 matmuls at 2.3x the fp32 rate (Zen 4)
+    assert cpu_bf16_math(AVX512_BF16) is False  # at half the fp32 rate (an Intel Xeon without AMX)
+    assert cpu_bf16_math({"avx2": True, "vendor": "AuthenticAMD"}) is False
     assert cpu_bf16_math({"architecture": "arm64", "bf16": True}) is False
     assert cpu_bf16_math({}) is False
 

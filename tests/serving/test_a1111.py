@@ -4,7 +4,6 @@ inpainting, every validation error naming its field, the informational routes, t
 bound, order and interrupts."""
 
 import base64
-import io
 import json
 import threading
 
@@ -14,41 +13,14 @@ from PIL import Image
 
 from latent_diffusion.cli import main
 from latent_diffusion.pipeline import Pipeline
+from conftest import from_base64 as decode, png_base64 as png
 
 pytest.importorskip("fastapi")
-pytest.importorskip("httpx")
-
 from fastapi.testclient import TestClient  # noqa: E402
 
-from latent_diffusion.cli.common import bundled_model  # noqa: E402
-from latent_diffusion.serving.app import Models, create_app  # noqa: E402
-from latent_diffusion.serving.jobs import Interrupted, QueueFull, Worker  # noqa: E402
+from latent_diffusion.serving.app import create_app  # noqa: E402
 
 PROMPT = "a small green triangle in the center"
-
-
-@pytest.fixture(scope="module")
-def models(bundled_pipe):
-    models = Models(bundled_model())
-    models._pipe = bundled_pipe  # the session's loaded copy
-    return models
-
-
-@pytest.fixture
-def client(models):
-    models.current = next(iter(models.paths))
-    with TestClient(create_app(models, max_queue=4)) as client:
-        yield client
-
-
-def decode(image: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(image)))
-
-
-def png(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def test_txt2img_answers_as_a1111_and_draws_what_ldm_generate_draws(client, bundled_pipe, tmp_path, monkeypatch):
@@ -132,30 +104,6 @@ def test_a_token_guards_every_route(models):
         assert client.get("/sdapi/v1/sd-models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
 
 
-def test_the_worker_bounds_its_queue_runs_in_order_and_interrupts_at_a_step():
-    worker, release, order = Worker(max_queue=1), threading.Event(), []
-
-    def blocking(job):
-        release.wait(5)
-        order.append(job)
-        for step in range(1, 4):
-            worker.step(job, 0, 1, step, 3)
-        return job
-
-    first, future1 = worker.submit(blocking)
-    while worker.progress.job is None:
-        pass
-    second, future2 = worker.submit(lambda job: order.append(job) or job)
-    with pytest.raises(QueueFull, match="--max-queue 1"):
-        worker.submit(lambda job: job)
-    worker.interrupt()  # the running job stops at its next step
-    release.set()
-    with pytest.raises(Interrupted):
-        future1.result(5)
-    assert future2.result(5) == second and order == [first, second] and worker.waiting == 0
-    worker.shutdown()
-
-
 def test_a_full_queue_is_429_with_retry_after_and_a_failing_job_500_while_serving_goes_on(models, monkeypatch):
     release = threading.Event()
     with TestClient(create_app(models, max_queue=1)) as client:
@@ -165,9 +113,36 @@ def test_a_full_queue_is_429_with_retry_after_and_a_failing_job_500_while_servin
         reply = client.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "steps": 2})
         assert reply.status_code == 429 and reply.headers["Retry-After"] == "5" and "--max-queue 1" in reply.text
         release.set()
-        pipeline = models.pipeline
-        monkeypatch.setattr(models, "pipeline", lambda: (_ for _ in ()).throw(RuntimeError("disk\nfailed")))
+        using = models.using
+        monkeypatch.setattr(models, "using", lambda *a: (_ for _ in ()).throw(RuntimeError("disk\nfailed")))
         reply = client.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "steps": 2})
         assert reply.status_code == 500 and reply.json()["detail"] == "RuntimeError: disk failed"
-        monkeypatch.setattr(models, "pipeline", pipeline)
+        monkeypatch.setattr(models, "using", using)
         assert client.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "steps": 2}).status_code == 200
+
+
+def test_the_client_script_of_a1111s_api_documentation_runs_unchanged(serve, tmp_path):
+    """The example of A1111's wiki page "API" (txt2img, then png-info for each image, saved with its info), with
+    `requests`, against a real server."""
+    import io
+
+    import requests
+    from PIL import PngImagePlugin
+
+    url, _ = serve(max_queue=4)
+    payload = {"prompt": "puppy dog", "steps": 5}
+    response = requests.post(url=f'{url}/sdapi/v1/txt2img', json=payload)
+    r = response.json()
+    for i in r['images']:
+        image = Image.open(io.BytesIO(base64.b64decode(i.split(",", 1)[0])))
+        png_payload = {"image": "data:image/png;base64," + i}
+        response2 = requests.post(url=f'{url}/sdapi/v1/png-info', json=png_payload)
+        pnginfo = PngImagePlugin.PngInfo()
+        pnginfo.add_text("parameters", response2.json().get("info"))
+        image.save(tmp_path / 'output.png', pnginfo=pnginfo)
+    saved = Image.open(tmp_path / "output.png")
+    assert saved.size == (64, 64) and saved.text["parameters"].startswith("puppy dog\nSteps: 5")
+    assert json.loads(r["info"])["infotexts"][0] == saved.text["parameters"]
+    assert response2.json()["parameters"]["steps"] == 5
+    bad = requests.post(url=f'{url}/sdapi/v1/png-info', json={"image": base64.b64encode(b"no").decode()})
+    assert bad.status_code == 422 and "image" in bad.text

@@ -1,4 +1,5 @@
-"""`ldm serve`: AUTOMATIC1111's HTTP API over a warm model (needs the `serve` extra: FastAPI, uvicorn)."""
+"""`ldm serve`: a web page, this project's JSON API and AUTOMATIC1111's over a warm model (needs the `serve` extra:
+FastAPI, uvicorn)."""
 
 from __future__ import annotations
 
@@ -18,24 +19,34 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.token is None:
         print(f"warning: serving on {args.host} without --token: anyone who can reach it can use it")
-    models = Models(args.model or bundled_model(), args.models_dir, args.device, args.precision)
-    app = create_app(models, args.max_queue, args.token)
-    print(f"serving {models.current} on http://{args.host}:{args.port} (AUTOMATIC1111 API: /sdapi/v1/...)")
+    models = Models(args.model or bundled_model(), args.models_dir, args.device, args.precision, args.lora_dir)
+    app = create_app(models, args.max_queue, args.token, args.workers, args.output_dir)
+    _, loading = app.state.worker.submit(lambda job: models.preload())  # on the job thread (`jobs.Worker`)
+    loading.result()  # loaded before the first request, and its errors seen now
+    print(f"serving {models.current} on http://{args.host}:{args.port}/ (API: /api/v1/..., schema /docs; "
+          "AUTOMATIC1111's: /sdapi/v1/...)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
 def add_serve_command(sub) -> None:
     """`serve`."""
-    p = sub.add_parser("serve", help="serve a model over AUTOMATIC1111's HTTP API (loopback by default)",
-                       description="POST /sdapi/v1/txt2img and /sdapi/v1/img2img take A1111's payloads; "
-                                   "GET /sdapi/v1/samplers, /sd-models, /progress; POST /options (the model), "
-                                   "/interrupt. Jobs run one at a time in order; beyond --max-queue waiting, 429.")
+    p = sub.add_parser("serve", help="a web page and HTTP APIs (ours, AUTOMATIC1111's) over a warm model",
+                       description="The page at / draws from a prompt with live previews. POST /api/v1/generate "
+                                   "is this project's API (schema at /docs); POST /sdapi/v1/txt2img and "
+                                   "/sdapi/v1/img2img take AUTOMATIC1111's payloads (GET /sdapi/v1/samplers, "
+                                   "/sd-models, /progress; POST /options, /interrupt). Jobs start in the order "
+                                   "they came; beyond --max-queue waiting, 429. Loopback only by default.")
     p.add_argument("--model", default=None, help="the model served first (default: the bundled shapes model)")
     p.add_argument("--models-dir", default=None, help="a folder of models a client may switch to by name "
                                                       "(POST /sdapi/v1/options sd_model_checkpoint)")
+    p.add_argument("--lora-dir", default=None, help="a folder of LoRA files requests may apply by name")
+    p.add_argument("--output-dir", default=None, help="also write every image generated here (DIR/DATE/N-SEED.png)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=positive_int, default=7860, help="port (default 7860, AUTOMATIC1111's)")
     p.add_argument("--max-queue", type=positive_int, default=8, help="requests that may wait (default 8)")
+    p.add_argument("--workers", type=positive_int, default=1,
+                   help="jobs run at once on the one loaded model (default 1; more can pay on a GPU with room, "
+                        "not on a CPU, where one job already uses every core)")
     p.add_argument("--token", default=None, help="require Authorization: Bearer TOKEN on every route")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights and math")

@@ -22,6 +22,7 @@ from latent_diffusion.diffusion.guidance import guided_model
 from latent_diffusion.diffusion.schedule import build_schedule
 from latent_diffusion.generation.control import Control, ControlledNetwork
 from latent_diffusion.generation.editing import Start, overlay as overlay_pixels, start_step
+from latent_diffusion.generation.preview import GOOD_FIT, LatentPreview
 from latent_diffusion.generation.request import (activation_bytes, available_memory, check_guidance, check_num_images,
                                                  check_number, check_side, check_steps, generators, image_seeds)
 from latent_diffusion.images import pil_to_tensor, tensor_to_pil, to_8bit
@@ -71,6 +72,18 @@ class LatentDiffusion:
         self.vae_tile: int | None = None
         self.latent_scale = ae_config.model.latent_scale
         self.image_prompt: ImagePrompt | None = None  # an IP-Adapter's image encoder and projection, when loaded
+        self._preview: LatentPreview | None = None
+
+    def preview(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Pictures of (scaled) latents for a progress view: by the linear map fitted to this model's autoencoder
+        on first use (`generation.preview`), or by the decoder where that map explains too little of the colours."""
+        if self._preview is None:
+            self._preview = LatentPreview.fit(self.autoencoder, self.latent_scale, self.ae_config.model.in_channels,
+                                              self.device, self.math)
+        if self._preview.r2 >= GOOD_FIT:
+            return self._preview(latents)
+        with torch.no_grad(), autocast(self.device, self.math):
+            return [tensor_to_pil(x) for x in self.decode(latents.to(self.device) / self.latent_scale).float()]
 
     def settings(self, steps: int | None = None, guidance_scale: float | None = None, sampler: str | None = None,
                  eta: float | None = None, karras: bool | None = None, guidance_rescale: float = 0.0,
@@ -278,7 +291,7 @@ class LatentDiffusion:
                          overlay: bool = True, controls: Sequence[Control] = (), guess_mode: bool = False,
                          image_prompt: Image.Image | Sequence[Image.Image] | None = None,
                          image_prompt_scale: float | None = None, noise_level: int | None = None,
-                         on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                         on_step: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
         """Images (N, C, H, W) in [-1, 1]; the same arguments and seed always give the same images.
 
         `prompt` is one prompt (drawn `num_images` times) or a list of prompts (one image each). Image k is drawn
@@ -295,8 +308,9 @@ class LatentDiffusion:
         in `guess_mode` they see the conditional branch of guidance only, their residuals scaled up by depth.
         `image_prompt` (one image, or one per output image) is read by the loaded IP-Adapter at its scale, or at
         `image_prompt_scale` for this request. `noise_level` overrides a noise-augmented upscaler's
-        (`conditioning.noise_level`). `on_step(done, total)` is called after every sampling step (a server's progress;
-        an exception it raises stops the request there).
+        (`conditioning.noise_level`). `on_step(done, total, denoised)` is called after every sampling step with the
+        step's prediction of the clean latents (a server's progress and previews, `self.preview(denoised)`); an
+        exception it raises stops the request there.
         """
         settings = self.settings(steps, guidance_scale, sampler, eta, karras, guidance_rescale)
         self.check_image_inputs(image is not None, mask is not None, strength is not None)
@@ -345,7 +359,7 @@ class LatentDiffusion:
     def sample(self, denoiser: Denoiser, settings: Settings, noise: torch.Tensor, generator: list[torch.Generator],
                start: Start | None = None, from_noise: bool = True, progress: bool = True,
                controlled: ControlledNetwork | None = None,
-               on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
+               on_step: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
         """Decoded images of the sampler's latents: from `noise` over the whole grid, or from an image (`start`);
         `controlled` (the ControlNets' wrapper of the network) counts the steps that run."""
         sampler = get_sampler(settings.sampler)
@@ -363,7 +377,7 @@ class LatentDiffusion:
             if controlled is not None:
                 controlled.advance()
             if on_step is not None:
-                on_step(i + 1, grid_length(grid))
+                on_step(i + 1, grid_length(grid), denoised)
             return None if blend is None else blend(i, x, denoised)
 
         # One autocast region around every step: autocast keeps its bf16/fp16 copies of the weights until the

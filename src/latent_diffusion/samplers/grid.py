@@ -97,6 +97,9 @@ def dpm_solver_grid(schedule: NoiseSchedule, num_steps: int, spacing: TimestepSp
         if spacing == "trailing":
             t = timestep_grid(num_steps, spacing, schedule.num_timesteps, steps_offset)
         else:
+            if num_steps >= schedule.num_timesteps:
+                raise ValueError(f"steps = {num_steps}: DPM-Solver's {spacing!r} grid spaces steps + 1 timesteps, so "
+                                 f"it takes at most {schedule.num_timesteps - 1} steps")
             t = timestep_grid(num_steps + 1, spacing, schedule.num_timesteps, steps_offset)[:-1].round()
         sigmas = interpolate(schedule.sigmas, t)
     return _sigma_grid(sigmas.tolist() + [0.0], vp_prior=True)

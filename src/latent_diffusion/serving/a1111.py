@@ -8,34 +8,25 @@ and reported in `info` as ignored when they do not change the image (saving, sen
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import json
 from typing import Any
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from latent_diffusion.generation.request import MAX_BATCH, MAX_GUIDANCE, MAX_NUM_IMAGES, MAX_SEED
-from latent_diffusion.images import decode_image, to_8bit
-from latent_diffusion.pipeline.infotext import format_infotext
+from latent_diffusion.images import image_parameters
+from latent_diffusion.pipeline.infotext import format_infotext, parse_infotext
 from latent_diffusion.samplers import sampler_label
+from latent_diffusion.serving.common import MAX_API_SIDE, base64_bytes, decode_base64_image, pipeline_kwargs
 
-MAX_UPLOAD = 16 * 2**20  # bytes of one base64 image
-MAX_API_SIDE = 2048  # pixels per side a request may ask for
 # Fields that change the image when set; the value each must keep here
 UNSUPPORTED = {"enable_hr": False, "restore_faces": False, "tiling": False, "subseed_strength": 0.0,
                "script_name": None, "refiner_checkpoint": None, "alwayson_scripts": {}, "hr_scale": 2.0,
                "seed_resize_from_h": -1, "seed_resize_from_w": -1, "resize_mode": 0, "inpainting_fill": 1,
                "inpaint_full_res": False, "image_cfg_scale": None, "include_init_images": False}
-IGNORED = ("send_images", "save_images", "styles", "do_not_save_samples", "do_not_save_grid", "override_settings",
-           "override_settings_restore_afterwards", "disable_extra_networks", "subseed", "comments", "firstpass_image",
-           "sampler_index", "mask_blur", "mask_blur_x", "mask_blur_y", "inpaint_full_res_padding",
-           "initial_noise_multiplier", "latent_mask", "force_task_id", "infotext", "s_min_uncond", "s_churn",
-           "s_tmax", "s_tmin", "s_noise", "hr_second_pass_steps", "hr_upscaler", "hr_resize_x", "hr_resize_y",
-           "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt",
-           "refiner_switch_at", "denoising_strength_hr", "script_args", "user")
 
 
 class Txt2ImgRequest(BaseModel):
@@ -56,6 +47,7 @@ class Txt2ImgRequest(BaseModel):
     height: int | None = Field(None, ge=8, le=MAX_API_SIDE)
     eta: float | None = Field(None, ge=0, le=1)
     denoising_strength: float | None = Field(None, ge=0, le=1)
+    override_settings: dict[str, Any] = Field(default_factory=dict)  # sd_model_checkpoint: this request's model
 
     @field_validator("sampler_name")
     @classmethod
@@ -86,50 +78,24 @@ def refused(request: Txt2ImgRequest) -> list[str]:
 def ignored(request: Txt2ImgRequest) -> list[str]:
     """The fields accepted without effect (reported in `info`)."""
     extra = request.model_extra or {}
-    return sorted(name for name in extra if name not in UNSUPPORTED)
-
-
-def decode_base64_image(data: str, field: str) -> Image.Image:
-    """A base64 image (with or without a data: URL prefix), at most MAX_UPLOAD bytes."""
-    payload = data.split(",", 1)[1] if data.startswith("data:") else data
-    if len(payload) * 3 // 4 > MAX_UPLOAD:
-        raise ValueError(f"{field}: the image is over {MAX_UPLOAD // 2**20} MiB")
-    try:
-        raw = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError(f"{field}: not base64") from None
-    return to_8bit(decode_image(raw, field))
-
-
-def encode_png(image: Image.Image, parameters: str) -> str:
-    """A base64 PNG carrying `parameters` in its text chunk (A1111's)."""
-    from PIL import PngImagePlugin
-
-    chunk = PngImagePlugin.PngInfo()
-    chunk.add_text("parameters", parameters)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=chunk)
-    return base64.b64encode(buffer.getvalue()).decode()
+    overridden = [f"override_settings.{key}" for key in request.override_settings if key != "sd_model_checkpoint"]
+    return sorted([name for name in extra if name not in UNSUPPORTED] + overridden)
 
 
 def generation_kwargs(pipe, request: Txt2ImgRequest, seed: int) -> dict[str, Any]:
     """The `Pipeline.generate_tensors` keywords of a request (one batch), the model's defaults filled in."""
-    karras = True if (request.scheduler or "").lower() == "karras" else None
-    settings = pipe.settings(request.steps, request.cfg_scale, request.sampler_name, request.eta, karras,
-                             names=FIELD_NAMES)
-    size = pipe.config.data.resolution
-    kwargs = dict(prompt=request.prompt, negative_prompt=request.negative_prompt or None, steps=settings.steps,
-                  guidance_scale=settings.guidance_scale, sampler=settings.sampler, seed=seed,
-                  num_images=request.batch_size, karras=settings.grid.karras or None, eta=request.eta,
-                  height=request.height or size, width=request.width or size, progress=False)
+    image = mask = strength = None
     if isinstance(request, Img2ImgRequest):
         image = decode_base64_image(request.init_images[0], "init_images[0]")
-        height, width = pipe.output_size(image, request.height, request.width)  # the image's, rounded as needed
-        kwargs.update(image=image, strength=request.denoising_strength, height=height, width=width)
+        strength = request.denoising_strength
         if request.mask is not None:
             mask = decode_base64_image(request.mask, "mask").convert("L")
-            kwargs["mask"] = mask.point(lambda v: 255 - v) if request.inpainting_mask_invert else mask
-    return kwargs
+            mask = mask.point(lambda v: 255 - v) if request.inpainting_mask_invert else mask
+    return pipeline_kwargs(pipe, FIELD_NAMES, prompt=request.prompt, negative_prompt=request.negative_prompt or None,
+                           steps=request.steps, guidance=request.cfg_scale, sampler=request.sampler_name,
+                           eta=request.eta, karras=True if (request.scheduler or "").lower() == "karras" else None,
+                           seed=seed, num_images=request.batch_size, height=request.height, width=request.width,
+                           image=image, mask=mask, strength=strength)
 
 
 # How errors name `Pipeline` keywords: by the request fields A1111 clients send
@@ -158,3 +124,21 @@ def response(images: list[str], request: Txt2ImgRequest, kwargs: dict[str, Any],
                                if getattr(request, name) is None]}
     parameters = request.model_dump(exclude={"init_images", "mask"})
     return {"images": images, "parameters": parameters, "info": json.dumps(info)}
+
+
+class PngInfoRequest(BaseModel):
+    """`POST /sdapi/v1/png-info`."""
+
+    image: str
+
+
+def png_info(request: PngInfoRequest) -> dict[str, Any]:
+    """A1111's answer: the image's parameters text (`info`, "" when none), its other text chunks (`items`), and
+    the settings read from the text (`parameters`, by this project's keyword names)."""
+    try:
+        with Image.open(io.BytesIO(base64_bytes(request.image, "image"))) as image:
+            text = image_parameters(image)
+            items = {key: value for key, value in image.info.items() if isinstance(value, str) and key != "parameters"}
+    except (UnidentifiedImageError, OSError):
+        raise ValueError("image: not an image file") from None
+    return {"info": text or "", "items": items, "parameters": parse_infotext(text) if text else {}}
