@@ -79,16 +79,20 @@ def test_the_scale_of_a_request_and_unloading(model):
         pipe.generate_tensors(PROMPT, image_prompt=image, **OPTIONS)
 
 
-def test_an_image_prompt_on_a_bf16_pipeline(model):
-    """Weights stored in bf16 (fp32 math on CPUs without AMX): the adapter's layers follow the UNet's."""
+@pytest.mark.parametrize("math, tolerance", [("0", 0.1), ("1", 0.4)])
+def test_an_image_prompt_on_a_bf16_pipeline(model, monkeypatch, math, tolerance):
+    """Weights stored in bf16, with fp32 math (layerwise casting) or bf16 math: the adapter's layers follow the
+    UNet's."""
+    monkeypatch.setenv("LDM_CPU_BF16_MATH", math)
     parts, _, encoder, files = model
     fp32, bf16 = Pipeline.from_parts(parts, device="cpu"), Pipeline.from_parts(parts, device="cpu", precision="bf16")
+    assert bf16.math == ("bf16" if math == "1" else "fp32")
     image = photo(40, 40, seed=1)
     for pipe in (fp32, bf16):
         pipe.load_ip_adapter(files["ip-adapter-plus"], encoder, scale=0.8)
     assert {p.dtype for p in bf16.unet.parameters()} == {torch.bfloat16}
     a, b = (pipe.generate_tensors(PROMPT, image_prompt=image, **OPTIONS) for pipe in (fp32, bf16))
-    assert (a - b).abs().max() < 0.1
+    assert (a - b).abs().max() < tolerance
 
 
 def test_bad_image_prompts_are_clear_errors(model):
