@@ -90,6 +90,11 @@ def _rows(root, shapes, ae_run):
         (gen + ["{out}/x.png", "--image", f"{root}/empty.png"], "--image"),
         (gen + ["{out}/x.png", "--image", f"{root}/corrupt.png"], "--image"),
         (gen + [f"{root}/a_file/x.png"], "a_file"),
+        (["serve", "--model", f"{root}/nope"], "nope does not exist"),
+        (["serve", "--models-dir", f"{root}/a_file"], "--models-dir"),
+        (["serve", "--lora-dir", f"{root}/nope"], "--lora-dir"),
+        (["serve", "--workers", "0"], "--workers"),
+        (["serve", "--host", "nowhere.invalid"], "--host nowhere.invalid: not an address"),
     ]
 
 

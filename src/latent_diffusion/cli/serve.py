@@ -4,7 +4,9 @@ FastAPI, uvicorn)."""
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
+import socket
 
 from latent_diffusion.cli.common import bundled_model, positive_int
 
@@ -20,12 +22,29 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.token is None:
         print(f"warning: serving on {args.host} without --token: anyone who can reach it can use it")
     models = Models(args.model or bundled_model(), args.models_dir, args.device, args.precision, args.lora_dir)
+    _check_address(args.host, args.port)
     app = create_app(models, args.max_queue, args.token, args.workers, args.output_dir)
     _, loading = app.state.worker.submit(lambda job: models.preload())  # on the job thread (`jobs.Worker`)
     loading.result()  # loaded before the first request, and its errors seen now
     print(f"serving {models.current} on http://{args.host}:{args.port}/ (API: /api/v1/..., schema /docs; "
           "AUTOMATIC1111's: /sdapi/v1/...)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
+def _check_address(host: str, port: int) -> None:
+    """That the server can listen on host:port, before a model is loaded for it."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as exc:
+        raise ValueError(f"--host {host}: not an address of this machine ({exc.strerror})") from None
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except OSError as exc:
+        hint = "another server listens there (--port N picks another)" if exc.errno == errno.EADDRINUSE else \
+            exc.strerror or str(exc)
+        raise ValueError(f"--host {host} --port {port}: cannot listen there: {hint}") from None
 
 
 def add_serve_command(sub) -> None:
