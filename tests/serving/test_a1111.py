@@ -48,7 +48,8 @@ def test_txt2img_answers_as_a1111_and_draws_what_ldm_generate_draws(client, bund
 
 
 def test_img2img_and_inpainting_keep_what_they_should(client):
-    source = decode(client.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "steps": 3, "seed": 1}).json()["images"][0])
+    reply = client.post("/sdapi/v1/txt2img", json={"prompt": PROMPT, "steps": 3, "seed": 1})
+    source = decode(reply.json()["images"][0])
     mask = np.zeros((64, 64), dtype=np.uint8)
     mask[16:48, 16:48] = 255
     body = {"prompt": "a large red circle in the center", "init_images": [png(source)], "steps": 4, "seed": 2,

@@ -95,8 +95,8 @@ def create_app(models: Models, max_queue: int = 8, token: str | None = None, wor
     is also written there (by day, with its parameters)."""
     worker = Worker(max_queue, workers)
     outputs, saving = None if output_dir is None else Path(output_dir), threading.Lock()
-    app = FastAPI(title="latent-diffusion", version="1",
-                  description="This project's API (`/api/v1/...`), AUTOMATIC1111's (`/sdapi/v1/...`), a web page at `/`.")
+    app = FastAPI(title="latent-diffusion", version="1", description="This project's API (`/api/v1/...`), "
+                  "AUTOMATIC1111's (`/sdapi/v1/...`), a web page at `/`.")
     app.state.models, app.state.worker = models, worker
     app.router.add_event_handler("shutdown", worker.shutdown)
     app.add_middleware(BodyLimit, limit=max_body)
@@ -105,6 +105,7 @@ def create_app(models: Models, max_queue: int = 8, token: str | None = None, wor
 
     if token is not None:
         app.add_middleware(TokenGuard, token=token)
+
     @app.exception_handler(QueueFull)
     async def _queue_full(request: Request, exc: QueueFull) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=429, headers={"Retry-After": "5"})
