@@ -36,6 +36,10 @@ class AutoencoderConfig:
     :param latent_scale: 1 / std of latents (Stable Diffusion's 0.18215); set by `ldm eval-autoencoder`.
     :param pixel_space: no networks at all: the first stage is the identity (f = 1, pixel-space diffusion); written
         by `ldm train` for `autoencoder: pixel`, with embed_dim = in_channels.
+    :param regularizer: "kl" (a diagonal Gaussian posterior, the KL term) or "vq" (a codebook of `n_embed`
+        vectors of embed_dim, VQGAN's; LDMs train on the latents before quantisation, the decoder quantises).
+    :param vq_beta: the commitment weight β of "vq"; `vq_ema_decay`: learn the codebook by moving averages instead
+        of its loss term; `vq_restart_after`: reset entries unused for that many training steps.
     """
 
     in_channels: int = 3
@@ -51,6 +55,11 @@ class AutoencoderConfig:
     norm_groups: int = 32
     latent_scale: float | None = None
     pixel_space: bool = False
+    regularizer: Literal["kl", "vq"] = "kl"
+    n_embed: int = 8192
+    vq_beta: float = 0.25
+    vq_ema_decay: float | None = None
+    vq_restart_after: int | None = None
 
     @property
     def downsample_factor(self) -> int:
@@ -70,6 +79,14 @@ class AutoencoderConfig:
                    f"a multiple of norm_groups={self.norm_groups} (GroupNorm splits channels into groups)")
         _check(self.resolution % self.downsample_factor == 0, "model.resolution", self.resolution,
                f"divisible by the downsampling factor f={self.downsample_factor}")
+        _check(self.regularizer in ("kl", "vq"), "model.regularizer", self.regularizer,
+               "kl (a KL-regularised autoencoder) or vq (a vector-quantised one)")
+        if self.regularizer == "vq":
+            _check(self.n_embed >= 2, "model.n_embed", self.n_embed, "at least 2 codebook vectors")
+            _check(self.vq_ema_decay is None or 0 < self.vq_ema_decay < 1, "model.vq_ema_decay",
+                   self.vq_ema_decay, "a number in (0, 1), e.g. 0.99, or null")
+            _check(self.vq_restart_after is None or self.vq_restart_after >= 1, "model.vq_restart_after",
+                   self.vq_restart_after, "a positive number of steps, or null")
         if self.pixel_space:
             _check(self.ch_mult == (1,) and self.in_channels == self.out_channels == self.embed_dim,
                    "model (pixel_space)", (self.ch_mult, self.in_channels, self.out_channels, self.embed_dim),
@@ -140,7 +157,8 @@ class UNetConfig:
 
 @dataclass(frozen=True)
 class AutoencoderLossConfig:
-    """Weights of the first-stage objective: L_rec + λ_perc·LPIPS + λ_adv·L_adv + λ_KL·KL."""
+    """Weights of the first-stage objective: L_rec + λ_perc·LPIPS + λ_adv·L_adv + λ_KL·KL (or λ_VQ·L_VQ, the
+    codebook and commitment terms of a VQ model: `codebook_weight`)."""
 
     l1_weight: float = 1.0
     l2_weight: float = 0.0
@@ -148,6 +166,7 @@ class AutoencoderLossConfig:
     lpips_vgg_weights: str | None = None
     lpips_head_weights: str | None = None
     kl_weight: float = 1.0e-6
+    codebook_weight: float = 1.0
     disc_weight: float = 0.5
     disc_start: int = 50001
     disc_loss: Literal["hinge", "vanilla"] = "hinge"

@@ -518,3 +518,32 @@ def test_models_the_format_cannot_describe_are_refused_before_writing(tmp_path):
 def test_load_original_state_dict_unwraps_nested_state_dicts(tmp_path):
     torch.save({"state_dict": {"state_dict": {"a": torch.ones(2)}, "global_step": 3}}, tmp_path / "n.ckpt")
     assert load_original_state_dict(tmp_path / "n.ckpt").keys() == {"a"}
+
+
+@pytest.mark.parametrize("with_yaml", [True, False])
+def test_a_model_on_a_vq_first_stage_round_trips_as_compvis_lays_it_out(tmp_path, with_yaml):
+    """The LDM release's VQ-based models (`first_stage_model.quantize.embedding.weight`, VQModelInterface in the
+    YAML): the VQ first stage is read from its shapes, with or without the YAML, and written back the same."""
+    from dataclasses import replace
+
+    from latent_diffusion.autoencoder import VQAutoencoder
+
+    parts = tiny_original_parts(TINY_SD1)
+    vq = replace(parts.autoencoder_config, regularizer="vq", n_embed=64, z_channels=3, embed_dim=3)
+    unet = replace(parts.unet_config, in_channels=3, out_channels=3)
+    parts = replace(parts, autoencoder_config=vq, autoencoder=randomised(VQAutoencoder(vq), 5).state_dict(),
+                    unet_config=unet, unet=randomised(UNetModel(unet), 6).state_dict())
+    save_model(parts, tmp_path / "vq.safetensors", "original")
+    written = load_original_state_dict(tmp_path / "vq.safetensors")
+    assert written["first_stage_model.quantize.embedding.weight"].shape == (64, 3)
+    assert "VQModelInterface" in (tmp_path / "vq.yaml").read_text() and "double_z: false" in (
+        tmp_path / "vq.yaml").read_text()
+    if not with_yaml:
+        (tmp_path / "vq.yaml").unlink()
+    loaded = load_model(tmp_path / "vq.safetensors")
+    assert loaded.autoencoder_config == vq or not with_yaml
+    assert loaded.autoencoder_config.regularizer == "vq" and loaded.autoencoder_config.n_embed == 64
+    assert all(torch.equal(loaded.autoencoder[k], v) for k, v in parts.autoencoder.items())
+    image = Pipeline.from_parts(loaded, device="cpu").generate_tensors("a cat", steps=2, height=64, width=64,
+                                                                       progress=False)
+    assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()

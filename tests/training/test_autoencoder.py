@@ -116,3 +116,33 @@ def test_settings_the_autoencoder_cannot_follow_are_refused_before_any_work(tmp_
     with pytest.raises(ConfigError, match="model.pixel_space = true: pixel space is the identity"):
         train_autoencoder(pixel, shapes_folder, tmp_path / "run", device="cpu", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_vq_autoencoder_trains_logs_its_codes_and_is_the_first_stage_of_an_ldm(tmp_path, shapes_folder):
+    from latent_diffusion.autoencoder import VQAutoencoder
+    from latent_diffusion.evaluation.autoencoder import evaluate_autoencoder_run
+    from latent_diffusion.pipeline import Pipeline
+    from latent_diffusion.training.ldm import train_ldm
+
+    from conftest import tiny_ldm_config
+
+    cfg = tiny_run_config(max_steps=4)
+    cfg = replace(cfg, model=replace(cfg.model, z_channels=3, embed_dim=3, regularizer="vq", n_embed=32,
+                                     vq_restart_after=2))
+    run = tmp_path / "vq"
+    last = train_autoencoder(cfg, shapes_folder, run, device="cpu", progress=False)
+    assert {"vq", "perplexity", "codes_used"} <= set(last) and "kl" not in last
+    assert last["vq"] > 0 and 1 <= last["perplexity"] <= 32 and 0 < last["codes_used"] <= 1
+    model, stored = load_autoencoder(run)
+    assert isinstance(model, VQAutoencoder) and stored.model.regularizer == "vq"
+    evaluate_autoencoder_run(run, shapes_folder, run / "eval", device="cpu", write_scale=True, progress=False)
+    ldm = tmp_path / "ldm"
+    ldm_cfg = tiny_ldm_config(run, max_steps=2, checkpoint_every=2)
+    ldm_cfg = replace(ldm_cfg, unet=replace(ldm_cfg.unet, in_channels=3, out_channels=3))
+    train_ldm(ldm_cfg, shapes_folder, ldm, device="cpu", progress=False)
+    pipe = Pipeline.from_pretrained(ldm, device="cpu")
+    images = pipe.generate_tensors("a small red circle in the center", steps=2, seed=0, progress=False)
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+    with torch.no_grad():  # the pipeline's decoder (in bands) quantises as the plain one does
+        z = torch.randn(1, 3, 8, 8)
+        assert torch.allclose(pipe.autoencoder.decode(z), model.decode(z), atol=1e-5)

@@ -19,6 +19,12 @@ class DiagonalGaussianDistribution:
         self.std = torch.exp(0.5 * self.logvar)
         self.var = torch.exp(self.logvar)
 
+    @classmethod
+    def point(cls, mean: torch.Tensor) -> DiagonalGaussianDistribution:
+        """A point mass at `mean` (the smallest variance): what deterministic first stages (pixel space, VQ)
+        give where a KL autoencoder gives its posterior."""
+        return cls(torch.cat([mean, torch.full_like(mean, cls.LOGVAR_RANGE[0])], dim=1))
+
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """z = μ + σ·ε with ε ~ N(0, I) (the reparameterisation trick)."""
         noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latent_diffusion.autoencoder.distributions import DiagonalGaussianDistribution
+from latent_diffusion.autoencoder.quantize import Quantized
 from latent_diffusion.config import AutoencoderLossConfig
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ class LossTerms:
     total: torch.Tensor
     rec: torch.Tensor
     l1: torch.Tensor
-    kl: torch.Tensor
+    kl: torch.Tensor  # the regulariser's term: the KL, or a VQ model's codebook and commitment loss
     perceptual: torch.Tensor
     g_loss: torch.Tensor
     d_weight: torch.Tensor
@@ -182,9 +183,11 @@ class AutoencoderLoss(nn.Module):
     def disc_active(self, step: int) -> bool:
         return self.cfg.disc_weight > 0 and step >= self.cfg.disc_start
 
-    def generator_loss(self, x: torch.Tensor, x_rec: torch.Tensor, posterior: DiagonalGaussianDistribution,
-                       step: int, last_layer: torch.Tensor) -> LossTerms:
-        """L_rec + λ_KL·KL (+ λ_adv·L_G after `disc_start`), per-sample sums averaged over the batch."""
+    def generator_loss(self, x: torch.Tensor, x_rec: torch.Tensor,
+                       regularizer: DiagonalGaussianDistribution | Quantized, step: int,
+                       last_layer: torch.Tensor) -> LossTerms:
+        """L_rec + λ_KL·KL or λ_VQ·L_VQ (the posterior's KL, or a quantiser's codebook and commitment loss)
+        (+ λ_adv·L_G after `disc_start`), per-sample sums averaged over the batch."""
         cfg = self.cfg
         x, x_rec = x.float(), x_rec.float()
         l1 = (x - x_rec).abs()
@@ -195,8 +198,12 @@ class AutoencoderLoss(nn.Module):
         if self.perceptual is not None:
             perceptual = self.perceptual(x, x_rec).mean()
             rec = rec + cfg.perceptual_weight * perceptual * x[0].numel()
-        kl = posterior.kl().float().mean()
-        total = rec + cfg.kl_weight * kl
+        if isinstance(regularizer, Quantized):
+            kl = regularizer.loss.float()
+            total = rec + cfg.codebook_weight * kl * x[0].numel()  # per-sample sum, as the pixel terms
+        else:
+            kl = regularizer.kl().float().mean()
+            total = rec + cfg.kl_weight * kl
         g_loss, d_weight = zero, zero
         if self.disc_active(step):
             self.discriminator.requires_grad_(False)

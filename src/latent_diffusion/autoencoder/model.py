@@ -14,6 +14,7 @@ from torch import nn
 
 from latent_diffusion.autoencoder.blocks import AttnBlock, Downsample, MidBlock, Normalize, ResnetBlock, Upsample
 from latent_diffusion.autoencoder.distributions import DiagonalGaussianDistribution
+from latent_diffusion.autoencoder.quantize import Quantized, VectorQuantizer
 from latent_diffusion.config import AutoencoderConfig
 
 
@@ -38,7 +39,7 @@ class _Level(nn.Module):
 
 
 class Encoder(nn.Module):
-    """x (B, in_channels, H, W) → moments (B, 2·z_channels, H/f, W/f)."""
+    """x (B, in_channels, H, W) → moments (B, 2·z_channels, H/f, W/f), or z (B, z_channels, ...) for a VQ model."""
 
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
@@ -61,7 +62,8 @@ class Encoder(nn.Module):
         c_mid = ch * cfg.ch_mult[-1]
         self.mid = MidBlock(c_mid, cfg.dropout, g)
         self.norm_out = Normalize(c_mid, g)
-        self.conv_out = nn.Conv2d(c_mid, 2 * cfg.z_channels, 3, padding=1)
+        moments = 2 if cfg.regularizer == "kl" else 1  # CompVis' double_z
+        self.conv_out = nn.Conv2d(c_mid, moments * cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)  # (B, ch, H, W)
@@ -69,7 +71,7 @@ class Encoder(nn.Module):
             for layer in level.layers():
                 h = layer(h)
         h = self.mid(h)  # (B, ch·ch_mult[-1], H/f, W/f)
-        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2·z, H/f, W/f)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2·z or z, H/f, W/f)
 
 
 class Decoder(nn.Module):
@@ -205,3 +207,43 @@ def _ramp(n: int, width: int, rise: bool, fall: bool) -> torch.Tensor:
         if fall:
             ramp[-width:] = torch.minimum(ramp[-width:], edge.flip(0))
     return ramp
+
+
+class VQAutoencoder(AutoencoderKL):
+    """Encoder + vector quantiser + decoder (CompVis `VQModel`; `autoencoder.regularizer: vq`). As the paper's
+    LDMs do, `encode` gives the latents before quantisation (a point mass, so the LDM code reads them as it reads
+    a KL posterior's mode) and `decode` quantises them first; `forward` also returns the quantiser's loss and
+    statistics for training."""
+
+    def __init__(self, cfg: AutoencoderConfig):
+        if cfg.regularizer != "vq":
+            raise ValueError("VQAutoencoder needs a config with regularizer = 'vq'")
+        nn.Module.__init__(self)
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.embed_dim, 1)
+        self.quantize = VectorQuantizer(cfg.n_embed, cfg.embed_dim, cfg.vq_beta, cfg.vq_ema_decay,
+                                        cfg.vq_restart_after)
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
+        """The latents before quantisation, as a point mass."""
+        self.check_input(x)
+        return DiagonalGaussianDistribution.point(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Images from latents before quantisation (B, embed_dim, h, w): each vector replaced by its code."""
+        if z.ndim != 4 or z.shape[1] != self.config.embed_dim:
+            raise ValueError(f"expected latents of shape (B, {self.config.embed_dim}, h, w), got {tuple(z.shape)}")
+        return self.decoder(self.post_quant_conv(self.quantize(z).z_q))
+
+    def decode_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """Images from codebook indices (B, h, w)."""
+        z_q = self.quantize.embedding(indices).permute(0, 3, 1, 2)
+        return self.decoder(self.post_quant_conv(z_q))
+
+    def forward(self, x: torch.Tensor, sample_posterior: bool = True,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, Quantized]:
+        quantized = self.quantize(self.quant_conv(self.encoder(x)))
+        return self.decoder(self.post_quant_conv(quantized.z_q)), quantized

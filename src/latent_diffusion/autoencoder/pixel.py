@@ -32,8 +32,7 @@ class PixelSpace(nn.Module):
         self.register_buffer("anchor", torch.zeros(0), persistent=False)  # follows .to(device); no state
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
-        logvar = torch.full_like(x, DiagonalGaussianDistribution.LOGVAR_RANGE[0])
-        return DiagonalGaussianDistribution(torch.cat([x, logvar], dim=1))
+        return DiagonalGaussianDistribution.point(x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return z
@@ -45,6 +44,9 @@ class PixelSpace(nn.Module):
 
 
 def build_autoencoder(cfg: AutoencoderConfig) -> nn.Module:
-    """The first stage a config describes: `PixelSpace` for `pixel_space: true`, else an `AutoencoderKL`."""
-    from latent_diffusion.autoencoder.model import AutoencoderKL
-    return PixelSpace(cfg) if cfg.pixel_space else AutoencoderKL(cfg)
+    """The first stage a config describes: `PixelSpace` for `pixel_space: true`, a `VQAutoencoder` for
+    `regularizer: vq`, else an `AutoencoderKL`."""
+    from latent_diffusion.autoencoder.model import AutoencoderKL, VQAutoencoder
+    if cfg.pixel_space:
+        return PixelSpace(cfg)
+    return VQAutoencoder(cfg) if cfg.regularizer == "vq" else AutoencoderKL(cfg)

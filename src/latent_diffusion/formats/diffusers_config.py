@@ -190,6 +190,8 @@ def _self_attention_off(value: Any, levels: int, what: str) -> tuple[bool, ...] 
 def vae_config_to_diffusers(cfg: AutoencoderConfig) -> dict[str, Any]:
     """An `AutoencoderKL` config.json for our autoencoder (`scaling_factor` is our `latent_scale`)."""
     for ok, field, value, expected in (
+            (cfg.regularizer == "kl", "regularizer", cfg.regularizer,
+             "kl (a VQ first stage is written as our model folder or an original checkpoint)"),
             (not cfg.attn_resolutions, "attn_resolutions", cfg.attn_resolutions, "[] (attention only in the middle)"),
             (cfg.ch_mult[0] == 1, "ch_mult", cfg.ch_mult, "a first multiplier of 1"),
             (cfg.embed_dim == cfg.z_channels, "embed_dim", cfg.embed_dim, f"z_channels = {cfg.z_channels}")):
@@ -207,7 +209,8 @@ def vae_config_to_diffusers(cfg: AutoencoderConfig) -> dict[str, Any]:
 def vae_config_from_diffusers(config: dict[str, Any], what: str = "vae/config.json") -> AutoencoderConfig:
     """Our `AutoencoderConfig` of an `AutoencoderKL` config.json (dropout 0: diffusers' VAE has none)."""
     if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-        raise ConfigError(f"{what}: _class_name = {config['_class_name']!r} is not supported (expected AutoencoderKL)")
+        raise ConfigError(f"{what}: _class_name = {config['_class_name']!r} is not supported (expected AutoencoderKL; "
+                          "a VQ first stage loads from our model folders and original checkpoints)")
     check_supported(config, _VAE_FIXED, _VAE_READ | set(FOREIGN_KEYS), what)
     config = {**_DEFAULTS["AutoencoderKL"], **config}
     widths = list(config["block_out_channels"])

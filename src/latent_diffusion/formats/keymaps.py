@@ -12,7 +12,7 @@ import functools
 import torch
 from torch import nn
 
-from latent_diffusion.autoencoder import AutoencoderKL
+from latent_diffusion.autoencoder import AutoencoderKL, VQAutoencoder
 from latent_diffusion.conditioning.clip import ClipTextTransformer
 from latent_diffusion.config import AutoencoderConfig, ClipTextConfig, UNetConfig
 from latent_diffusion.files.weights import CheckpointError
@@ -148,7 +148,7 @@ _VAE_LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_
 
 def _vae_prefix_map(cfg: AutoencoderConfig) -> dict[str, str]:
     n = len(cfg.ch_mult)
-    prefixes = {"quant_conv": "quant_conv", "post_quant_conv": "post_quant_conv"}
+    prefixes = {"quant_conv": "quant_conv", "post_quant_conv": "post_quant_conv", "quantize": "quantize"}
     for side in ("encoder", "decoder"):
         prefixes.update({f"{side}.conv_in": f"{side}.conv_in", f"{side}.conv_out": f"{side}.conv_out",
                          f"{side}.norm_out": f"{side}.conv_norm_out",
@@ -172,9 +172,14 @@ def _rename_vae_rest(prefix: str, rest: str) -> str:
     return f"{table.get(name, name)}.{param}" if dot else rest
 
 
+def _autoencoder_class(cfg: AutoencoderConfig) -> type[nn.Module]:
+    return VQAutoencoder if cfg.regularizer == "vq" else AutoencoderKL
+
+
 def vae_to_diffusers(cfg: AutoencoderConfig) -> dict[str, str]:
-    """Our (CompVis) autoencoder name → diffusers `AutoencoderKL` name, for every key of `AutoencoderKL(cfg)`."""
-    return _by_prefix(list(module_shapes(AutoencoderKL, cfg)), _vae_prefix_map(cfg), _rename_vae_rest,
+    """Our (CompVis) autoencoder name → diffusers `AutoencoderKL` (or, for a VQ model, `VQModel`) name, for every
+    key of our model."""
+    return _by_prefix(list(module_shapes(_autoencoder_class(cfg), cfg)), _vae_prefix_map(cfg), _rename_vae_rest,
                       "diffusers AutoencoderKL")
 
 
@@ -184,7 +189,7 @@ def _vae_attention_weights(names) -> frozenset[str]:
 
 def vae_state_to_diffusers(cfg: AutoencoderConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our autoencoder weights → diffusers `AutoencoderKL` weights (attention 1×1 convs become Linear weights)."""
-    shapes, mapping = module_shapes(AutoencoderKL, cfg), vae_to_diffusers(cfg)
+    shapes, mapping = module_shapes(_autoencoder_class(cfg), cfg), vae_to_diffusers(cfg)
     reshape = _vae_attention_weights(mapping.values())
     targets = {mapping[k]: s[:2] if mapping[k] in reshape else s for k, s in shapes.items()}
     return convert_state(tensors, mapping, targets, "autoencoder weights", reshape)
@@ -196,7 +201,7 @@ def vae_state_from_diffusers(cfg: AutoencoderConfig, tensors: dict[str, torch.Te
     tensors = {_modern_vae_name(k): v for k, v in tensors.items()}
     mapping = {theirs: ours for ours, theirs in vae_to_diffusers(cfg).items()}
     reshape = frozenset(mapping[k] for k in _vae_attention_weights(mapping))
-    return convert_state(tensors, mapping, module_shapes(AutoencoderKL, cfg), what, reshape)
+    return convert_state(tensors, mapping, module_shapes(_autoencoder_class(cfg), cfg), what, reshape)
 
 
 def _modern_vae_name(key: str) -> str:

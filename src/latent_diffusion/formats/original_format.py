@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import yaml
 
-from latent_diffusion.autoencoder import AutoencoderKL
+from latent_diffusion.autoencoder import build_autoencoder
 from latent_diffusion.conditioning.clip import ClipTextTransformer
 from latent_diffusion.conditioning.registry import conditioner_type
 from latent_diffusion.conditioning.text import ClipConditioner
@@ -143,7 +143,7 @@ def from_original_state_dict(state_dict: dict[str, torch.Tensor], params: dict[s
                       what=f"{where}: the UNet")
     clip_cfg = _infer(infer_clip_config, text_encoder, openclip, layer, what=f"{where}: the text encoder")
     _check_structure(UNetModel, unet_cfg, unet, f"{where}: UNet ({UNET_PREFIX}*)")
-    _check_structure(AutoencoderKL, ae_cfg, vae, f"{where}: autoencoder ({VAE_PREFIX}*)")
+    _check_structure(build_autoencoder, ae_cfg, vae, f"{where}: autoencoder ({VAE_PREFIX}*)")
     _check_structure(ClipTextTransformer, clip_cfg, text_encoder, f"{where}: text encoder")
     diffusion = _diffusion_config(params, prediction_type)
     resolution = 768 if openclip and diffusion.prediction_type == "v_prediction" else 512
@@ -317,12 +317,22 @@ def infer_autoencoder_config(vae: dict[str, torch.Tensor], ddconfig: dict[str, A
         raise ValueError(f"level widths {widths} are not multiples of ch {ch}")
     attention = tuple(resolution // 2**level for level in range(levels)
                       if f"encoder.down.{level}.attn.0.q.weight" in vae)
+    codebook = vae.get("quantize.embedding.weight")  # a VQ first stage (VQModelInterface)
+    vq = {} if codebook is None else {"regularizer": "vq", "n_embed": codebook.shape[0]}
     return AutoencoderConfig(in_channels=in_channels, out_channels=vae["decoder.conv_out.weight"].shape[0], ch=ch,
                              ch_mult=tuple(w // ch for w in widths), num_res_blocks=num_res_blocks,
                              attn_resolutions=attention, dropout=float(ddconfig.get("dropout", 0.0)),
                              z_channels=vae["decoder.conv_in.weight"].shape[1],
                              embed_dim=vae["post_quant_conv.weight"].shape[1], resolution=resolution,
-                             latent_scale=latent_scale)
+                             latent_scale=latent_scale, **vq)
+
+
+def _first_stage(a: AutoencoderConfig, ddconfig: dict[str, Any]) -> dict[str, Any]:
+    """The YAML's first_stage_config: CompVis' AutoencoderKL, or its VQModelInterface for a VQ first stage."""
+    params = {"embed_dim": a.embed_dim, "ddconfig": ddconfig, "lossconfig": {"target": "torch.nn.Identity"}}
+    if a.regularizer == "vq":
+        return {"target": "ldm.models.autoencoder.VQModelInterface", "params": {**params, "n_embed": a.n_embed}}
+    return {"target": "ldm.models.autoencoder.AutoencoderKL", "params": params}
 
 
 def _text_layer(params: dict[str, Any], openclip: bool, where: str) -> str | None:
@@ -380,7 +390,7 @@ def to_original_state_dict(parts: ModelParts) -> dict[str, torch.Tensor]:
     """The original-layout tensors of `parts` (renaming and q/k/v fusing only: works on meta tensors too)."""
     _check_writable(parts)
     _check_structure(UNetModel, parts.unet_config, parts.unet, "UNet weights")
-    _check_structure(AutoencoderKL, parts.autoencoder_config, parts.autoencoder, "autoencoder weights")
+    _check_structure(build_autoencoder, parts.autoencoder_config, parts.autoencoder, "autoencoder weights")
     out = {UNET_PREFIX + k: v for k, v in parts.unet.items()}
     out.update({VAE_PREFIX + k: v for k, v in parts.autoencoder.items()})
     out.update(_text_encoder_to_original(_own_text_encoder(parts), parts.conditioning.clip))
@@ -440,7 +450,7 @@ def inference_config(parts: ModelParts) -> dict[str, Any]:
         unet["num_classes"] = u.num_classes
     if u.disable_self_attentions is not None:
         unet["disable_self_attentions"] = list(u.disable_self_attentions)
-    ddconfig = {"double_z": True, "z_channels": a.z_channels, "resolution": a.resolution,
+    ddconfig = {"double_z": a.regularizer == "kl", "z_channels": a.z_channels, "resolution": a.resolution,
                 "in_channels": a.in_channels, "out_ch": a.out_channels, "ch": a.ch, "ch_mult": list(a.ch_mult),
                 "num_res_blocks": a.num_res_blocks, "attn_resolutions": list(a.attn_resolutions),
                 "dropout": a.dropout}
@@ -458,9 +468,7 @@ def inference_config(parts: ModelParts) -> dict[str, Any]:
               "conditioning_key": "hybrid" if u.concat_channels else "crossattn",
               "scale_factor": a.latent_scale, "use_ema": False,
               "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet},
-              "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL",
-                                     "params": {"embed_dim": a.embed_dim, "ddconfig": ddconfig,
-                                                "lossconfig": {"target": "torch.nn.Identity"}}},
+              "first_stage_config": _first_stage(a, ddconfig),
               "cond_stage_config": cond}
     target = "LatentInpaintDiffusion" if inpainting else "LatentDiffusion"
     if parts.conditioning.noise_level is not None:  # the x4 upscaler's noise-augmented low-resolution image

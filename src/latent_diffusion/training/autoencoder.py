@@ -14,7 +14,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from latent_diffusion.autoencoder import AutoencoderKL
+from latent_diffusion.autoencoder import AutoencoderKL, build_autoencoder
+from latent_diffusion.autoencoder.quantize import Quantized
 from latent_diffusion.autoencoder.losses import AutoencoderLoss, LossTerms
 from latent_diffusion.config import AutoencoderRunConfig, ConfigError, load_config, save_config
 from latent_diffusion.data import open_dataset
@@ -109,10 +110,14 @@ class _Run:
     fixed: torch.Tensor  # the originals of the reconstruction grids
     terms: LossTerms | None = None  # of the last step, None if it was skipped
     d_loss: torch.Tensor | None = None
+    codes: Quantized | None = None  # a VQ model's last quantisation (perplexity, usage)
 
     label = "autoencoder"
     grid_name = "reconstructions"
-    postfix = {"l1": ".4f", "kl": ".0f"}
+
+    @property
+    def postfix(self) -> dict[str, str]:
+        return {"l1": ".4f", **({"perplexity": ".1f"} if self.cfg.model.regularizer == "vq" else {"kl": ".0f"})}
 
     @property
     def modules(self) -> dict[str, nn.Module]:
@@ -145,8 +150,8 @@ class _Run:
         n, total, reconstructions = len(micro), 0.0, []
         for i, x in enumerate(micro):
             with no_sync(self.trained, last=i == n - 1), autocast(self.ctx.device, self.cfg.training.precision):
-                x_rec, posterior = self.trained(x)
-                terms = self.loss_fn.generator_loss(x, x_rec, posterior, step, self.model.decoder.last_layer)
+                x_rec, regularizer = self.trained(x)
+                terms = self.loss_fn.generator_loss(x, x_rec, regularizer, step, self.model.decoder.last_layer)
                 self.scaler.scale(terms.total / n).backward()
             reconstructions.append(x_rec.detach())
             total += terms.total.item() / n
@@ -157,6 +162,7 @@ class _Run:
         if self.ema is not None:
             self.ema.update(self.model)
         self.terms = terms
+        self.codes = regularizer if isinstance(regularizer, Quantized) else None
         if self.loss_fn.disc_active(step):
             self.d_loss = self._discriminator_step(micro, reconstructions)
         self.scaler.update()
@@ -177,7 +183,9 @@ class _Run:
             return None
         t = self.terms
         d_loss = {"d_loss": self.d_loss.item()} if self.d_loss is not None else {}
-        return {"loss": t.total.item(), "rec": t.rec.item(), "l1": t.l1.item(), "kl": t.kl.item(),
+        regularizer = {"kl": t.kl.item()} if self.codes is None else {
+            "vq": t.kl.item(), "perplexity": self.codes.perplexity.item(), "codes_used": self.codes.usage.item()}
+        return {"loss": t.total.item(), "rec": t.rec.item(), "l1": t.l1.item(), **regularizer,
                 "perceptual": t.perceptual.item(), "g_loss": t.g_loss.item(), "d_weight": t.d_weight.item(), **d_loss}
 
     def save(self, step: int, checkpoint: bool, samples: bool) -> Image.Image | None:
@@ -247,7 +255,7 @@ def _build_run(cfg: AutoencoderRunConfig, ctx: DistributedContext, paths: RunPat
     dev, tcfg = ctx.device, cfg.training
     _, accumulation = micro_batches(tcfg, ctx.world_size)
     torch.manual_seed(tcfg.seed)
-    model = AutoencoderKL(cfg.model).to(dev)
+    model = build_autoencoder(cfg.model).to(dev)
     loss_fn = AutoencoderLoss(cfg.loss, cfg.model.out_channels).to(dev)
     if tcfg.init_from:
         init_weights(tcfg.init_from, model)
