@@ -72,6 +72,11 @@ def test_the_vq_autoencoder_encodes_before_and_decodes_after_quantisation():
         codes = model.quantize(h).indices
         assert torch.allclose(model.decode(h), model.decode_codes(codes), atol=1e-6)
         assert torch.allclose(model(x)[0], model.decode(h), atol=1e-6)
+    learning = randomised(VQAutoencoder(tiny_vq_config(vq_ema_decay=0.5, vq_restart_after=1)), 0).train()
+    codebook = learning.quantize.embedding.weight.clone()
+    with torch.no_grad():
+        learning.decode(h)  # decoding looks codes up: it never trains the codebook, in train mode either
+    assert torch.equal(learning.quantize.embedding.weight, codebook) and not learning.quantize.cluster_size.numel()
     assert isinstance(build_autoencoder(tiny_vq_config()), VQAutoencoder)
     with pytest.raises(ValueError, match="model.regularizer"):
         tiny_autoencoder_config(regularizer="fsq")

@@ -236,7 +236,7 @@ class VQAutoencoder(AutoencoderKL):
         """Images from latents before quantisation (B, embed_dim, h, w): each vector replaced by its code."""
         if z.ndim != 4 or z.shape[1] != self.config.embed_dim:
             raise ValueError(f"expected latents of shape (B, {self.config.embed_dim}, h, w), got {tuple(z.shape)}")
-        return self.decoder(self.post_quant_conv(self.quantize(z).z_q))
+        return self.decoder(self.post_quant_conv(self.quantize.lookup(z)))
 
     def decode_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """Images from codebook indices (B, h, w)."""

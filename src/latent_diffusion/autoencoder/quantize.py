@@ -56,6 +56,12 @@ class VectorQuantizer(nn.Module):
         distances = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.T + codebook.pow(2).sum(1)[None]
         return distances.argmin(1)
 
+    def lookup(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, dim, h, w) with each vector replaced by its nearest code: no loss, no learning (decoding)."""
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float()
+        codes = self.embedding(self.nearest(flat)).to(z.dtype)
+        return codes.view(z.shape[0], z.shape[2], z.shape[3], -1).permute(0, 3, 1, 2)
+
     def forward(self, z: torch.Tensor) -> Quantized:
         b, c, h, w = z.shape
         if c != self.dim:
