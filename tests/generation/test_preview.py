@@ -45,4 +45,5 @@ def test_a_models_preview_shows_the_picture_its_latents_hold(bundled_pipe):
         decoded = tensor_to_pil(bundled_pipe.decode(latents / bundled_pipe.latent_scale)[0])
     assert np.array_equal(np.asarray(shown), np.asarray(decoded))
     again = LatentPreview.fit(bundled_pipe.autoencoder, bundled_pipe.latent_scale, 3, bundled_pipe.device, "fp32")
-    assert torch.equal(again.weight, fitted.weight) and again.r2 == fitted.r2 and again.factor == 4
+    assert torch.allclose(again.weight, fitted.weight, atol=1e-6) and again.factor == 4  # up to summation order
+    assert abs(again.r2 - fitted.r2) < 1e-9
