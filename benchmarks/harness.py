@@ -48,7 +48,8 @@ def at_dtype(model: torch.nn.Module, ours: bool, dtype: torch.dtype, device: str
 
 
 def machine() -> str:
-    """CPU model and core count (or the GPU), thread count and torch version, for the results table."""
+    """CPU model and core count (or the GPU), thread count, torch version, date, and on a CPU the host kind:
+    its bf16-relevant flags and the math precision the rule picks for bf16 weights (`inference/precision.py`)."""
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name(0)
     else:
@@ -59,8 +60,24 @@ def machine() -> str:
                     device = line.split(":", 1)[1].strip()
         except (OSError, subprocess.CalledProcessError):
             pass
+    kind = "" if torch.cuda.is_available() else f"; {host()['summary']}"
     return (f"{device}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-            f"{time.strftime('%Y-%m-%d')}")
+            f"{time.strftime('%Y-%m-%d')}{kind}")
+
+
+def host() -> dict:
+    """The CPU's vendor, its flags that decide the fast path (AVX-512, bf16, AMX, VNNI) and the bf16 rule's
+    choice, for the results table and JSON: a figure names the kind of host it holds on."""
+    from latent_diffusion.inference.precision import cpu_bf16_math, cpu_capabilities
+
+    capabilities = cpu_capabilities()
+    flags = [f for f in ("avx2", "avx512_f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+             if capabilities.get(f)]
+    bf16_math = cpu_bf16_math(capabilities)
+    vendor = str(capabilities.get("vendor") or "unknown vendor")
+    return {"vendor": vendor, "flags": flags, "bf16_math": bf16_math,
+            "summary": f"{vendor}, flags {' '.join(flags) or 'none'}, bf16 weights compute in "
+                       f"{'bf16' if bf16_math else 'fp32'}"}
 
 
 def sync() -> None:
@@ -173,5 +190,6 @@ def arguments(description: str, extra: Callable[[argparse.ArgumentParser], None]
 def write_json(path: str | None, figures: dict) -> None:
     if path:
         with open(path, "w") as f:
-            json.dump({"machine": machine(), **figures}, f, indent=2)
+            cpu = {} if torch.cuda.is_available() else {"host": {k: v for k, v in host().items() if k != "summary"}}
+            json.dump({"machine": machine(), **cpu, **figures}, f, indent=2)
             f.write("\n")

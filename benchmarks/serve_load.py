@@ -34,14 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a small green triangle in the center"
 
 
-def cpu_flags() -> str:
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("\nflags", 1)[1].split("\n", 1)[0].split()
-    except (OSError, IndexError):
-        return "unknown"
-    return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags) or "none"
-
-
 def resident(pid: int) -> float:
     """Resident MiB of a process."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -219,7 +211,7 @@ def main() -> int:
     from harness import machine
 
     torch.set_grad_enabled(False)
-    print(f"{machine()}; CPU flags: {cpu_flags()}")
+    print(machine())
     run = Run(args)
     try:
         run.overhead()
