@@ -240,8 +240,7 @@ class VQAutoencoder(AutoencoderKL):
 
     def decode_codes(self, indices: torch.Tensor) -> torch.Tensor:
         """Images from codebook indices (B, h, w)."""
-        z_q = self.quantize.embedding(indices).permute(0, 3, 1, 2)
-        return self.decoder(self.post_quant_conv(z_q))
+        return self.decoder(self.post_quant_conv(self.quantize.codes(indices)))
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = True,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, Quantized]:

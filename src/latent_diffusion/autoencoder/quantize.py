@@ -56,11 +56,14 @@ class VectorQuantizer(nn.Module):
         distances = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.T + codebook.pow(2).sum(1)[None]
         return distances.argmin(1)
 
+    def codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """The codebook vectors of indices (B, h, w), as latents (B, dim, h, w)."""
+        return self.embedding(indices).float().permute(0, 3, 1, 2)
+
     def lookup(self, z: torch.Tensor) -> torch.Tensor:
         """z (B, dim, h, w) with each vector replaced by its nearest code: no loss, no learning (decoding)."""
-        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).float()
-        codes = self.embedding(self.nearest(flat)).to(z.dtype)
-        return codes.view(z.shape[0], z.shape[2], z.shape[3], -1).permute(0, 3, 1, 2)
+        b, c, h, w = z.shape
+        return self.codes(self.nearest(z.permute(0, 2, 3, 1).reshape(-1, c).float()).view(b, h, w)).to(z.dtype)
 
     def forward(self, z: torch.Tensor) -> Quantized:
         b, c, h, w = z.shape
@@ -71,7 +74,7 @@ class VectorQuantizer(nn.Module):
         onehot = F.one_hot(indices, self.n_embed).float()
         if self.training:
             self._learn(flat.detach(), onehot)
-        z_q = self.embedding(indices).float().view(b, h, w, c).permute(0, 3, 1, 2)
+        z_q = self.codes(indices.view(b, h, w))
         commitment = F.mse_loss(z.float(), z_q.detach())
         loss = self.beta * commitment if self.ema_decay is not None else \
             self.beta * commitment + F.mse_loss(z_q, z.float().detach())

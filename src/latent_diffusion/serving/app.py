@@ -133,11 +133,11 @@ def create_app(models: Models, max_queue: int = 8, token: str | None = None, wor
         except Exception as exc:  # noqa: BLE001 - one line, and the server keeps serving
             raise HTTPException(500, f"{type(exc).__name__}: {' '.join(str(exc).split())}") from None
 
-    def draw(job: int, model: str | None, loras, batches: list[Callable[[Any], dict[str, Any]]]) -> list[Drawn]:
-        """On the worker: each batch's `Pipeline` keywords (made from the held pipeline) drawn in turn."""
+    def draw(job: int, model: str, loras, batches: list[Callable[[Any], dict[str, Any]]]) -> list[Drawn]:
+        """On the worker: each batch's `Pipeline` keywords (made from the held pipeline) drawn in turn; `model` is
+        a name the request was checked for (`_known`)."""
         drawn = []
         with models.using(model, loras) as pipe:
-            name = models.check(model, loras)[0]
             for batch, make in enumerate(batches):
                 kwargs = make(pipe)
 
@@ -149,7 +149,7 @@ def create_app(models: Models, max_queue: int = 8, token: str | None = None, wor
 
                 for k, image in enumerate(pipe(**{**kwargs, "on_step": on_step})):
                     seed = kwargs["seed"] + k
-                    drawn.append(Drawn(image, seed, a1111.infotext(kwargs, seed, name)))
+                    drawn.append(Drawn(image, seed, a1111.infotext(kwargs, seed, model)))
         if outputs is not None:
             with saving:
                 _save(outputs, drawn)
