@@ -160,20 +160,23 @@ class Run:
         thread = threading.Thread(target=lambda: reply.update(r=self.post(task_id="interrupted", **long)))
         thread.start()
         step = self.step_seconds("interrupted")
+        before = self.progress("interrupted")["step"]
         start = time.perf_counter()
         httpx.post(f"{self.url}/api/v1/interrupt", params={"task_id": "interrupted"})
-        interrupted = self.gone("interrupted", start)
+        interrupted, last = self.gone("interrupted", start)
         thread.join(60)
         try:
             self.post(timeout=1.5, task_id="left", **long)
             left = float("inf")
         except httpx.ReadTimeout:  # the client gives up and closes its connection
-            left = self.gone("left", time.perf_counter())
+            left = self.gone("left", time.perf_counter())[0]
         print(f"\n4. one sampling step of 2 images takes {step * 1000:.0f} ms; an interrupted job's slot is free "
-              f"{interrupted * 1000:.0f} ms after the interrupt, that of a job whose client left {left * 1000:.0f} "
-              "ms after it left (the server looks every 250 ms)")
+              f"{interrupted * 1000:.0f} ms after the interrupt (steps seen: {before} before it, {last} last), that "
+              f"of a job whose client left {left * 1000:.0f} ms after it left (the server looks every 250 ms)")
         self.check(reply["r"].status_code == 409, "the interrupted request answers 409")
-        self.check(interrupted <= 2 * step + 0.05, "an interrupted job stops within about one step")
+        # counted in steps, not milliseconds: this client's polling shares the cores with the server it measures
+        self.check(last - before <= 2, "an interrupted job stops within a step of the interrupt (the step it was "
+                                       "on, plus one for the progress read just before it)")
         self.check(left <= 2 * step + 0.3, "a job whose client left stops within one step of the server noticing")
 
     def step_seconds(self, task: str) -> float:
@@ -188,11 +191,13 @@ class Run:
             time.sleep(0.005)
         return (time.perf_counter() - start) / (now["step"] - first["step"])
 
-    def gone(self, task: str, since: float) -> float:
-        """Seconds from `since` until the server no longer knows the job `task`."""
-        while self.progress(task)["state"] != "unknown":
+    def gone(self, task: str, since: float) -> tuple[float, int]:
+        """Seconds from `since` until the server no longer knows the job `task`, and the last step it reported."""
+        last = 0
+        while (progress := self.progress(task))["state"] != "unknown":
+            last = max(last, progress["step"])
             time.sleep(0.005)
-        return time.perf_counter() - since
+        return time.perf_counter() - since, last
 
     def close(self) -> None:
         self.server.terminate()
