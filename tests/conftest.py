@@ -208,3 +208,28 @@ def hold(models, pipe):
     load (the tests' already loaded copy)."""
     models._pipe, models._held = pipe, (models.current, ())
     return models
+
+
+def tiny_sdxl_parts(refiner: bool = False, seed: int = 0) -> ModelParts:
+    """A random-weight SDXL base (two 32-wide text encoders, a UNet with no attention at the first level and two
+    transformer blocks at the second, size micro-conditioning) or refiner (the second encoder alone, aesthetic
+    score), with a 32-wide f=2 autoencoder: what SDXL's original and diffusers files can hold."""
+    from latent_diffusion.conditioning.sdxl import FOURIER_DIM
+    clip = ClipTextConfig(width=32, layers=2, heads=1, mlp_width=64, layer="penultimate", final_norm=False)
+    clip_2 = ClipTextConfig(width=32, layers=2, heads=1, mlp_width=64, hidden_act="gelu", layer="penultimate",
+                            final_norm=False, pad_token_id=0, projection_dim=16)
+    encoders = {"clip_2": clip_2} if refiner else {"clip": clip, "clip_2": clip_2}
+    unet = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                      attention_resolutions=(2, 1) if refiner else (2,), num_head_channels=16,
+                      transformer_depth=1 if refiner else (1, 2), context_dim=32 * len(encoders),
+                      use_linear_in_transformer=True, adm_in_channels=16 + (5 if refiner else 6) * FOURIER_DIM)
+    vae = AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, latent_scale=0.13025)
+    text = {f"{name}.{k}": v for i, (name, cfg) in enumerate(encoders.items())
+            for k, v in randomised(ClipTextTransformer(cfg), seed + 2 + i).state_dict().items()}
+    conditioning = ConditioningConfig(encoder="sdxl", clip=None if refiner else clip, clip_2=clip_2,
+                                      micro_conditioning="aesthetic" if refiner else "size")
+    return ModelParts(unet_config=unet, unet=randomised(UNetModel(unet), seed).state_dict(),
+                      autoencoder_config=vae, autoencoder=randomised(AutoencoderKL(vae), seed + 1).state_dict(),
+                      conditioning=conditioning, text_encoder=text, resolution=64,
+                      sampling=SamplingConfig(sampler="euler", steps=4, guidance_scale=5.0, timestep_spacing="leading",
+                                              steps_offset=1))

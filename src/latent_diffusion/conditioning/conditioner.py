@@ -72,6 +72,21 @@ class Conditioner(ABC):
     def unconditional(self, batch_size: int) -> Conditioning:
         """The null condition ∅ for classifier-free guidance, `batch_size` times."""
 
+    def encode_request(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None,
+                       size: tuple[int, int], micro: Mapping[str, Any] | None = None
+                       ) -> tuple[Conditioning, Conditioning]:
+        """(the prompts' conditions, ∅ or the negative prompts') of a request for images of `size` (height, width);
+        `micro` holds a model's own request conditions by name (SDXL's sizes, crop and aesthetic scores), which
+        a model without them refuses."""
+        given = sorted(k for k, v in (micro or {}).items() if v is not None)
+        if given:
+            raise ValueError(f"{', '.join(given)}: only SDXL models take micro-conditioning (this model's condition "
+                             f"encoder is '{self.cfg.encoder}')")
+        cond = self.encode_prompts(prompts)
+        uncond = (self.encode_prompts(negative_prompts) if negative_prompts is not None
+                  else self.unconditional(len(prompts)))
+        return cond, uncond
+
     @abstractmethod
     def training_inputs(self, items: Sequence[dict], drop: torch.Tensor) -> Any:
         """What `trainable` takes for dataset `items`, ∅'s where `drop` (B,) is True (CFG training), computed

@@ -17,11 +17,14 @@ def drop_mask(batch_size: int, p_uncond: float, generator: torch.Generator | Non
 
 
 def drop_condition(cond: Conditioning, null: Conditioning, drop: torch.Tensor) -> Conditioning:
-    """Each sample's condition, or ∅ where `drop` (B,) is True; `null` holds one entry (batch 1)."""
+    """Each sample's condition, or ∅ where `drop` (B,) is True; `null` holds one entry (batch 1), or one per
+    sample (a vector condition's size features differ per sample)."""
     n = cond.batch_size
     drop = drop.to(cond.tokens.device)
-    null = Conditioning(null.tokens.expand(n, -1, -1).to(cond.tokens.dtype), null.mask.expand(n, -1))
+    vector = None if null.vector is None else null.vector.expand(n, -1).to(cond.tokens.dtype)
+    null = Conditioning(null.tokens.expand(n, -1, -1).to(cond.tokens.dtype), null.mask.expand(n, -1), vector=vector)
     both = Conditioning.cat([cond, null])
     tokens = torch.where(drop[:, None, None], both.tokens[n:], both.tokens[:n])
     mask = torch.where(drop[:, None], both.mask[n:], both.mask[:n])
-    return Conditioning(tokens, mask)
+    vector = None if both.vector is None else torch.where(drop[:, None], both.vector[n:], both.vector[:n])
+    return Conditioning(tokens, mask, vector=vector)

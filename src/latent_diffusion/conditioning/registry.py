@@ -1,4 +1,4 @@
-"""Condition encoders by the name a config gives them ("minilm", "clip", "class"): the one place a new kind of
+"""Condition encoders by the name a config gives them ("minilm", "clip", "sdxl", "class"): the one place a new kind of
 `Conditioner` is registered (and named in `ConditioningConfig.encoder`, which validates the YAML)."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from torch import nn
 
 from latent_diffusion.conditioning.classes import ClassConditioner
 from latent_diffusion.conditioning.conditioner import Conditioner
+from latent_diffusion.conditioning.sdxl import SDXLConditioner
 from latent_diffusion.conditioning.text import ClipConditioner, MiniLMConditioner
 from latent_diffusion.conditioning.tokenizer import ClipTokenizer
 from latent_diffusion.config import ConditioningConfig, ConfigError
@@ -21,6 +22,7 @@ from latent_diffusion.files.weights import CheckpointError
 CONDITIONERS: dict[str, type[Conditioner]] = {
     "minilm": MiniLMConditioner,
     "clip": ClipConditioner,
+    "sdxl": SDXLConditioner,
     "class": ClassConditioner,
 }
 

@@ -8,6 +8,7 @@ import os
 import random
 from pathlib import Path
 
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -19,9 +20,11 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 def resize_and_crop(img: Image.Image, resolution: int, random_crop: bool, rng: random.Random,
-                    control: Image.Image | None = None) -> Image.Image | tuple[Image.Image, Image.Image]:
+                    control: Image.Image | None = None
+                    ) -> tuple[Image.Image, Image.Image | None, tuple[int, int]]:
     """Scale the short side to `resolution`, then crop a square (centred or at random); a `control` map is resized
-    (nearest neighbours: its regions keep their values) and cropped alike, and both are returned."""
+    (nearest neighbours: its regions keep their values) and cropped alike. Returns both (None without a control
+    map) and the crop's top-left corner in the resized image (SDXL's crop micro-conditioning)."""
     w, h = img.size
     scale = resolution / min(w, h)
     size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
@@ -32,8 +35,8 @@ def resize_and_crop(img: Image.Image, resolution: int, random_crop: bool, rng: r
     top = rng.randint(0, h - resolution) if random_crop else (h - resolution) // 2
     box = (left, top, left + resolution, top + resolution)
     if control is None:
-        return img.crop(box)
-    return img.crop(box), control.resize(img.size, Image.Resampling.NEAREST).crop(box)
+        return img.crop(box), None, (top, left)
+    return img.crop(box), control.resize(img.size, Image.Resampling.NEAREST).crop(box), (top, left)
 
 
 CAPTION_COLUMNS = ("text", "caption", "prompt")  # metadata.jsonl's caption column, as the ecosystem names it
@@ -157,15 +160,13 @@ class ImageFolder(Dataset):
                 self.bad.add(i)
                 log.warning("skipping an unreadable image: %s", exc)
                 continue
-            control = self.control(i)
-            if control is None:
-                img = resize_and_crop(img, self.resolution, self.random_crop, self.rng)
-            else:
-                img, control = resize_and_crop(img, self.resolution, self.random_crop, self.rng, control)
+            original = (img.height, img.width)
+            img, control, crop = resize_and_crop(img, self.resolution, self.random_crop, self.rng, self.control(i))
             if self.flip and self.rng.random() < 0.5:
                 img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
                 control = None if control is None else control.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            item = {"image": pil_to_tensor(img), "caption": self.caption(i)}
+            item = {"image": pil_to_tensor(img), "caption": self.caption(i),
+                    "original_size": torch.tensor(original), "crop": torch.tensor(crop)}
             return item if control is None else {**item, "control": (pil_to_tensor(control) + 1) / 2}
         raise ValueError(f"--data {self.root}: none of its {len(self.files)} images can be read (see the warnings "
                          "above for each file)")

@@ -13,8 +13,11 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def network_kwargs(cond: Conditioning) -> dict:
-    """Keyword arguments of `UNetModel.forward` for a condition (its extra streams' tokens where it has some)."""
+    """Keyword arguments of `UNetModel.forward` for a condition (its extra streams' tokens and its vector
+    condition where it has them)."""
     kwargs = {"context": cond.tokens, "context_mask": cond.mask}
+    if cond.vector is not None:
+        kwargs["vector"] = cond.vector
     return {**kwargs, "extra_context": dict(cond.extra)} if cond.extra else kwargs
 
 

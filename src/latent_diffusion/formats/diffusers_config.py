@@ -22,22 +22,25 @@ FOREIGN_KEYS = ("_class_name", "_diffusers_version", "_name_or_path", "_use_defa
 
 # Settings of UNet2DConditionModel that SD 1.x/2.x UNets leave at these values; anything else is not implemented.
 _UNET_FIXED: dict[str, Any] = {
-    "addition_embed_type": None, "class_embed_type": None, "encoder_hid_dim_type": None, "encoder_hid_dim": None,
+    "class_embed_type": None, "encoder_hid_dim_type": None, "encoder_hid_dim": None,
     "time_embedding_type": "positional", "flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu",
     "mid_block_type": "UNetMidBlock2DCrossAttn", "dual_cross_attention": False,
     "resnet_time_scale_shift": "default", "conv_in_kernel": 3, "conv_out_kernel": 3, "time_embedding_dim": None,
-    "time_cond_proj_dim": None, "projection_class_embeddings_input_dim": None, "timestep_post_act": None,
+    "time_cond_proj_dim": None, "timestep_post_act": None,
     "time_embedding_act_fn": None, "attention_type": "default", "center_input_sample": False,
     "downsample_padding": 1, "mid_block_scale_factor": 1, "cross_attention_norm": None,
     "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "class_embeddings_concat": False,
     "mid_block_only_cross_attention": None, "reverse_transformer_layers_per_block": None,
-    "addition_time_embed_dim": None, "num_attention_heads": None, "norm_eps": UNET_NORM_EPS,
+    "num_attention_heads": None, "norm_eps": UNET_NORM_EPS,
 }
+# SDXL's vector condition: the pooled text embedding and 256 Fourier features per micro-conditioning number
+ADDITION_EMBED_TYPE, ADDITION_TIME_EMBED_DIM = "text_time", 256
 _UNET_READ = {"sample_size", "in_channels", "out_channels", "down_block_types", "up_block_types",
               "block_out_channels", "layers_per_block", "attention_head_dim", "cross_attention_dim",
               "transformer_layers_per_block", "use_linear_projection", "norm_num_groups", "num_class_embeds",
               "dropout", "upcast_attention", "addition_embed_type_num_heads",  # upcast: fp16 precision only
-              "only_cross_attention"}
+              "only_cross_attention", "addition_embed_type", "addition_time_embed_dim",
+              "projection_class_embeddings_input_dim"}
 _VAE_FIXED: dict[str, Any] = {"act_fn": "silu", "shift_factor": None, "latents_mean": None, "latents_std": None,
                               "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True}
 _VAE_READ = {"in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
@@ -114,10 +117,46 @@ def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int) -> dict[str, Any
             "up_block_types": [BLOCKS["up"][a] for a in reversed(attention)],
             "block_out_channels": widths, "layers_per_block": cfg.num_res_blocks,
             "attention_head_dim": heads,  # diffusers' (misnamed) heads per level, see diffusers#2011
-            "cross_attention_dim": cfg.context_dim, "transformer_layers_per_block": cfg.transformer_depth,
+            "cross_attention_dim": cfg.context_dim,
+            "transformer_layers_per_block": (cfg.transformer_depth if isinstance(cfg.transformer_depth, int)
+                                             else list(cfg.transformer_depth)),
             "use_linear_projection": cfg.use_linear_in_transformer, "norm_num_groups": cfg.norm_groups,
             "num_class_embeds": cfg.num_classes, "dropout": cfg.dropout, "upcast_attention": False,
-            "only_cross_attention": list(cfg.disable_self_attentions or ()) or False, **_UNET_FIXED}
+            "only_cross_attention": list(cfg.disable_self_attentions or ()) or False, **_UNET_FIXED,
+            **_addition_embedding_to_diffusers(cfg)}
+
+
+def _addition_embedding_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
+    if cfg.adm_in_channels is None:
+        return {"addition_embed_type": None, "addition_time_embed_dim": None,
+                "projection_class_embeddings_input_dim": None}
+    return {"addition_embed_type": ADDITION_EMBED_TYPE, "addition_time_embed_dim": ADDITION_TIME_EMBED_DIM,
+            "projection_class_embeddings_input_dim": cfg.adm_in_channels}
+
+
+def _addition_embedding_from_diffusers(config: dict[str, Any], what: str) -> int | None:
+    """`adm_in_channels` of SDXL's `text_time` addition embedding (None: no addition embedding)."""
+    kind = config.get("addition_embed_type")
+    if kind is None:
+        return None
+    time_dim = config.get("addition_time_embed_dim")
+    if kind != ADDITION_EMBED_TYPE or time_dim != ADDITION_TIME_EMBED_DIM:
+        raise ConfigError(f"{what}: addition_embed_type = {kind!r} with addition_time_embed_dim = {time_dim!r} is not "
+                          f"supported (only SDXL's {ADDITION_EMBED_TYPE!r} with {ADDITION_TIME_EMBED_DIM})")
+    width = config.get("projection_class_embeddings_input_dim")
+    if not isinstance(width, int) or width <= 0:
+        raise ConfigError(f"{what}: projection_class_embeddings_input_dim = {width!r}: expected the vector width")
+    return width
+
+
+def _depths(value: Any, levels: int, what: str) -> int | tuple[int, ...]:
+    """Our transformer_depth of diffusers' `transformer_layers_per_block` (one number, or one per down block)."""
+    if not isinstance(value, (list, tuple)):
+        return value
+    if len(value) != levels or not all(isinstance(v, int) for v in value):
+        raise ConfigError(f"{what}: transformer_layers_per_block = {list(value)}: expected one number per block "
+                          f"({levels})")
+    return value[0] if len(set(value)) == 1 else tuple(value)
 
 
 def _attention_levels(config: dict[str, Any], what: str) -> list[bool]:
@@ -164,8 +203,8 @@ def unet_config_from_diffusers(config: dict[str, Any], what: str = "unet/config.
                      num_res_blocks=_one(config["layers_per_block"], "layers_per_block", what),
                      attention_resolutions=tuple(2**i for i in reversed(range(len(attention))) if attention[i]),
                      **_heads(config["attention_head_dim"], widths, what),
-                     transformer_depth=_one(config["transformer_layers_per_block"], "transformer_layers_per_block",
-                                            what),
+                     transformer_depth=_depths(config["transformer_layers_per_block"], len(widths), what),
+                     adm_in_channels=_addition_embedding_from_diffusers(config, what),
                      context_dim=_one(config["cross_attention_dim"], "cross_attention_dim", what),
                      use_linear_in_transformer=config["use_linear_projection"], num_classes=config["num_class_embeds"],
                      concat_channels=max(in_ch - out_ch, 0), dropout=float(config["dropout"]),
@@ -242,7 +281,8 @@ def clip_config_from_transformers(config: dict[str, Any], eos_token_id: int, pad
                                   what: str = "text_encoder/config.json") -> ClipTextConfig:
     """Our `ClipTextConfig` ('last' layer) of a `CLIPTextModel` config.json; end and pad ids come from the tokenizer
     (the config's own are unused by the model and legacy in SD folders: eos 2, pad 1)."""
-    for field, allowed in (("architectures", (["CLIPTextModel"],)), ("model_type", ("clip_text_model",)),
+    for field, allowed in (("architectures", (["CLIPTextModel"], ["CLIPTextModelWithProjection"])),
+                           ("model_type", ("clip_text_model",)),
                            ("hidden_act", ("quick_gelu", "gelu"))):
         if field in config and config[field] not in allowed:
             raise ConfigError(f"{what}: {field} = {config[field]!r} is not supported (expected "

@@ -42,6 +42,7 @@ from latent_diffusion.formats.diffusers_config import (DIFFUSERS_VERSION, clip_c
 from latent_diffusion.formats.keymaps import (clip_state_from_transformers, clip_state_to_transformers,
                                          drop_last_clip_layer, unet_state_from_diffusers, unet_state_to_diffusers,
                                          vae_state_from_diffusers, vae_state_to_diffusers)
+from latent_diffusion.formats import sdxl
 from latent_diffusion.formats.model import ModelParts
 
 MODEL_INDEX = "model_index.json"
@@ -50,7 +51,7 @@ PAD_TOKEN_FILES = ("special_tokens_map.json", "tokenizer_config.json")
 # (safetensors name, PyTorch pickle name) of each component's weights, without the ".safetensors" / ".bin"
 WEIGHT_FILES = {"unet": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
                 "vae": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
-                "text_encoder": ("model", "pytorch_model")}
+                "text_encoder": ("model", "pytorch_model"), "text_encoder_2": ("model", "pytorch_model")}
 METADATA_KEY = "_latent_diffusion"
 # Settings diffusers has no field for, per config section (kept in model_index.json under METADATA_KEY).
 EXTRA_FIELDS = {"diffusion": ("min_snr_gamma", "p_uncond"),
@@ -58,7 +59,7 @@ EXTRA_FIELDS = {"diffusion": ("min_snr_gamma", "p_uncond"),
                 "conditioning": ("max_length", "cache")}
 PIPELINES = {"none": "StableDiffusionPipeline", "inpaint": "StableDiffusionInpaintPipeline"}
 KNOWN_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "safety_checker", "feature_extractor",
-                    "image_encoder", "low_res_scheduler")
+                    "image_encoder", "low_res_scheduler", "text_encoder_2", "tokenizer_2")
 UPSCALE_PIPELINE = "StableDiffusionUpscalePipeline"  # SD's x4 upscaler: a noise-augmented low-resolution image
 
 
@@ -69,33 +70,67 @@ def write_diffusers(parts: ModelParts, folder: str | os.PathLike) -> None:
     model_index.json last)."""
     folder = Path(folder)
     _check_writable(parts)
-    clip, text_weights = drop_last_clip_layer(parts.conditioning.clip, _text_encoder_weights(parts))
-    tokenizer = parts.tokenizer or ClipTokenizer.from_bpe_file(context_length=clip.max_positions,
-                                                               pad_id=clip.pad_token_id)
-    _check_tokenizer(tokenizer, clip)
     latent_size = parts.resolution // parts.autoencoder_config.downsample_factor
     components = {
         "unet": (unet_config_to_diffusers(parts.unet_config, latent_size),
                  unet_state_to_diffusers(parts.unet_config, parts.unet), "diffusion_pytorch_model.safetensors"),
         "vae": (vae_config_to_diffusers(parts.autoencoder_config),
                 vae_state_to_diffusers(parts.autoencoder_config, parts.autoencoder),
-                "diffusion_pytorch_model.safetensors"),
-        "text_encoder": (clip_config_to_transformers(clip, tokenizer.start_id),
-                         clip_state_to_transformers(clip, text_weights), "model.safetensors")}
+                "diffusion_pytorch_model.safetensors")}
+    text, tokenizers = (_sdxl_text_components if parts.conditioning.encoder == "sdxl" else _text_components)(parts)
     scheduler = scheduler_config_to_diffusers(parts.diffusion, parts.sampling)
-    for name, (config, tensors, weights) in components.items():
+    for name, (config, tensors, weights) in {**components, **text}.items():
         save_weights(tensors, folder / name / weights, metadata={"format": "pt"})
         write_json(config, folder / name / "config.json")
-    write_tokenizer(tokenizer, folder / "tokenizer")
+    for name, tokenizer in tokenizers.items():
+        write_tokenizer(tokenizer, folder / name)
     write_json(scheduler, folder / SCHEDULER_FILE)
     write_json(model_index(parts), folder / MODEL_INDEX)
 
 
+def _text_components(parts: ModelParts) -> tuple[dict[str, tuple], dict[str, ClipTokenizer]]:
+    """The text encoder (config, weights, file name) and tokenizer of an SD 1.x/2.x model."""
+    clip, text_weights = drop_last_clip_layer(parts.conditioning.clip, _text_encoder_weights(parts))
+    tokenizer = parts.tokenizer or ClipTokenizer.from_bpe_file(context_length=clip.max_positions,
+                                                               pad_id=clip.pad_token_id)
+    _check_tokenizer(tokenizer, clip)
+    return ({"text_encoder": (clip_config_to_transformers(clip, tokenizer.start_id),
+                              clip_state_to_transformers(clip, text_weights), "model.safetensors")},
+            {"tokenizer": tokenizer})
+
+
+def _sdxl_text_components(parts: ModelParts) -> tuple[dict[str, tuple], dict[str, ClipTokenizer]]:
+    """SDXL's text encoders (`text_encoder/` when the model has the first, `text_encoder_2/`) and tokenizers."""
+    if parts.text_encoder is None:
+        raise ConfigError("an SDXL diffusers folder holds its text encoders: this model has them only at "
+                          f"conditioning.path = {parts.conditioning.path}")
+    encoders = sdxl.split_encoders(parts.text_encoder)
+    sdxl.check_encoders(parts.conditioning, encoders, "SDXL text encoder weights")
+    vocabulary = parts.tokenizer or ClipTokenizer.from_bpe_file()
+    text, tokenizers = {}, {}
+    for name, (folder, tokenizer_folder, architecture) in sdxl.DIFFUSERS_PARTS.items():
+        cfg = getattr(parts.conditioning, name)
+        if cfg is None:
+            continue
+        tokenizer = sdxl.tokenizer_for(vocabulary, cfg)
+        config = clip_config_to_transformers(dataclasses.replace(cfg, layer="last", final_norm=True),
+                                             tokenizer.start_id)
+        config["architectures"] = [architecture]
+        if cfg.projection_dim is not None:
+            config["projection_dim"] = cfg.projection_dim
+        text[folder] = (config, sdxl.transformers_names(cfg, encoders[name]), "model.safetensors")
+        tokenizers[tokenizer_folder] = tokenizer
+    return text, tokenizers
+
+
 def _check_writable(parts: ModelParts) -> None:
-    if not issubclass(conditioner_type(parts.conditioning.encoder), ClipConditioner):
-        raise ConfigError(f"conditioning.encoder = {parts.conditioning.encoder!r}: a diffusers Stable Diffusion "
-                          "folder needs a CLIP text encoder")
+    encoder = parts.conditioning.encoder
+    if encoder != "sdxl" and not issubclass(conditioner_type(encoder), ClipConditioner):
+        raise ConfigError(f"conditioning.encoder = {encoder!r}: a diffusers Stable Diffusion folder needs CLIP "
+                          "text encoders")
     spatial = parts.conditioning.spatial
+    if encoder == "sdxl" and spatial != "none":
+        raise ConfigError(f"conditioning.spatial = {spatial!r}: SDXL models are written with no spatial condition")
     if spatial not in PIPELINES:
         raise ConfigError(f"conditioning.spatial = {spatial!r} has no diffusers Stable Diffusion pipeline "
                           f"(supported: {', '.join(PIPELINES)})")
@@ -140,39 +175,79 @@ def model_index(parts: ModelParts) -> dict[str, Any]:
     sections = {"diffusion": parts.diffusion, "sampling": parts.sampling, "conditioning": parts.conditioning}
     extra = {name: {k: v for k, v in to_dict(sections[name]).items() if k in fields}
              for name, fields in EXTRA_FIELDS.items()}
-    return {"_class_name": PIPELINES[parts.conditioning.spatial],
-            "_diffusers_version": DIFFUSERS_VERSION, METADATA_KEY: extra,
-            "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
-            "safety_checker": [None, None],
-            "scheduler": ["diffusers", scheduler_class(parts.diffusion, parts.sampling.sampler)],
-            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    index = {"_class_name": PIPELINES[parts.conditioning.spatial],
+             "_diffusers_version": DIFFUSERS_VERSION, METADATA_KEY: extra,
+             "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
+             "safety_checker": [None, None],
+             "scheduler": ["diffusers", scheduler_class(parts.diffusion, parts.sampling.sampler)],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    if parts.conditioning.encoder != "sdxl":
+        return index
+    del index["safety_checker"], index["requires_safety_checker"]
+    refiner = parts.conditioning.micro_conditioning == "aesthetic"
+    index.update({"_class_name": sdxl.SDXL_PIPELINES[parts.conditioning.micro_conditioning],
+                  "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                  "tokenizer_2": ["transformers", "CLIPTokenizer"], "force_zeros_for_empty_prompt": True,
+                  **({"requires_aesthetics_score": True} if refiner else {})})
+    if parts.conditioning.clip is None:
+        index["text_encoder"], index["tokenizer"] = [None, None], [None, None]
+    return index
 
 
 # --- reading -----------------------------------------------------------------------------------------------------
 
 def read_diffusers(folder: str | os.PathLike, prediction_type: str | None = None, dtype: torch.dtype | None = None,
                    device: str | torch.device = "cpu") -> ModelParts:
-    """A diffusers Stable Diffusion 1.x/2.x folder as `ModelParts`; `prediction_type` overrides the scheduler's;
+    """A diffusers Stable Diffusion 1.x/2.x or SDXL (base or refiner) folder as `ModelParts`; `prediction_type` overrides the scheduler's;
     `dtype` and `device` as in `load_model`."""
     folder = Path(folder)
     index = _read_index(folder)
     extra = index.get(METADATA_KEY, {})
     unet_cfg, latent_size = unet_config_from_diffusers(*_read_config(folder / "unet" / "config.json"))
     vae_cfg = vae_config_from_diffusers(*_read_config(folder / "vae" / "config.json"))
-    text_config, text_path = _read_config(folder / "text_encoder" / "config.json")
-    tokenizer = read_tokenizer(folder / "tokenizer", text_config.get("max_position_embeddings", 77))
-    clip = clip_config_from_transformers(text_config, tokenizer.end_id,
-                                         None if tokenizer.pad_id == tokenizer.end_id else tokenizer.pad_id, text_path)
+    if sdxl.is_sdxl_folder(folder, index):
+        conditioning, text_encoder, tokenizer = _read_sdxl_text(folder, unet_cfg, extra, dtype, device)
+    else:
+        text_config, text_path = _read_config(folder / "text_encoder" / "config.json")
+        tokenizer = read_tokenizer(folder / "tokenizer", text_config.get("max_position_embeddings", 77))
+        clip = clip_config_from_transformers(text_config, tokenizer.end_id, _own_pad(tokenizer), text_path)
+        text_encoder = clip_state_from_transformers(clip, *_read_weights(folder, "text_encoder", dtype, device))
+        conditioning = _conditioning(unet_cfg, vae_cfg.in_channels, clip, extra, index, folder)
     diffusion, sampling = _read_scheduler(folder / SCHEDULER_FILE, extra, prediction_type)
     return ModelParts(
         unet_config=unet_cfg, autoencoder_config=vae_cfg,
         unet=unet_state_from_diffusers(unet_cfg, *_read_weights(folder, "unet", dtype, device)),
         autoencoder=vae_state_from_diffusers(vae_cfg, *_read_weights(folder, "vae", dtype, device)),
-        text_encoder=clip_state_from_transformers(clip, *_read_weights(folder, "text_encoder", dtype, device)),
-        conditioning=_conditioning(unet_cfg, vae_cfg.in_channels, clip, extra, index, folder),
-        diffusion=diffusion, sampling=sampling,
+        text_encoder=text_encoder, conditioning=conditioning, diffusion=diffusion, sampling=sampling,
         tokenizer=tokenizer, **({} if latent_size is None else {"resolution": latent_size * vae_cfg.downsample_factor}))
+
+
+def _own_pad(tokenizer: ClipTokenizer) -> int | None:
+    """A CLIP config's pad_token_id for this tokenizer (None: it pads with the end token)."""
+    return None if tokenizer.pad_id == tokenizer.end_id else tokenizer.pad_id
+
+
+def _read_sdxl_text(folder: Path, unet_cfg: UNetConfig, extra: dict[str, Any], dtype: torch.dtype | None,
+                    device: str | torch.device) -> tuple[ConditioningConfig, dict[str, torch.Tensor], ClipTokenizer]:
+    """(conditioning, our-named `clip.*`/`clip_2.*` weights, the vocabulary) of an SDXL folder's text encoders."""
+    configs, weights, tokenizers = {}, {}, []
+    for name, (component, tokenizer_folder, _) in sdxl.DIFFUSERS_PARTS.items():
+        if name == "clip" and not (folder / component / "config.json").is_file():
+            continue  # the refiner has the second encoder only
+        text_config, path = _read_config(folder / component / "config.json")
+        tokenizer = read_tokenizer(folder / tokenizer_folder, text_config.get("max_position_embeddings", 77))
+        cfg = clip_config_from_transformers(text_config, tokenizer.end_id, _own_pad(tokenizer), path)
+        if name == "clip_2":
+            cfg = dataclasses.replace(cfg, projection_dim=int(text_config.get("projection_dim", 512)))
+        configs[name] = cfg
+        weights[name] = sdxl.from_transformers(cfg, *_read_weights(folder, component, dtype, device))
+        tokenizers.append(tokenizer)
+    if len(tokenizers) == 2:
+        sdxl.check_same_vocabulary(*tokenizers, str(folder))
+    conditioning = sdxl.sdxl_conditioning(configs.get("clip"), configs["clip_2"], unet_cfg, str(folder))
+    ours = {k: v for k, v in extra.get("conditioning", {}).items() if k in EXTRA_FIELDS["conditioning"]}
+    return dataclasses.replace(conditioning, **ours), sdxl.joined(weights), tokenizers[0]
 
 
 def _read_config(path: Path) -> tuple[dict[str, Any], str]:
@@ -205,7 +280,8 @@ def _read_index(folder: Path) -> dict[str, Any]:
             raise ConfigError(f"{folder / MODEL_INDEX}: component {name} = {value} is not supported (Stable "
                               f"Diffusion 1.x/2.x folders have {', '.join(KNOWN_COMPONENTS[:5])})")
     text_encoder = index.get("text_encoder", ["transformers", "CLIPTextModel"])
-    if text_encoder[1:] != ["CLIPTextModel"]:
+    refiner = text_encoder == [None, None] and "text_encoder_2" in index
+    if text_encoder[1:] != ["CLIPTextModel"] and not refiner:
         raise ConfigError(f"{folder / MODEL_INDEX}: text_encoder = {text_encoder} is not supported (expected "
                           "transformers' CLIPTextModel)")
     return index

@@ -54,6 +54,7 @@ def _unet_prefix_map(cfg: UNetConfig) -> dict[str, str]:
     levels = len(cfg.channel_mult)
     prefixes = {"input_blocks.0.0": "conv_in", "time_embed.0": "time_embedding.linear_1",
                 "time_embed.2": "time_embedding.linear_2", "label_emb": "class_embedding",
+                "label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2",
                 "middle_block.0": "mid_block.resnets.0", "middle_block.1": "mid_block.attentions.0",
                 "middle_block.2": "mid_block.resnets.1", "out.0": "conv_norm_out", "out.2": "conv_out"}
     for level in range(levels):

@@ -147,8 +147,8 @@ def read_native(folder: str | os.PathLike, dtype: torch.dtype | None = None,
                 if (folder / name).is_file() else None for name in (TEXT_ENCODER_FILE, CONDITIONER_FILE)}
     tokenizer = None
     if (folder / TOKENIZER_DIR).is_dir():
-        tokenizer = ClipTokenizer.from_folder(folder / TOKENIZER_DIR, cfg.conditioning.clip.max_positions,
-                                              cfg.conditioning.clip.pad_token_id)
+        clip = cfg.conditioning.clip or cfg.conditioning.clip_2  # an SDXL refiner has the second encoder only
+        tokenizer = ClipTokenizer.from_folder(folder / TOKENIZER_DIR, clip.max_positions, clip.pad_token_id)
     return ModelParts(unet_config=cfg.unet, unet=read_weights(folder / UNET_FILE, dtype, device),
                       autoencoder_config=ae_cfg.model,
                       autoencoder=read_weights(folder / AUTOENCODER_DIR / AE_WEIGHTS_FILE, dtype, device),

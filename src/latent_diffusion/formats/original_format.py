@@ -44,7 +44,6 @@ CLIP_PREFIX = "cond_stage_model.transformer."
 CLIP_TEXT_MODEL = "text_model."
 POSITION_IDS = "embeddings.position_ids"
 EMA_PREFIX = "model_ema."
-SDXL_ADM_CHANNELS = 2816
 SD_LATENT_SCALE = 0.18215
 SD_NORM_GROUPS = 32  # CompVis hard-codes GroupNorm(32, ·) in the UNet and the autoencoder
 SD_VAE_RESOLUTION = 256  # `ddconfig.resolution` of every Stable Diffusion autoencoder
@@ -65,10 +64,10 @@ _OPENCLIP_TARGET = "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder"
 def read_original(path: str | os.PathLike, config: str | os.PathLike | None = None,
                   prediction_type: str | None = None, ema: bool = False, dtype: torch.dtype | None = None,
                   device: str | torch.device = "cpu") -> ModelParts:
-    """A Stable Diffusion 1.x/2.x checkpoint file as `ModelParts`; `ema=True` takes the UNet from `model_ema.*`;
+    """A Stable Diffusion 1.x/2.x or SDXL checkpoint file as `ModelParts`; `ema=True` takes the UNet from `model_ema.*`;
     `dtype` and `device` as in `load_model`."""
     path = Path(path)
-    used = (EMA_PREFIX if ema else UNET_PREFIX, VAE_PREFIX, "cond_stage_model.")
+    used = (EMA_PREFIX if ema else UNET_PREFIX, VAE_PREFIX, "cond_stage_model.", "conditioner.embedders.")
     state_dict = load_original_state_dict(path, dtype, device, keys=lambda key: key.startswith(used))
     yaml_path = Path(config) if config is not None else path.with_suffix(".yaml")
     params = read_inference_config(yaml_path) if config is not None or yaml_path.is_file() else {}
@@ -80,13 +79,17 @@ def write_original(parts: ModelParts, path: str | os.PathLike) -> None:
     path = Path(path)
     if path.suffix != ".safetensors" and path.suffix not in PICKLE_SUFFIXES:
         raise CheckpointError(f"{path}: expected a .safetensors or .ckpt file name for an original checkpoint")
-    tensors = to_original_state_dict(parts)
+    sdxl = parts.conditioning.encoder == "sdxl"
+    if sdxl:
+        from latent_diffusion.formats.sdxl_original import sdxl_inference_config, to_sdxl_state_dict
+    tensors = to_sdxl_state_dict(parts) if sdxl else to_original_state_dict(parts)
     if path.suffix == ".safetensors":
         save_weights(tensors, path)
     else:
         with atomic_path(path) as tmp:
             torch.save({"state_dict": {k: v.contiguous() for k, v in tensors.items()}}, tmp)
-    text = yaml.safe_dump(inference_config(parts), sort_keys=False, default_flow_style=None)
+    described = sdxl_inference_config(parts) if sdxl else inference_config(parts)
+    text = yaml.safe_dump(described, sort_keys=False, default_flow_style=None)
     atomic_write_bytes(path.with_suffix(".yaml"), text.encode())
 
 
@@ -131,6 +134,11 @@ def from_original_state_dict(state_dict: dict[str, torch.Tensor], params: dict[s
                              where: str = "the checkpoint") -> ModelParts:
     """`ModelParts` of original-layout tensors; `params` is the YAML's `model.params` (empty: SD conventions)."""
     params = params or {}
+    if any(k.startswith("conditioner.embedders.") for k in state_dict):  # SDXL (Stability's sgm layout)
+        from latent_diffusion.formats.sdxl_original import from_sdxl_state_dict
+        if ema or prediction_type not in (None, "epsilon"):
+            raise CheckpointError(f"{where} is an SDXL file: it takes no ema or prediction_type option")
+        return from_sdxl_state_dict(state_dict, params, where)
     _check_stable_diffusion(state_dict, where)
     unet, vae = _unet_weights(state_dict, ema, where), _with_prefix(state_dict, VAE_PREFIX)
     text = _text_encoder_weights(state_dict)
@@ -183,14 +191,12 @@ def _describe_prefixes(keys, limit: int = 5) -> str:
 
 
 def _check_stable_diffusion(state_dict: dict[str, torch.Tensor], where: str) -> None:
-    if any(k.startswith("conditioner.embedders.") for k in state_dict):
-        raise CheckpointError(f"{where} is an SDXL checkpoint (conditioner.embedders.* text encoders); only "
-                              "Stable Diffusion 1.x and 2.x checkpoints are supported")
     adm = state_dict.get(UNET_PREFIX + "label_emb.0.0.weight")
     if adm is not None:
-        kind = "an SDXL" if adm.shape[1] == SDXL_ADM_CHANNELS else "a vector-conditioned (e.g. unCLIP)"
-        raise CheckpointError(f"{where} holds {kind} UNet ({UNET_PREFIX}label_emb.0.0.weight {tuple(adm.shape)}: "
-                              f"adm_in_channels {adm.shape[1]}); only Stable Diffusion 1.x and 2.x are supported")
+        raise CheckpointError(f"{where} holds a vector-conditioned UNet ({UNET_PREFIX}label_emb.0.0.weight "
+                              f"{tuple(adm.shape)}) without SDXL's text encoders (conditioner.embedders.*): a "
+                              "family that is not supported (e.g. unCLIP, Stable Diffusion 2.1 unclip); supported: "
+                              "Stable Diffusion 1.x, 2.x and SDXL")
     if not any(k.startswith((UNET_PREFIX, VAE_PREFIX, "cond_stage_model.", EMA_PREFIX)) for k in state_dict):
         raise CheckpointError(f"{where} is not a Stable Diffusion checkpoint: expected keys under {UNET_PREFIX}*, "
                               f"{VAE_PREFIX}* and cond_stage_model.*; found {_describe_prefixes(state_dict)}")
@@ -270,8 +276,9 @@ def infer_unet_config(unet: dict[str, torch.Tensor], latent_channels: int, openc
         raise ValueError(f"level widths {widths} are not multiples of model_channels {ch}")
     attention = tuple(2**level for level in reversed(range(len(first)))
                       if f"input_blocks.{first[level]}.1.norm.weight" in unet)
-    depth = len(_layer_index(unet, r"middle_block\.1\.transformer_blocks\.(\d+)\.norm1\.weight"))
+    depth = _transformer_depths(unet, first)
     label = unet.get("label_emb.weight")
+    adm = unet.get("label_emb.0.0.weight")  # SDXL's vector condition (CompVis `num_classes: sequential`)
     out_channels = unet["out.2.weight"].shape[0] if "out.2.weight" in unet else latent_channels  # a ControlNet: none
     return UNetConfig(in_channels=in_channels, out_channels=out_channels, model_channels=ch,
                       channel_mult=tuple(w // ch for w in widths), num_res_blocks=num_res_blocks,
@@ -279,10 +286,30 @@ def infer_unet_config(unet: dict[str, torch.Tensor], latent_channels: int, openc
                       context_dim=unet["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1],
                       use_linear_in_transformer=unet["middle_block.1.proj_in.weight"].ndim == 2,
                       num_classes=None if label is None else label.shape[0],
+                      adm_in_channels=None if adm is None else adm.shape[1],
                       concat_channels=in_channels - latent_channels, dropout=float(params.get("dropout", 0.0)),
                       gradient_checkpointing=bool(params.get("use_checkpoint", False)),
                       disable_self_attentions=_self_attention_off(unet, first, widths, params),
                       **_unet_heads(openclip, params))
+
+
+def _transformer_depths(unet: dict[str, torch.Tensor], first: list[int]) -> int | tuple[int, ...]:
+    """Transformer blocks per level (one number where all agree), counted in each level's first spatial
+    transformer; a level without attention takes the depth the others share, else 1 (as diffusers configs
+    write them: the refiner's 4, the base's [1, 2, 10]); the middle block is as deep as the last level."""
+    def count(prefix: str) -> int:
+        return len(_layer_index(unet, prefix.replace(".", r"\.") + r"\.transformer_blocks\.(\d+)\.norm1\.weight"))
+
+    middle = count("middle_block.1")
+    depths = [count(f"input_blocks.{b}.1") or None for b in first]
+    depths[-1] = depths[-1] or middle
+    if depths[-1] != middle:
+        raise ValueError(f"the middle block has {middle} transformer blocks, the last level {depths[-1]}: only "
+                         "a middle block as deep as the last level is supported")
+    shared = {d for d in depths if d is not None}
+    fill = shared.pop() if len(shared) == 1 else 1
+    depths = [d or fill for d in depths]
+    return depths[0] if len(set(depths)) == 1 else tuple(depths)
 
 
 def _self_attention_off(unet: dict[str, torch.Tensor], first: list[int], widths: list[int],
@@ -444,7 +471,8 @@ def inference_config(parts: ModelParts) -> dict[str, Any]:
             "out_channels": u.out_channels, "model_channels": u.model_channels,
             "attention_resolutions": list(u.attention_resolutions), "num_res_blocks": u.num_res_blocks,
             "channel_mult": list(u.channel_mult), **heads, "use_spatial_transformer": True,
-            "use_linear_in_transformer": u.use_linear_in_transformer, "transformer_depth": u.transformer_depth,
+            "use_linear_in_transformer": u.use_linear_in_transformer, "transformer_depth": (u.transformer_depth if isinstance(u.transformer_depth, int)
+                                                                     else list(u.transformer_depth)),
             "context_dim": u.context_dim, "dropout": u.dropout, "legacy": False}
     if u.num_classes is not None:
         unet["num_classes"] = u.num_classes

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from PIL import Image
@@ -31,12 +32,13 @@ from latent_diffusion.inference.precision import math_precision
 from latent_diffusion.runtime import PRECISIONS, autocast
 from latent_diffusion.samplers import SAMPLERS, GridOptions, get_sampler, resolve_sampler, sampler_options
 from latent_diffusion.samplers.common import randn
-from latent_diffusion.samplers.grid import grid_length
+from latent_diffusion.samplers.grid import Grid, grid_from, grid_length, grid_timesteps, grid_until
 from latent_diffusion.unet import UNetModel
 
 # How errors name a request's arguments: Python's keywords (`names=` maps them to a caller's own, e.g. CLI flags)
 ARGUMENT_NAMES = {"guidance_scale": "guidance scale", "image": "image=", "mask": "mask="}
 IMG2IMG_STRENGTH = 0.75  # the share of the steps img2img runs by default (AUTOMATIC1111's denoising strength)
+REFINER_START = 0.8  # the share of the denoising an SDXL base does before its refiner (diffusers' example)
 
 
 @dataclass(frozen=True)
@@ -291,7 +293,9 @@ class LatentDiffusion:
                          overlay: bool = True, controls: Sequence[Control] = (), guess_mode: bool = False,
                          image_prompt: Image.Image | Sequence[Image.Image] | None = None,
                          image_prompt_scale: float | None = None, noise_level: int | None = None,
-                         on_step: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+                         on_step: Callable[[int, int, torch.Tensor], None] | None = None,
+                         micro: Mapping[str, Any] | None = None, refiner: LatentDiffusion | None = None,
+                         refiner_start: float = REFINER_START) -> torch.Tensor:
         """Images (N, C, H, W) in [-1, 1]; the same arguments and seed always give the same images.
 
         `prompt` is one prompt (drawn `num_images` times) or a list of prompts (one image each). Image k is drawn
@@ -311,6 +315,12 @@ class LatentDiffusion:
         (`conditioning.noise_level`). `on_step(done, total, denoised)` is called after every sampling step with the
         step's prediction of the clean latents (a server's progress and previews, `self.preview(denoised)`); an
         exception it raises stops the request there.
+
+        SDXL models read `micro` (`conditioning.sdxl.micro_conditions`: original_size, crop, target_size as
+        (height, width) / (top, left), aesthetic_score, negative_aesthetic_score; unset: the output's size, no crop,
+        6 and 2.5). With a `refiner` (another SDXL model, e.g. the refiner, sharing this one's latent space), this
+        model denoises the steps at timesteps ≥ (1 − refiner_start)·T and the refiner the rest, from this model's
+        latents, with the same prompts and sampler, and decodes (diffusers' `denoising_end`/`denoising_start`).
         """
         settings = self.settings(steps, guidance_scale, sampler, eta, karras, guidance_rescale)
         self.check_image_inputs(image is not None, mask is not None, strength is not None)
@@ -320,15 +330,23 @@ class LatentDiffusion:
         prompts = [prompt] * num_images if isinstance(prompt, str) else list(prompt)
         num_images = len(prompts)
         check_num_images(num_images, name="number of prompts")
+        f = self.ae_config.model.downsample_factor
+        if controls and self.config.unet.adm_in_channels is not None:
+            raise ValueError("controls: ControlNets for SDXL models are not supported yet")
         seeds = image_seeds(seed, num_images)
         fits = self.max_batch_size(height, width, guided=settings.guidance_scale not in (0.0, 1.0))
         if num_images > fits:
             raise ValueError(f"num_images = {num_images}: only about {fits} images of this size fit in the free "
                              f"memory of {self.device} at once; generate them in batches of at most {fits}")
         release_free_memory()  # what loading and storing the weights left behind
-        cond = self.conditioner.encode_prompts(prompts)
-        uncond = (self.conditioner.encode_prompts([negative_prompt] * num_images) if negative_prompt is not None
-                  else self.conditioner.unconditional(num_images))
+        negatives = None if negative_prompt is None else [negative_prompt] * num_images
+        cond, uncond = self.conditioner.encode_request(prompts, negatives, (h * f, w * f), micro)
+        handoff = None
+        if refiner is not None:
+            self.check_refiner(refiner, image is not None or controls or image_prompt is not None)
+            refined = refiner.conditioner.encode_request(prompts, negatives, (h * f, w * f), micro)
+            handoff = Handoff(Denoiser(refiner.guided(*refined, settings), refiner.schedule,
+                                       refiner.config.diffusion.prediction_type), refiner, refiner_start)
         if image_prompt is not None:
             cond, uncond = self.with_image_prompt(cond, uncond, image_prompt)
         images, masks = self.image_inputs(image, mask, num_images, (h, w))
@@ -351,7 +369,8 @@ class LatentDiffusion:
         with self.image_prompt_scale(image_prompt_scale):
             out = self.sample(Denoiser(model, self.schedule, self.config.diffusion.prediction_type), settings, noise,
                               generator, start, from_noise=masks is not None and strength in (None, 1.0),
-                              progress=progress, controlled=network if controls else None, on_step=on_step)
+                              progress=progress, controlled=network if controls else None, on_step=on_step,
+                              handoff=handoff)
         if masks is not None and overlay:
             out = overlay_pixels(out, images.float(), masks.float())
         return out.float().clamp(-1, 1).cpu()
@@ -359,34 +378,60 @@ class LatentDiffusion:
     def sample(self, denoiser: Denoiser, settings: Settings, noise: torch.Tensor, generator: list[torch.Generator],
                start: Start | None = None, from_noise: bool = True, progress: bool = True,
                controlled: ControlledNetwork | None = None,
-               on_step: Callable[[int, int, torch.Tensor], None] | None = None) -> torch.Tensor:
+               on_step: Callable[[int, int, torch.Tensor], None] | None = None,
+               handoff: Handoff | None = None) -> torch.Tensor:
         """Decoded images of the sampler's latents: from `noise` over the whole grid, or from an image (`start`);
-        `controlled` (the ControlNets' wrapper of the network) counts the steps that run."""
+        `controlled` (the ControlNets' wrapper of the network) counts the steps that run; with a `handoff` the
+        refiner runs the grid's last steps and decodes."""
         sampler = get_sampler(settings.sampler)
         grid = sampler.make_grid(self.schedule, settings.steps, settings.grid)
         x, blend = noise.to(self.device), None
         if start is not None:
             grid, x = start.begin(grid, from_noise)
             blend = start.blending(grid)
-        bar = tqdm(total=grid_length(grid), desc="sampling", disable=not progress)
+        total = grid_length(grid)
+        stages = [(self, denoiser, grid)] if handoff is None else handoff.stages(self, denoiser, grid)
+        bar = tqdm(total=total, desc="sampling", disable=not progress)
         if controlled is not None:
-            controlled.begin(grid_length(grid))
+            controlled.begin(total)
+        done = 0
 
         def callback(i: int, x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor | None:
             bar.update(1)
             if controlled is not None:
                 controlled.advance()
             if on_step is not None:
-                on_step(i + 1, grid_length(grid), denoised)
+                on_step(done + i + 1, total, denoised)
             return None if blend is None else blend(i, x, denoised)
 
-        # One autocast region around every step: autocast keeps its bf16/fp16 copies of the weights until the
-        # outermost region ends, so the UNet's weights are cast once per image, not once per step.
-        with autocast(self.device, self.math):
-            latents = sampler.sample(denoiser, x, grid, generator=generator, callback=callback, **settings.options)
-            bar.close()
-            release_free_memory()  # the UNet's activations: the decoder's are of other sizes
-            return self.decode(latents.float() / self.latent_scale).float()
+        for model, stage_denoiser, stage_grid in stages:
+            # One autocast region around every step: autocast keeps its bf16/fp16 copies of the weights until the
+            # outermost region ends, so the UNet's weights are cast once per image, not once per step.
+            with autocast(model.device, model.math):
+                x = sampler.sample(stage_denoiser, x.to(model.device), stage_grid, generator=generator,
+                                   callback=callback, **settings.options)
+            done += grid_length(stage_grid)
+        bar.close()
+        release_free_memory()  # the UNet's activations: the decoder's are of other sizes
+        with autocast(model.device, model.math):
+            return model.decode(x.float() / model.latent_scale).float()
+
+    def guided(self, cond: Conditioning, uncond: Conditioning, settings: Settings):
+        """This model's network under classifier-free guidance at the request's settings."""
+        return guided_model(self.network, cond, uncond, settings.guidance_scale, settings.guidance_rescale)
+
+    def check_refiner(self, refiner: LatentDiffusion, edits: bool) -> None:
+        """A clear error for a refiner that cannot take over this model's latents, or a request it cannot refine."""
+        mine, theirs = self.ae_config.model, refiner.ae_config.model
+        if edits:
+            raise ValueError("refiner: only text-to-image requests are refined (no image, mask, controls or image "
+                             "prompt)")
+        if (mine.embed_dim, mine.downsample_factor) != (theirs.embed_dim, theirs.downsample_factor):
+            raise ValueError(f"refiner: its latents ({theirs.embed_dim} channels, f={theirs.downsample_factor}) are not "
+                             f"this model's ({mine.embed_dim} channels, f={mine.downsample_factor})")
+        if refiner.schedule.num_timesteps != self.schedule.num_timesteps or not torch.allclose(
+                refiner.schedule.alphas_cumprod, self.schedule.alphas_cumprod):
+            raise ValueError("refiner: its noise schedule differs from this model's; the handover needs one schedule")
 
     def network(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
         """ε_θ(x, t, condition) in fp32, the UNet run at the math precision."""
@@ -402,6 +447,30 @@ class LatentDiffusion:
     def __call__(self, prompt: str | Sequence[str], **kwargs) -> list[Image.Image]:
         """PIL images for `prompt`; keyword arguments as in `generate_tensors`."""
         return [tensor_to_pil(x) for x in self.generate_tensors(prompt, **kwargs)]
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """A second model (SDXL's refiner) taking over the sampling at `start` ∈ (0, 1): the first model runs the grid's
+    steps at timesteps t ≥ round((1 − start)·T), the second the rest (diffusers' `denoising_end` and
+    `denoising_start`), then decodes."""
+
+    denoiser: Denoiser
+    model: LatentDiffusion
+    start: float
+
+    def split(self, grid: Grid, schedule) -> int:
+        """How many of `grid`'s steps the first model runs."""
+        check_number(self.start, 0.0, 1.0, "refiner_start", " (the share of the denoising the base model does)")
+        cutoff = round(schedule.num_timesteps * (1 - self.start))
+        return sum(1 for t in grid_timesteps(grid, schedule) if round(t, 3) >= cutoff)
+
+    def stages(self, first: LatentDiffusion, denoiser: Denoiser, grid: Grid) -> list[tuple]:
+        k = self.split(grid, first.schedule)
+        if k in (0, grid_length(grid)):
+            raise ValueError(f"refiner_start = {self.start}: with {grid_length(grid)} steps one model would run them "
+                             "all; move refiner_start into (0, 1) or take more steps")
+        return [(first, denoiser, grid_until(grid, k)), (self.model, self.denoiser, grid_from(grid, k))]
 
 
 def _batch(value: torch.Tensor | Image.Image, count: int, size: tuple[int, int] | None, name: str,

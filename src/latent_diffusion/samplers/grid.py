@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from latent_diffusion.diffusion.schedule import (NoiseSchedule, TimestepSpacing, interpolate, karras_sigmas,
-                                                 timestep_grid)
+                                                 sigma_to_t, timestep_grid)
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,25 @@ def grid_from(grid: Grid, start: int) -> Grid:
     if isinstance(grid, SigmaGrid):
         return SigmaGrid(grid.sigmas[start:], init_noise_sigma=1.0)  # the sampler's x is then given as it is
     return grid[start:]
+
+
+def grid_until(grid: Grid, end: int) -> Grid:
+    """The first `end` steps of `grid`, ending at the noise level step `end` starts from (a base model handing its
+    latents to a refiner: diffusers' `denoising_end`)."""
+    if not 0 < end <= grid_length(grid):
+        raise ValueError(f"end step {end}: expected 1 to {grid_length(grid)}")
+    if isinstance(grid, SigmaGrid):
+        return SigmaGrid(grid.sigmas[:end + 1], grid.init_noise_sigma)
+    return grid[:end]
+
+
+def grid_timesteps(grid: Grid, schedule: NoiseSchedule) -> list[float]:
+    """The (possibly fractional) timestep at which each step of `grid` starts (σ's mapped back by log-σ
+    interpolation, as diffusers' schedulers do for Karras σ's)."""
+    if isinstance(grid, SigmaGrid):
+        sigmas = torch.tensor(grid.sigmas[:-1], dtype=torch.float64)
+        return sigma_to_t(sigmas, schedule.log_sigmas.double()).tolist()
+    return [float(step.t) for step in grid]
 
 
 def noised(grid: Grid, step: int, latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -28,9 +28,10 @@ class LatentCache:
     """
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor, captions: list[str], labels: list[int],
-                 images: torch.Tensor | None = None, controls: torch.Tensor | None = None):
+                 images: torch.Tensor | None = None, controls: torch.Tensor | None = None,
+                 geometry: torch.Tensor | None = None):
         self.mean, self.std, self.captions, self.labels, self.images = mean, std, captions, labels, images
-        self.controls = controls
+        self.controls, self.geometry = controls, geometry
 
     def __len__(self) -> int:
         return self.mean.shape[0]
@@ -53,12 +54,21 @@ class LatentCache:
         return self.controls[indices].float() / 255
 
     def items(self, indices: torch.Tensor) -> list[dict]:
-        return [{"caption": self.captions[i], "label": self.labels[i]} for i in indices.tolist()]
+        """Each image's caption, label and geometry: its size, its original size and the crop's top-left corner
+        (SDXL's micro-conditioning; a dataset that does not say is taken as uncropped at the training size)."""
+        rows = []
+        for i in indices.tolist():
+            h, w, *rest = self.geometry[i].tolist() if self.geometry is not None else [0, 0]
+            size = (h, w) if h else None
+            rows.append({"caption": self.captions[i], "label": self.labels[i], "size": size,
+                         "original_size": tuple(rest[:2]) if rest else size, "crop": tuple(rest[2:]) or (0, 0)})
+        return rows
 
 
 def fingerprint(autoencoder: AutoencoderKL, dataset: Dataset, keep_images: bool = False) -> str:
     """Identity of (autoencoder weights, dataset contents): a changed input invalidates the cache."""
     digest = hashlib.sha256(b"images" if keep_images else b"")
+    digest.update(b"geometry")  # caches from before the images' geometry was kept are encoded again
     for key, value in sorted(autoencoder.state_dict().items()):
         digest.update(key.encode())
         digest.update(value.detach().float().cpu().numpy().tobytes())
@@ -92,15 +102,16 @@ def _read_cache(path: Path, key: str) -> LatentCache | None:
         log.warning("latent cache unreadable, re-encoding: %s", exc)
         return None
     return LatentCache(tensors["mean"], tensors["std"], json.loads(meta["captions"]), json.loads(meta["labels"]),
-                       tensors.get("images"), tensors.get("controls"))
+                       tensors.get("images"), tensors.get("controls"), tensors.get("geometry"))
 
 
 def _join(parts: list[LatentCache]) -> LatentCache:
-    images, controls = [p.images for p in parts], [p.controls for p in parts]
+    images, controls, geometry = ([getattr(p, name) for p in parts] for name in ("images", "controls", "geometry"))
     return LatentCache(torch.cat([p.mean for p in parts]), torch.cat([p.std for p in parts]),
                        [c for p in parts for c in p.captions], [label for p in parts for label in p.labels],
                        None if images[0] is None else torch.cat(images),
-                       None if controls[0] is None else torch.cat(controls))
+                       None if controls[0] is None else torch.cat(controls),
+                       None if any(g is None for g in geometry) else torch.cat(geometry))
 
 
 @torch.no_grad()
@@ -156,16 +167,27 @@ def _encode(autoencoder: AutoencoderKL, dataset: Dataset, path: Path, key: str, 
         images = ((batch["image"] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8) if keep_images else None
         controls = (batch["control"] * 255).round().clamp(0, 255).to(torch.uint8) if "control" in batch else None
         parts.append(LatentCache(posterior.mean.float().cpu(), posterior.std.float().cpu(), list(batch["caption"]),
-                                 labels, images, controls))
+                                 labels, images, controls, _geometry(batch)))
     cache = _join(parts)
     _write(cache, path, key)
     partial_path(path).unlink(missing_ok=True)
     return cache
 
 
+def _geometry(batch: dict) -> torch.Tensor:
+    """(B, 6) int: each image's height and width, then its original size and crop corner where the dataset gives
+    them (image folders), else only the size."""
+    n, (h, w) = len(batch["image"]), batch["image"].shape[-2:]
+    size = torch.tensor([[h, w]]).expand(n, 2)
+    if "original_size" not in batch:
+        return torch.cat([size, size, torch.zeros(n, 2, dtype=torch.long)], dim=1)
+    return torch.cat([size, batch["original_size"].long(), batch["crop"].long()], dim=1)
+
+
 def _write(cache: LatentCache, path: Path, key: str) -> None:
     """Store `cache` in `path` (atomically), keyed by the fingerprint of its inputs."""
     tensors = {"mean": cache.mean, "std": cache.std,
-               **{name: t for name, t in (("images", cache.images), ("controls", cache.controls)) if t is not None}}
+               **{name: t for name, t in (("images", cache.images), ("controls", cache.controls),
+                                          ("geometry", cache.geometry)) if t is not None}}
     save_weights(tensors, path, metadata={"fingerprint": key, "captions": json.dumps(cache.captions),
                                           "labels": json.dumps(cache.labels)})

@@ -160,6 +160,9 @@ def _build_run(cfg: LDMRunConfig, dataset: Dataset, captioned: int | None, out: 
     conditioner = build_conditioner(cfg.conditioning, dev, cfg.unet.context_dim)
     if cfg.conditioning.cache:
         conditioner.cache_frozen(out / "cache" / "text")
+    if getattr(conditioner, "vector_dim", None) != cfg.unet.adm_in_channels:
+        raise ConfigError(f"unet.adm_in_channels = {cfg.unet.adm_in_channels}: the {cfg.conditioning.encoder} "
+                          f"encoder gives a vector condition of {getattr(conditioner, 'vector_dim', None)}")
     if cfg.unet.context_dim is not None and conditioner.dim != cfg.unet.context_dim:
         raise ConfigError(f"unet.context_dim = {cfg.unet.context_dim}: the {cfg.conditioning.encoder} encoder "
                           f"gives {conditioner.dim}-wide tokens")
