@@ -2,12 +2,14 @@
 what training feeds the trained part is what sampling asks for."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 from latent_diffusion.conditioning.base import Conditioning
 from latent_diffusion.conditioning.registry import CONDITIONERS, build_conditioner, conditioner_type
+from latent_diffusion.conditioning.sdxl import MicroConditions
 from latent_diffusion.config import ClipTextConfig, ConditioningConfig, ConfigError
 from latent_diffusion.files.weights import CheckpointError
 
@@ -18,17 +20,24 @@ CASES = {  # one configuration of each registered kind, with a trained part wher
     "minilm": ConditioningConfig(encoder="minilm", max_length=32, adapter_layers=1),
     "clip": ConditioningConfig(encoder="clip", clip=TINY_CLIP, adapter_layers=1),
     "class": ConditioningConfig(encoder="class", num_classes=3),
+    "sdxl": ConditioningConfig(encoder="sdxl", clip=dataclasses.replace(TINY_CLIP, width=32, heads=2),
+                               clip_2=ClipTextConfig(width=32, layers=2, heads=2, mlp_width=40, hidden_act="gelu",
+                                                     pad_token_id=0, projection_dim=8)),
 }
-ITEMS = [{"caption": "a small red circle in the center", "label": 2},
-         {"caption": "a large blue square on the left and a green triangle", "label": 0},
-         {"caption": "a triangle", "label": 1}]
+GEOMETRY = {"size": (32, 32), "original_size": (48, 40), "crop": (2, 3)}  # SDXL's micro-conditioning reads it
+ITEMS = [{"caption": "a small red circle in the center", "label": 2, **GEOMETRY},
+         {"caption": "a large blue square on the left and a green triangle", "label": 0, **GEOMETRY},
+         {"caption": "a triangle", "label": 1, **GEOMETRY}]
 
 
 @pytest.fixture(scope="module", params=CASES)
 def conditioner(request):
     conditioner = build_conditioner(CASES[request.param], torch.device("cpu"), context_dim=16)
     torch.manual_seed(0)
-    randomised(conditioner.trainable, seed=1)  # a new adapter is the identity: make it do something
+    if conditioner.trainable is not None:
+        randomised(conditioner.trainable, seed=1)  # a new adapter is the identity: make it do something
+    if request.param == "sdxl":  # prompts are asked for at the items' geometry
+        conditioner = conditioner.at(MicroConditions(GEOMETRY["original_size"], GEOMETRY["size"], GEOMETRY["crop"]))
     return conditioner
 
 
@@ -48,6 +57,8 @@ def test_training_inputs_through_the_trained_part_are_the_items_conditions_and_n
     for i, item in enumerate(ITEMS):
         expected = conditioner.unconditional(1) if drop[i] else conditioner.encode_items([item])
         torch.testing.assert_close(trained[i], _rows(expected)[0], atol=1e-4, rtol=1e-4)  # other batches
+        if getattr(inputs, "vector", None) is not None:
+            torch.testing.assert_close(inputs.vector[i], expected.vector[0], atol=1e-4, rtol=1e-4)
 
 
 def test_the_evaluation_prompt_of_a_label_asks_for_the_items_condition(conditioner):
@@ -66,6 +77,8 @@ def test_null_condition_repeats_for_the_batch_at_the_encoders_width(conditioner)
 
 
 def test_with_trainable_samples_with_other_weights_and_leaves_the_trained_module_alone(conditioner):
+    if conditioner.trainable is None:
+        pytest.skip("nothing of this kind is trained")
     other = randomised(copy.deepcopy(conditioner.trainable), seed=7)
     changed = conditioner.with_trainable(other)
     assert changed.trainable is other and conditioner.trainable is not other
@@ -80,5 +93,5 @@ def test_text_encoder_weights_for_a_kind_that_takes_none_are_an_error(name):
 
 def test_an_unknown_kind_is_a_clear_error():
     with pytest.raises(ConfigError, match=r"unknown condition encoder 'clipp' \(did you mean 'clip'\?\); choose one "
-                                          "of minilm, clip, class"):
+                                          "of minilm, clip, sdxl, class"):
         conditioner_type("clipp")

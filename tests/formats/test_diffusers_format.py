@@ -269,14 +269,14 @@ def edit_json(path, **changes):
 
 
 @pytest.mark.parametrize("file,changes,message", [
-    ("unet/config.json", {"addition_embed_type": "text_time"}, "addition_embed_type = 'text_time' is not supported"),
+    ("unet/config.json", {"addition_embed_type": "text"}, "addition_embed_type = 'text' .*is not supported"),
     ("unet/config.json", {"down_block_types": ["SimpleCrossAttnDownBlock2D", "CrossAttnDownBlock2D"]},
      r"down_block_types\[0\] = 'SimpleCrossAttnDownBlock2D' is not supported"),
     ("unet/config.json", {"class_embed_type": "timestep"}, "class_embed_type = 'timestep'"),
     ("unet/config.json", {"only_cross_attention": True}, "only_cross_attention = True is not supported"),
     ("scheduler/scheduler_config.json", {"beta_schedule": "sigmoid"}, "beta_schedule = 'sigmoid'"),
     ("text_encoder/config.json", {"hidden_act": "relu"}, "hidden_act = 'relu'"),
-    ("model_index.json", {"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}, "text_encoder_2"),
+    ("model_index.json", {"transformer": ["diffusers", "SD3Transformer2DModel"]}, "component transformer"),
 ])
 def test_unsupported_settings_are_clear_errors(file, changes, message, tmp_path):
     write_diffusers(tiny_parts(), tmp_path)

@@ -470,14 +470,14 @@ def save_tensors(path, names_and_shapes: dict[str, tuple[int, ...]]):
     return path
 
 
-def test_sdxl_files_are_named_as_such(tmp_path):
+def test_incomplete_sdxl_and_other_vector_conditioned_files_are_named_as_such(tmp_path):
     path = save_tensors(tmp_path / "xl.safetensors", {
         UNET + "input_blocks.0.0.weight": (320, 4, 3, 3),
         "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight": (3840, 1280)})
-    with pytest.raises(CheckpointError, match="SDXL checkpoint"):
+    with pytest.raises(CheckpointError, match="is an SDXL file .*lacking the autoencoder"):
         read_original(path)
-    path = save_tensors(tmp_path / "xl_unet.safetensors", {UNET + "label_emb.0.0.weight": (1280, 2816)})
-    with pytest.raises(CheckpointError, match="SDXL UNet .*2816"):
+    path = save_tensors(tmp_path / "unclip.safetensors", {UNET + "label_emb.0.0.weight": (1280, 2048)})
+    with pytest.raises(CheckpointError, match="vector-conditioned UNet .*without SDXL's text encoders"):
         read_original(path)
 
 

@@ -143,3 +143,32 @@ def test_unsupported_families_are_refused_by_name(tmp_path):
     save_weights(tensors, tmp_path / "unclip.safetensors")
     with pytest.raises(CheckpointError, match="vector-conditioned UNet .*not supported .*SDXL"):
         load_model(tmp_path / "unclip.safetensors")
+
+
+def test_transformer_families_are_refused_by_name(tmp_path):
+    from latent_diffusion.files.weights import save_weights
+    save_weights({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(6, 2)},
+                 tmp_path / "sd3.safetensors")
+    with pytest.raises(CheckpointError, match="Stable Diffusion 3 \\(MMDiT\\) checkpoint .*not supported"):
+        load_model(tmp_path / "sd3.safetensors")
+    (tmp_path / "sd3").mkdir()
+    (tmp_path / "sd3" / "model_index.json").write_text(
+        '{"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"]}')
+    from latent_diffusion.config import ConfigError
+    with pytest.raises(ConfigError, match="StableDiffusion3Pipeline .*is not supported"):
+        load_model(tmp_path / "sd3")
+
+
+def test_ldm_generate_with_micro_conditioning_and_a_refiner(folders, tmp_path, monkeypatch):
+    """The command line draws what the Python call draws, refiner and size flags included."""
+    from latent_diffusion.cli import main
+    from latent_diffusion.images import pil_to_tensor
+    from PIL import Image
+    monkeypatch.chdir(tmp_path)
+    main(["generate", "a red circle", "--model", str(folders[0]), "--refiner", str(folders[1]), "--refiner-start",
+          "0.6", "--original-size", "96", "128", "--crop", "4", "8", "--aesthetic-score", "7", "--steps", "5",
+          "--seed", "2", "--height", "64", "--width", "64", "-o", "xl.png"])
+    base, refiner = (Pipeline.from_pretrained(folder, device="cpu") for folder in folders)
+    expected = base(["a red circle"], steps=5, seed=2, progress=False, refiner=refiner, refiner_start=0.6,
+                    micro={"original_size": (96, 128), "crop": (4, 8), "aesthetic_score": 7.0}, **SIZE)[0]
+    assert torch.equal(pil_to_tensor(Image.open("xl.png").convert("RGB")), pil_to_tensor(expected))

@@ -273,6 +273,11 @@ def _read_index(folder: Path) -> dict[str, Any]:
     if not (folder / MODEL_INDEX).is_file():
         return {}
     index = read_json(folder / MODEL_INDEX)
+    pipeline = index.get("_class_name")
+    known = (*PIPELINES.values(), UPSCALE_PIPELINE, *sdxl.SDXL_PIPELINES.values())
+    if isinstance(pipeline, str) and pipeline not in known and "transformer" in index:
+        raise ConfigError(f"{folder / MODEL_INDEX}: {pipeline} (a transformer backbone, e.g. Stable Diffusion 3 or "
+                          f"FLUX) is not supported; supported pipelines: {', '.join(known)}")
     for name, value in index.items():
         if name.startswith("_") or not isinstance(value, list):
             continue

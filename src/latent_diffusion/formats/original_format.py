@@ -67,7 +67,8 @@ def read_original(path: str | os.PathLike, config: str | os.PathLike | None = No
     """A Stable Diffusion 1.x/2.x or SDXL checkpoint file as `ModelParts`; `ema=True` takes the UNet from `model_ema.*`;
     `dtype` and `device` as in `load_model`."""
     path = Path(path)
-    used = (EMA_PREFIX if ema else UNET_PREFIX, VAE_PREFIX, "cond_stage_model.", "conditioner.embedders.")
+    used = (EMA_PREFIX if ema else UNET_PREFIX, VAE_PREFIX, "cond_stage_model.", "conditioner.embedders.",
+            *UNSUPPORTED_FAMILIES)
     state_dict = load_original_state_dict(path, dtype, device, keys=lambda key: key.startswith(used))
     yaml_path = Path(config) if config is not None else path.with_suffix(".yaml")
     params = read_inference_config(yaml_path) if config is not None or yaml_path.is_file() else {}
@@ -190,7 +191,17 @@ def _describe_prefixes(keys, limit: int = 5) -> str:
     return f"{shown}{more}" if counts else "no tensors"
 
 
+# Families we do not load, told apart by a key only they have (their weights would otherwise fail as "not SD")
+UNSUPPORTED_FAMILIES = {"model.diffusion_model.joint_blocks.": "Stable Diffusion 3 (MMDiT)",
+                        "model.diffusion_model.double_blocks.": "FLUX", "double_blocks.": "FLUX",
+                        "model.diffusion_model.x_embedder.": "a diffusion transformer (DiT / PixArt)"}
+
+
 def _check_stable_diffusion(state_dict: dict[str, torch.Tensor], where: str) -> None:
+    for marker, family in UNSUPPORTED_FAMILIES.items():
+        if any(k.startswith(marker) for k in state_dict):
+            raise CheckpointError(f"{where} is a {family} checkpoint ({marker}*): this family is not supported; "
+                                  "supported: Stable Diffusion 1.x, 2.x and SDXL")
     adm = state_dict.get(UNET_PREFIX + "label_emb.0.0.weight")
     if adm is not None:
         raise CheckpointError(f"{where} holds a vector-conditioned UNet ({UNET_PREFIX}label_emb.0.0.weight "
