@@ -177,6 +177,52 @@ class UNetConfig:
 
 
 @dataclass(frozen=True)
+class DiTConfig:
+    """Architecture of a diffusion transformer backbone (Peebles & Xie 2023, DiT), selected by `backbone: dit`.
+
+    The latents (plus `concat_channels` of spatial conditions) are cut into patch_size² patches, embedded, given
+    fixed 2-D sinusoidal positions (any latent size), run through `depth` blocks of self-attention and MLP, each
+    modulated by the timestep embedding through adaLN-Zero, then projected back to patches. Where `context_dim` is
+    set, each block also cross-attends to the condition tokens (PixArt-α's text DiT; a class-conditional model's
+    label token comes the same way); `num_classes` adds a label embedding to the modulation (DiT's class model).
+
+    :param hidden_size: token width; `num_heads` must divide it.
+    :param mlp_ratio: the MLP's hidden width over hidden_size.
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    patch_size: int = 2
+    hidden_size: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    context_dim: int | None = 768
+    num_classes: int | None = None
+    concat_channels: int = 0
+    gradient_checkpointing: bool = False
+
+    @property
+    def downsample_factor(self) -> int:
+        """The latent side must be a multiple of this (the patch size)."""
+        return self.patch_size
+
+    @property
+    def adm_in_channels(self) -> None:
+        """DiTs here take no vector condition (SDXL's is a UNet's)."""
+        return None
+
+    def __post_init__(self) -> None:
+        for name in ("patch_size", "hidden_size", "depth", "num_heads", "in_channels", "out_channels"):
+            _check(getattr(self, name) >= 1, f"dit.{name}", getattr(self, name), "a positive integer")
+        _check(self.hidden_size % self.num_heads == 0, "dit.hidden_size", self.hidden_size,
+               f"a multiple of dit.num_heads = {self.num_heads}")
+        _check(self.mlp_ratio > 0, "dit.mlp_ratio", self.mlp_ratio, "a positive number")
+        _check(self.concat_channels < self.in_channels, "dit.concat_channels", self.concat_channels,
+               f"fewer than in_channels={self.in_channels} (in_channels counts latent + concatenated channels)")
+
+
+@dataclass(frozen=True)
 class AutoencoderLossConfig:
     """Weights of the first-stage objective: L_rec + λ_perc·LPIPS + λ_adv·L_adv + λ_KL·KL (or λ_VQ·L_VQ, the
     codebook and commitment terms of a VQ model: `codebook_weight`)."""
@@ -406,6 +452,11 @@ class ConditioningConfig:
 class DiffusionConfig:
     """The forward process and the training objective.
 
+    :param objective: "diffusion" (the paper's: the discrete VP process, ε/v/x₀ targets) or "flow" (rectified
+        flow / flow matching, SD3's: x_t = (1 − t)·x_0 + t·ε, the network predicts v = ε − x_0 at timestep
+        1000·t, t drawn logit-normal(logit_mean, logit_std) in training; sampled by the flow_* samplers).
+    :param flow_shift: the flow samplers' timestep shift t' = s·t / (1 + (s − 1)·t) (SD3: 3; 1: none).
+
     :param beta_range: (β_1, β_T) of a linear or scaled_linear schedule that does not run over its standard range
         (DDPM's 1e-4 … 0.02, SD's 0.00085 … 0.012); SD's x4 upscaler: scaled_linear from 1e-4 to 0.02.
     """
@@ -417,8 +468,20 @@ class DiffusionConfig:
     min_snr_gamma: float | None = None
     p_uncond: float = 0.1
     beta_range: tuple[float, float] | None = None
+    objective: Literal["diffusion", "flow"] = "diffusion"
+    flow_shift: float = 1.0
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.objective == "flow":
+            _check(self.prediction_type == "epsilon" and self.min_snr_gamma is None and not self.zero_terminal_snr
+                   and self.beta_range is None, "diffusion (objective flow)",
+                   (self.prediction_type, self.min_snr_gamma, self.zero_terminal_snr, self.beta_range),
+                   "no prediction_type, min_snr_gamma, zero_terminal_snr or beta_range: a flow model predicts the "
+                   "velocity on the straight path x_t = (1 − t)·x_0 + t·ε")
+        _check(self.flow_shift > 0 and self.logit_std > 0, "diffusion.flow_shift/logit_std",
+               (self.flow_shift, self.logit_std), "positive numbers")
         _check(0.0 <= self.p_uncond <= 1.0, "diffusion.p_uncond", self.p_uncond, "a probability in [0, 1]")
         _check(self.beta_range is None or (self.schedule != "cosine" and len(self.beta_range) == 2
                                            and 0 < self.beta_range[0] < self.beta_range[1] < 1),
@@ -453,15 +516,30 @@ class SamplingConfig:
 @dataclass(frozen=True)
 class LDMRunConfig:
     """Everything `ldm train` needs. `autoencoder` is a run folder of `ldm train-autoencoder`, or `pixel` for
-    pixel-space diffusion (f = 1: the UNet's in_channels are the image channels)."""
+    pixel-space diffusion (f = 1: the UNet's in_channels are the image channels). `backbone` picks the denoising
+    network: the paper's UNet (`unet` section) or a diffusion transformer (`dit` section)."""
 
     autoencoder: str = ""
+    backbone: Literal["unet", "dit"] = "unet"
     unet: UNetConfig = field(default_factory=UNetConfig)
+    dit: DiTConfig | None = None
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainConfig = field(default_factory=TrainConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self) -> None:
+        _check((self.dit is not None) == (self.backbone == "dit"), "dit", self.dit,
+               "a dit section exactly when backbone is 'dit'")
+        flow = self.diffusion.objective == "flow"
+        _check(flow == self.sampling.sampler.startswith("flow_"), "sampling.sampler", self.sampling.sampler,
+               "a flow sampler (flow_euler, flow_heun) for diffusion.objective 'flow', and only then")
+
+    @property
+    def network(self) -> UNetConfig | DiTConfig:
+        """The denoising network's config: the UNet's or the DiT's."""
+        return self.dit if self.backbone == "dit" else self.unet
 
 
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:

@@ -26,10 +26,11 @@ from latent_diffusion.conditioning.registry import build_conditioner, conditione
 from latent_diffusion.conditioning.spatial import check_spatial
 from latent_diffusion.conditioning.tokenizer import ClipTokenizer
 from latent_diffusion.config import (AutoencoderConfig, AutoencoderRunConfig, ConditioningConfig, ConfigError,
-                                     DataConfig, DiffusionConfig, LDMRunConfig, SamplingConfig, TrainConfig,
+                                     DataConfig, DiffusionConfig, DiTConfig, LDMRunConfig, SamplingConfig, TrainConfig,
                                      UNetConfig, load_config, save_config)
 from latent_diffusion.files.weights import CheckpointError, load_module_weights, module_from_weights, read_weights, \
     save_weights
+from latent_diffusion.backbones import build_backbone
 from latent_diffusion.unet import UNetModel
 
 Format = Literal["native", "original", "diffusers"]
@@ -68,7 +69,7 @@ class ModelParts:
         sections, and its autoencoder's run config): kept as read, so that converting keeps a model's recipe.
     """
 
-    unet_config: UNetConfig
+    unet_config: UNetConfig | DiTConfig  # the denoising network's (a DiT's for `backbone: dit`)
     unet: dict[str, torch.Tensor]
     autoencoder_config: AutoencoderConfig
     autoencoder: dict[str, torch.Tensor]
@@ -92,7 +93,9 @@ class ModelParts:
     def run_config(self) -> LDMRunConfig:
         """The `LDMRunConfig` this model would have been trained with (what a native folder's config.yaml holds)."""
         data = self.recipe.data if self.recipe else DataConfig(resolution=self.resolution)
-        return LDMRunConfig(autoencoder=AUTOENCODER_DIR, unet=self.unet_config, conditioning=self.conditioning,
+        network = ({"backbone": "dit", "dit": self.unet_config} if isinstance(self.unet_config, DiTConfig)
+                   else {"unet": self.unet_config})
+        return LDMRunConfig(autoencoder=AUTOENCODER_DIR, **network, conditioning=self.conditioning,
                             diffusion=self.diffusion, data=dataclasses.replace(data, resolution=self.resolution),
                             sampling=self.sampling, **({"training": self.recipe.training} if self.recipe else {}))
 
@@ -107,10 +110,11 @@ class ModelParts:
         """The UNet, the autoencoder and the conditioner holding these weights in `dtype` on `device` (tensors
         already there become the modules' weights, not copies); the conditioner's trained part in eval mode."""
         cfg = self.run_config()
-        unet = module_from_weights(lambda: UNetModel(cfg.unet), self.unet, "UNet weights", dtype, device)
+        unet = module_from_weights(lambda: build_backbone(cfg.network), self.unet, f"{cfg.backbone} weights", dtype,
+                                   device)
         autoencoder = module_from_weights(lambda: build_autoencoder(self.autoencoder_config), self.autoencoder,
                                           "autoencoder weights", dtype, device)
-        conditioner = build_conditioner(cfg.conditioning, device, cfg.unet.context_dim, self.text_encoder, dtype,
+        conditioner = build_conditioner(cfg.conditioning, device, cfg.network.context_dim, self.text_encoder, dtype,
                                         self.tokenizer)
         if conditioner.trainable is not None:
             if self.conditioner is None:
@@ -118,7 +122,7 @@ class ModelParts:
                                       f"({CONDITIONER_FILE})")
             load_module_weights(conditioner.trainable, self.conditioner, f"{conditioner.trained_part} weights")
             conditioner.trainable.eval()
-        check_spatial(cfg.conditioning.spatial, cfg.unet.concat_channels, self.autoencoder_config.in_channels,
+        check_spatial(cfg.conditioning.spatial, cfg.network.concat_channels, self.autoencoder_config.in_channels,
                       self.autoencoder_config.embed_dim)
         return unet, autoencoder, conditioner
 
@@ -149,7 +153,7 @@ def read_native(folder: str | os.PathLike, dtype: torch.dtype | None = None,
     if (folder / TOKENIZER_DIR).is_dir():
         clip = cfg.conditioning.clip or cfg.conditioning.clip_2  # an SDXL refiner has the second encoder only
         tokenizer = ClipTokenizer.from_folder(folder / TOKENIZER_DIR, clip.max_positions, clip.pad_token_id)
-    return ModelParts(unet_config=cfg.unet, unet=read_weights(folder / UNET_FILE, dtype, device),
+    return ModelParts(unet_config=cfg.network, unet=read_weights(folder / UNET_FILE, dtype, device),
                       autoencoder_config=ae_cfg.model,
                       autoencoder=read_weights(folder / AUTOENCODER_DIR / AE_WEIGHTS_FILE, dtype, device),
                       conditioning=cfg.conditioning, diffusion=cfg.diffusion,
@@ -220,13 +224,16 @@ def save_model(parts: ModelParts, path: str | os.PathLike, fmt: Format) -> None:
     if fmt != "native":
         addition = "has no such option (it is this project's addition)"
         for present, what, why in (
-                (parts.unet_config.position_embedding, "unet.position_embedding = True", addition),
+                (getattr(parts.unet_config, "position_embedding", False), "unet.position_embedding = True", addition),
                 (parts.conditioning.adapter_layers,
                  f"conditioning.adapter_layers = {parts.conditioning.adapter_layers}",
                  "has no place for a trained text adapter"),
                 (parts.conditioning.clause_tokens, "conditioning.clause_tokens = True", addition),
                 (parts.autoencoder_config.pixel_space, "this is a pixel-space model (autoencoder: pixel)",
-                 "needs an autoencoder")):
+                 "needs an autoencoder"),
+                (isinstance(parts.unet_config, DiTConfig), "backbone: dit", "holds UNets only"),
+                (parts.diffusion.objective == "flow", "diffusion.objective: flow",
+                 "describes the VP diffusion process only")):
             if present:
                 raise ConfigError(f"{what}: the {fmt} format {why}; keep the model in the native format")
     if fmt == "native":

@@ -19,6 +19,7 @@ from latent_diffusion.conditioning.image_prompt import ImagePrompt, ip_adapter_s
 from latent_diffusion.conditioning.spatial import binary_masks, encode_latents, spatial_kind, with_spatial
 from latent_diffusion.config import MAX_NOISE_LEVEL, AutoencoderRunConfig, LDMRunConfig
 from latent_diffusion.diffusion.denoiser import Denoiser
+from latent_diffusion.diffusion.flow import FlowDenoiser, FlowSchedule
 from latent_diffusion.diffusion.guidance import guided_model
 from latent_diffusion.diffusion.schedule import build_schedule
 from latent_diffusion.generation.control import Control, ControlledNetwork
@@ -68,7 +69,8 @@ class LatentDiffusion:
         self.ae_config, self.device, self.precision = ae_config, device, precision
         # bf16 runs its arithmetic in fp32 on CPUs without bf16 matrix units (`inference.precision`)
         self.math = math_precision(precision, device)
-        self.schedule = build_schedule(config.diffusion)
+        self.schedule = (FlowSchedule(config.diffusion.num_timesteps, config.diffusion.flow_shift)
+                         if config.diffusion.objective == "flow" else build_schedule(config.diffusion))
         # Decode in overlapping latent tiles of this size (e.g. 64: 512² pixels for f = 8), for large images in
         # bounded memory; None decodes whole (exact). See `AutoencoderKL.decode_tiled`.
         self.vae_tile: int | None = None
@@ -99,6 +101,11 @@ class LatentDiffusion:
         check_guidance(guidance_scale, name("guidance_scale"))
         check_number(guidance_rescale, 0.0, 1.0, name("guidance_rescale"), " (0: none; 0.7 in Lin et al.)")
         sampler, named_karras = resolve_sampler(s.sampler if sampler is None else sampler)
+        objective = self.config.diffusion.objective
+        if get_sampler(sampler).objective != objective:
+            fitting = [n for n, spec in SAMPLERS.items() if spec.objective == objective]
+            raise ValueError(f"{name('sampler')}: {sampler} samples {get_sampler(sampler).objective} models; this "
+                             f"model is a {objective} model (diffusion.objective), sampled by {', '.join(fitting)}")
         karras = named_karras if karras is None else karras
         options = {}
         if eta is not None:
@@ -116,9 +123,9 @@ class LatentDiffusion:
                     names: Mapping[str, str] | None = None) -> tuple[int, int]:
         """(h, w) of the latents for an image size (None: the training size), checked against the downsampling."""
         name, f = _namer(names), self.ae_config.model.downsample_factor
-        multiple = f * self.config.unet.downsample_factor
+        multiple = f * self.config.network.downsample_factor
         height, width = (self.config.data.resolution if side is None else side for side in (height, width))
-        why = f"autoencoder f={f} × UNet downsampling {self.config.unet.downsample_factor}"
+        why = f"autoencoder f={f} × UNet downsampling {self.config.network.downsample_factor}"
         for key, value in (("height", height), ("width", width)):
             check_side(value, multiple, name(key), why)
         return height // f, width // f
@@ -131,7 +138,7 @@ class LatentDiffusion:
         if free is None:
             return 1 << 20
         h, w = self.latent_size(height, width, names)
-        per_image = activation_bytes(self.config.unet, self.ae_config.model, (h, w), guided,
+        per_image = activation_bytes(self.config.network, self.ae_config.model, (h, w), guided,
                                      PRECISIONS[self.math].itemsize, self.vae_tile)
         if per_image > free:
             name, f = _namer(names), self.ae_config.model.downsample_factor
@@ -169,7 +176,7 @@ class LatentDiffusion:
         if image is None or self.config.conditioning.spatial == "low_res":
             return height, width
         image_height, image_width = image.size[::-1] if isinstance(image, Image.Image) else image.shape[-2:]
-        multiple = self.ae_config.model.downsample_factor * self.config.unet.downsample_factor
+        multiple = self.ae_config.model.downsample_factor * self.config.network.downsample_factor
         return (height or max(multiple, image_height - image_height % multiple),
                 width or max(multiple, image_width - image_width % multiple))
 
@@ -331,8 +338,8 @@ class LatentDiffusion:
         num_images = len(prompts)
         check_num_images(num_images, name="number of prompts")
         f = self.ae_config.model.downsample_factor
-        if controls and self.config.unet.adm_in_channels is not None:
-            raise ValueError("controls: ControlNets for SDXL models are not supported yet")
+        if controls and (self.config.backbone != "unet" or self.config.unet.adm_in_channels is not None):
+            raise ValueError("controls: ControlNets for SDXL and DiT models are not supported yet")
         seeds = image_seeds(seed, num_images)
         fits = self.max_batch_size(height, width, guided=settings.guidance_scale not in (0.0, 1.0))
         if num_images > fits:
@@ -345,8 +352,7 @@ class LatentDiffusion:
         if refiner is not None:
             self.check_refiner(refiner, image is not None or controls or image_prompt is not None)
             refined = refiner.conditioner.encode_request(prompts, negatives, (h * f, w * f), micro)
-            handoff = Handoff(Denoiser(refiner.guided(*refined, settings), refiner.schedule,
-                                       refiner.config.diffusion.prediction_type), refiner, refiner_start)
+            handoff = Handoff(refiner.denoiser(refiner.guided(*refined, settings)), refiner, refiner_start)
         if image_prompt is not None:
             cond, uncond = self.with_image_prompt(cond, uncond, image_prompt)
         images, masks = self.image_inputs(image, mask, num_images, (h, w))
@@ -367,7 +373,7 @@ class LatentDiffusion:
             network = ControlledNetwork(network, controls, branches, guess_mode, labels)
         model = guided_model(network, cond, uncond, settings.guidance_scale, guidance_rescale)
         with self.image_prompt_scale(image_prompt_scale):
-            out = self.sample(Denoiser(model, self.schedule, self.config.diffusion.prediction_type), settings, noise,
+            out = self.sample(self.denoiser(model), settings, noise,
                               generator, start, from_noise=masks is not None and strength in (None, 1.0),
                               progress=progress, controlled=network if controls else None, on_step=on_step,
                               handoff=handoff)
@@ -416,6 +422,12 @@ class LatentDiffusion:
         with autocast(model.device, model.math):
             return model.decode(x.float() / model.latent_scale).float()
 
+    def denoiser(self, model) -> Denoiser | FlowDenoiser:
+        """D(x; σ) of a (guided) network function: the VP process's, or a flow model's."""
+        if isinstance(self.schedule, FlowSchedule):
+            return FlowDenoiser(model, self.schedule)
+        return Denoiser(model, self.schedule, self.config.diffusion.prediction_type)
+
     def guided(self, cond: Conditioning, uncond: Conditioning, settings: Settings):
         """This model's network under classifier-free guidance at the request's settings."""
         return guided_model(self.network, cond, uncond, settings.guidance_scale, settings.guidance_rescale)
@@ -429,8 +441,10 @@ class LatentDiffusion:
         if (mine.embed_dim, mine.downsample_factor) != (theirs.embed_dim, theirs.downsample_factor):
             raise ValueError(f"refiner: its latents ({theirs.embed_dim} channels, f={theirs.downsample_factor}) are not "
                              f"this model's ({mine.embed_dim} channels, f={mine.downsample_factor})")
-        if refiner.schedule.num_timesteps != self.schedule.num_timesteps or not torch.allclose(
-                refiner.schedule.alphas_cumprod, self.schedule.alphas_cumprod):
+        if type(refiner.schedule) is not type(self.schedule) or (
+                isinstance(self.schedule, FlowSchedule) and refiner.schedule != self.schedule) or (
+                not isinstance(self.schedule, FlowSchedule) and not torch.equal(refiner.schedule.alphas_cumprod,
+                                                                                self.schedule.alphas_cumprod)):
             raise ValueError("refiner: its noise schedule differs from this model's; the handover needs one schedule")
 
     def network(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:

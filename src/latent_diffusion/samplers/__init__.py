@@ -9,10 +9,11 @@ A sampler is `sample_x(denoiser, noise, grid, *, generator=None, callback=None, 
 from __future__ import annotations
 
 from latent_diffusion.samplers.common import Callback, Generators, Sampler
-from latent_diffusion.samplers.grid import DiscreteStep, GridOptions, SigmaGrid
+from latent_diffusion.samplers.grid import DiscreteStep, FlowGrid, GridOptions, SigmaGrid
 # Importing the sampler modules registers their samplers, in this order
 from latent_diffusion.samplers.discrete import sample_ddim, sample_ddpm, sample_plms
 from latent_diffusion.samplers.kdiffusion import sample_dpmpp_2m, sample_euler, sample_euler_a, sample_heun
+from latent_diffusion.samplers.flow import sample_flow_euler, sample_flow_heun
 from latent_diffusion.samplers.registry import SAMPLERS, SamplerSpec, register
 
 # AUTOMATIC1111's names of our samplers (its "X Karras" variants are X with `karras=True`); DDPM has none
@@ -58,7 +59,7 @@ def sampler_label(name: str, karras: bool = False) -> str:
     return f"{label} Karras" if karras else label
 
 
-__all__ = ["A1111_NAMES", "SAMPLERS", "Callback", "DiscreteStep", "Generators", "GridOptions", "Sampler",
+__all__ = ["A1111_NAMES", "SAMPLERS", "Callback", "DiscreteStep", "FlowGrid", "Generators", "GridOptions", "Sampler",
            "SamplerSpec", "SigmaGrid", "get_sampler", "register", "resolve_sampler", "sample_ddim", "sample_ddpm",
-           "sample_dpmpp_2m", "sample_euler", "sample_euler_a", "sample_heun", "sample_plms", "sampler_label",
-           "sampler_options"]
+           "sample_dpmpp_2m", "sample_euler", "sample_euler_a", "sample_flow_euler", "sample_flow_heun",
+           "sample_heun", "sample_plms", "sampler_label", "sampler_options"]

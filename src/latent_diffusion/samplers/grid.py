@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import torch
 
+from latent_diffusion.diffusion.flow import FlowSchedule
 from latent_diffusion.diffusion.schedule import (NoiseSchedule, TimestepSpacing, interpolate, karras_sigmas,
                                                  sigma_to_t, timestep_grid)
 
@@ -105,12 +106,27 @@ def dpm_solver_grid(schedule: NoiseSchedule, num_steps: int, spacing: TimestepSp
     return _sigma_grid(sigmas.tolist() + [0.0], vp_prior=True)
 
 
-Grid = list[DiscreteStep] | SigmaGrid
+class FlowGrid(NamedTuple):
+    """A flow model's times t_0 = 1 > … > t_n = 0 (`diffusion.flow.FlowSchedule`): x at t_0 is the noise itself,
+    and between steps x_t = (1 − t)·x_0 + t·ε (not x_0 + σ·ε)."""
+
+    sigmas: list[float]
+    init_noise_sigma: float = 1.0
+
+
+def flow_grid(schedule: FlowSchedule, num_steps: int) -> FlowGrid:
+    """The flow samplers' grid: diffusers' FlowMatchEulerDiscreteScheduler times with the schedule's shift."""
+    if not isinstance(schedule, FlowSchedule):
+        raise ValueError("the flow samplers sample flow models (diffusion.objective: flow)")
+    return FlowGrid(schedule.sigmas(num_steps))
+
+
+Grid = list[DiscreteStep] | SigmaGrid | FlowGrid
 
 
 def grid_length(grid: Grid) -> int:
     """The number of steps of a grid."""
-    return len(grid.sigmas) - 1 if isinstance(grid, SigmaGrid) else len(grid)
+    return len(grid.sigmas) - 1 if isinstance(grid, (SigmaGrid, FlowGrid)) else len(grid)
 
 
 def grid_from(grid: Grid, start: int) -> Grid:
@@ -118,6 +134,8 @@ def grid_from(grid: Grid, start: int) -> Grid:
     from unit noise (img2img: diffusers' `timesteps[t_start:]` with `set_begin_index`)."""
     if not 0 <= start < grid_length(grid):
         raise ValueError(f"start step {start}: expected 0 to {grid_length(grid) - 1}")
+    if isinstance(grid, FlowGrid):
+        return FlowGrid(grid.sigmas[start:])
     if isinstance(grid, SigmaGrid):
         return SigmaGrid(grid.sigmas[start:], init_noise_sigma=1.0)  # the sampler's x is then given as it is
     return grid[start:]
@@ -128,14 +146,16 @@ def grid_until(grid: Grid, end: int) -> Grid:
     latents to a refiner: diffusers' `denoising_end`)."""
     if not 0 < end <= grid_length(grid):
         raise ValueError(f"end step {end}: expected 1 to {grid_length(grid)}")
-    if isinstance(grid, SigmaGrid):
-        return SigmaGrid(grid.sigmas[:end + 1], grid.init_noise_sigma)
+    if isinstance(grid, (SigmaGrid, FlowGrid)):
+        return type(grid)(grid.sigmas[:end + 1], grid.init_noise_sigma)
     return grid[:end]
 
 
 def grid_timesteps(grid: Grid, schedule: NoiseSchedule) -> list[float]:
     """The (possibly fractional) timestep at which each step of `grid` starts (σ's mapped back by log-σ
     interpolation, as diffusers' schedulers do for Karras σ's)."""
+    if isinstance(grid, FlowGrid):
+        return [t * schedule.num_timesteps for t in grid.sigmas[:-1]]
     if isinstance(grid, SigmaGrid):
         sigmas = torch.tensor(grid.sigmas[:-1], dtype=torch.float64)
         return sigma_to_t(sigmas, schedule.log_sigmas.double()).tolist()
@@ -144,10 +164,12 @@ def grid_timesteps(grid: Grid, schedule: NoiseSchedule) -> list[float]:
 
 def noised(grid: Grid, step: int, latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Clean `latents` brought to the noise level at which step `step` of `grid` starts (its end, step = length:
-    the latents themselves), in the sampler's own x: x_0 + σ ε in σ-space, √ᾱ_t x_0 + √(1 − ᾱ_t) ε for the VP
+    the latents themselves), in the sampler's own x: (1 − t) x_0 + t ε on a flow, x_0 + σ ε in σ-space, √ᾱ_t x_0 + √(1 − ᾱ_t) ε for the VP
     samplers (DDPM eq. 4; diffusers' `scheduler.add_noise`)."""
     if step == grid_length(grid):
         return latents
+    if isinstance(grid, FlowGrid):  # the straight path
+        return (1 - grid.sigmas[step]) * latents + grid.sigmas[step] * noise
     if isinstance(grid, SigmaGrid):
         return latents + grid.sigmas[step] * noise
     alpha_cumprod = grid[step].alpha_cumprod

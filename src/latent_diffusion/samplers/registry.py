@@ -24,6 +24,7 @@ class SamplerSpec:
     :param grid: `grid(schedule, num_steps, **grid_options) -> grid`, the grid `sample` takes.
     :param grid_options: the `GridOptions` fields `grid` takes.
     :param options: the sampler's own keyword options (e.g. eta).
+    :param objective: the models it samples: "diffusion" (the VP process) or "flow" (`diffusion.flow`).
     """
 
     name: str
@@ -31,6 +32,7 @@ class SamplerSpec:
     grid: Callable[..., Any]
     grid_options: tuple[str, ...]
     options: tuple[str, ...] = ()
+    objective: str = "diffusion"
 
     def make_grid(self, schedule: NoiseSchedule, num_steps: int, options: GridOptions | None = None) -> Any:
         """This sampler's grid of `num_steps` steps: the options its grid takes, None ones at their defaults (a
@@ -46,7 +48,7 @@ SAMPLERS: dict[str, SamplerSpec] = {}
 
 
 def register(name: str, grid: Callable[..., Any], grid_options: tuple[str, ...],
-             options: tuple[str, ...] = ()) -> Callable[[Sampler], Sampler]:
+             options: tuple[str, ...] = (), objective: str = "diffusion") -> Callable[[Sampler], Sampler]:
     """Register the decorated sampler as `name`, its steps placed by `grid` (see `SamplerSpec`)."""
     if name in SAMPLERS:
         raise ValueError(f"a sampler named {name!r} is registered already")
@@ -55,6 +57,6 @@ def register(name: str, grid: Callable[..., Any], grid_options: tuple[str, ...],
         raise ValueError(f"sampler {name!r}: unknown grid options {unknown}; expected some of {list(GRID_OPTIONS)}")
 
     def add(sample: Sampler) -> Sampler:
-        SAMPLERS[name] = SamplerSpec(name, sample, grid, grid_options, options)
+        SAMPLERS[name] = SamplerSpec(name, sample, grid, grid_options, options, objective)
         return sample
     return add

@@ -22,13 +22,13 @@ def stage_one_config(cfg: LDMRunConfig, out: Path) -> AutoencoderRunConfig:
     (whose config must then have the same model sections), else the autoencoder `cfg` names, or pixel space."""
     if (out / CONFIG_FILE).is_file():
         stored = load_config(out / CONFIG_FILE, LDMRunConfig)
-        for section in ("unet", "conditioning", "diffusion"):
+        for section in ("backbone", "unet", "dit", "conditioning", "diffusion"):
             if getattr(stored, section) != getattr(cfg, section):
                 raise ConfigError(f"{out} was started with a different '{section}' section; use a new --out "
                                   f"folder or the stored {out / CONFIG_FILE}")
         return load_config(out / AUTOENCODER_DIR / AE_CONFIG)
     if cfg.autoencoder == PIXEL:
-        channels = cfg.unet.in_channels - cfg.unet.concat_channels
+        channels = cfg.network.in_channels - cfg.network.concat_channels
         return AutoencoderRunConfig(model=pixel_space_config(channels, cfg.data.resolution), data=cfg.data)
     source = Path(cfg.autoencoder)
     if not (source / AE_CONFIG).is_file():
@@ -40,15 +40,15 @@ def stage_one_config(cfg: LDMRunConfig, out: Path) -> AutoencoderRunConfig:
     if ae_cfg.model.latent_scale is None:
         raise ConfigError(f"{source}: the autoencoder has no latent_scale yet; run `ldm eval-autoencoder "
                           f"{source} --data HELD_OUT --write-scale` first")
-    latent_channels = ae_cfg.model.embed_dim + cfg.unet.concat_channels
-    if cfg.unet.in_channels != latent_channels:
-        raise ConfigError(f"unet.in_channels = {cfg.unet.in_channels}: expected {latent_channels} "
+    latent_channels = ae_cfg.model.embed_dim + cfg.network.concat_channels
+    if cfg.network.in_channels != latent_channels:
+        raise ConfigError(f"{cfg.backbone}.in_channels = {cfg.network.in_channels}: expected {latent_channels} "
                           f"(autoencoder embed_dim {ae_cfg.model.embed_dim} + concat_channels)")
-    check_spatial(cfg.conditioning.spatial, cfg.unet.concat_channels, ae_cfg.model.in_channels,
+    check_spatial(cfg.conditioning.spatial, cfg.network.concat_channels, ae_cfg.model.in_channels,
                   ae_cfg.model.embed_dim)
-    if cfg.data.resolution % (ae_cfg.model.downsample_factor * cfg.unet.downsample_factor):
+    if cfg.data.resolution % (ae_cfg.model.downsample_factor * cfg.network.downsample_factor):
         raise ConfigError(f"data.resolution = {cfg.data.resolution}: expected a multiple of "
-                          f"{ae_cfg.model.downsample_factor * cfg.unet.downsample_factor} (autoencoder f × UNet "
+                          f"{ae_cfg.model.downsample_factor * cfg.network.downsample_factor} (autoencoder f × the backbone's "
                           "downsampling)")
     return ae_cfg
 

@@ -21,6 +21,7 @@ from latent_diffusion.config import AutoencoderRunConfig, ConfigError, LDMRunCon
 from latent_diffusion.data import count_captioned, open_dataset
 from latent_diffusion.conditioning.dropout import drop_mask
 from latent_diffusion.diffusion.guidance import network_kwargs
+from latent_diffusion.diffusion.flow import flow_loss, logit_normal
 from latent_diffusion.diffusion.objective import diffusion_loss
 from latent_diffusion.formats.autoencoder import load_autoencoder
 from latent_diffusion.files.weights import CheckpointError, load_module_weights, save_weights
@@ -43,7 +44,7 @@ from latent_diffusion.training.latent_cache import LatentCache, encode_dataset
 from latent_diffusion.training.loop import (STATE_FILE, LatentCacheSteps, distributed_context, finite_everywhere,
                                             optimizer_step, resume_optimizers, train_loop)
 from latent_diffusion.training.run_log import log_summary, parameter_counts
-from latent_diffusion.unet import UNetModel
+from latent_diffusion.backbones import build_backbone
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class TrainedNetwork(nn.Module):
     of the conditioner (`Conditioner.trainable`: a class embedder, a text adapter), which turns the batch's
     `Conditioner.training_inputs` (labels, frozen text tokens; already dropped for CFG) into its condition."""
 
-    def __init__(self, unet: UNetModel, conditioner: nn.Module | None = None):
+    def __init__(self, unet: nn.Module, conditioner: nn.Module | None = None):
         super().__init__()
         self.unet, self.conditioner = unet, conditioner
 
@@ -69,7 +70,7 @@ class _Run(LatentCacheSteps):
     cfg: LDMRunConfig
     ctx: DistributedContext
     out: Path
-    unet: UNetModel
+    unet: nn.Module
     ema: EMA | None
     conditioner_ema: EMA | None  # of the trained conditioner (class embedder or adapter), when there is one
     conditioner: Conditioner
@@ -157,20 +158,20 @@ def _build_run(cfg: LDMRunConfig, dataset: Dataset, captioned: int | None, out: 
                accumulation: int, progress: bool, signals: StopSignals) -> _Run:
     dev, tcfg = ctx.device, cfg.training
     autoencoder, _ = load_autoencoder(out / AUTOENCODER_DIR, dev)
-    conditioner = build_conditioner(cfg.conditioning, dev, cfg.unet.context_dim)
+    conditioner = build_conditioner(cfg.conditioning, dev, cfg.network.context_dim)
     if cfg.conditioning.cache:
         conditioner.cache_frozen(out / "cache" / "text")
-    if getattr(conditioner, "vector_dim", None) != cfg.unet.adm_in_channels:
-        raise ConfigError(f"unet.adm_in_channels = {cfg.unet.adm_in_channels}: the {cfg.conditioning.encoder} "
+    if getattr(conditioner, "vector_dim", None) != cfg.network.adm_in_channels:
+        raise ConfigError(f"unet.adm_in_channels = {cfg.network.adm_in_channels}: the {cfg.conditioning.encoder} "
                           f"encoder gives a vector condition of {getattr(conditioner, 'vector_dim', None)}")
-    if cfg.unet.context_dim is not None and conditioner.dim != cfg.unet.context_dim:
-        raise ConfigError(f"unet.context_dim = {cfg.unet.context_dim}: the {cfg.conditioning.encoder} encoder "
+    if cfg.network.context_dim is not None and conditioner.dim != cfg.network.context_dim:
+        raise ConfigError(f"unet.context_dim = {cfg.network.context_dim}: the {cfg.conditioning.encoder} encoder "
                           f"gives {conditioner.dim}-wide tokens")
     if cfg.data.flip or cfg.data.random_crop:
         log.warning("data.flip / data.random_crop are not applied: the latent cache holds each image once, "
                     "centre-cropped and unflipped")
     torch.manual_seed(tcfg.seed)
-    unet = UNetModel(cfg.unet).to(dev)
+    unet = build_backbone(cfg.network).to(dev)
     if tcfg.init_from:
         init_weights(tcfg.init_from, unet, conditioner.trainable)
     trainable = conditioner.trainable
@@ -207,7 +208,7 @@ def check_data(cfg: LDMRunConfig, data, dataset: Dataset) -> int | None:
     return captioned
 
 
-def init_weights(path: str, unet: UNetModel, trainable: nn.Module | None) -> None:
+def init_weights(path: str, unet: nn.Module, trainable: nn.Module | None) -> None:
     """Start from the weights of the model at `path` (any format `load_model` reads): its UNet, and its trained
     conditioner when both models have one; a module the source lacks (a new adapter) keeps its initialisation."""
     try:
@@ -236,7 +237,9 @@ def _train_step(run: _Run, indices: torch.Tensor, step: int) -> float:
     # All randomness of the global batch, drawn identically on every rank (world-size independent).
     z0 = run.cache.sample(indices, run.rng) * run.autoencoder.config.latent_scale
     drop = drop_mask(n, cfg.diffusion.p_uncond, run.rng)
-    t = torch.randint(0, run.alphas_cumprod.shape[0], (n,), generator=run.rng)
+    d = cfg.diffusion
+    t = (logit_normal(n, run.rng, d.logit_mean, d.logit_std) if d.objective == "flow"
+         else torch.randint(0, run.alphas_cumprod.shape[0], (n,), generator=run.rng))
     noise = torch.randn(z0.shape, generator=run.rng)
     spatial = spatial_kind(cfg.conditioning.spatial)
     masks = spatial.training_masks(n, *run.cache.images.shape[-2:], run.rng) if spatial is not None else None
@@ -247,8 +250,11 @@ def _train_step(run: _Run, indices: torch.Tensor, step: int) -> float:
         network = _network(run, indices[part], drop[part], masks[part] if masks is not None else None,
                            z0.shape[-2:])
         with no_sync(run.model, last=i == len(chunks) - 1), autocast(dev, cfg.training.precision):
-            loss = diffusion_loss(network, z0[part].to(dev), t[part].to(dev), noise[part].to(dev),
-                                  run.alphas_cumprod, cfg.diffusion.prediction_type, cfg.diffusion.min_snr_gamma)
+            if d.objective == "flow":
+                loss = flow_loss(network, z0[part].to(dev), t[part].to(dev), noise[part].to(dev), d.num_timesteps)
+            else:
+                loss = diffusion_loss(network, z0[part].to(dev), t[part].to(dev), noise[part].to(dev),
+                                      run.alphas_cumprod, d.prediction_type, d.min_snr_gamma)
             run.scaler.scale(loss / run.accumulation).backward()
         total += loss.item() / run.accumulation
     if not finite_everywhere(ctx, run.guard, total, step, [run.optimizer]):
@@ -308,7 +314,7 @@ def _write_samples(run: _Run, step: int, weights: dict[str, dict[str, torch.Tens
     and returns it."""
     if not run.ctx.is_main:
         return None
-    unet = UNetModel(run.cfg.unet).to(run.ctx.device)
+    unet = build_backbone(run.cfg.network).to(run.ctx.device)
     unet.load_state_dict(weights["unet"])
     conditioner = run.conditioner
     if "conditioner" in weights:  # a copy with the sampling weights; the trained module stays as it is
