@@ -172,3 +172,11 @@ def test_ldm_generate_with_micro_conditioning_and_a_refiner(folders, tmp_path, m
     expected = base(["a red circle"], steps=5, seed=2, progress=False, refiner=refiner, refiner_start=0.6,
                     micro={"original_size": (96, 128), "crop": (4, 8), "aesthetic_score": 7.0}, **SIZE)[0]
     assert torch.equal(pil_to_tensor(Image.open("xl.png").convert("RGB")), pil_to_tensor(expected))
+
+
+def test_adapters_of_sd_unets_are_refused_for_sdxl(pipes, tmp_path):
+    for load, what in ((lambda: pipes[0].load_lora(tmp_path / "x.safetensors"), "a LoRA"),
+                       (lambda: pipes[0].load_controlnet(tmp_path / "x"), "a ControlNet"),
+                       (lambda: pipes[0].load_embedding(tmp_path / "x.pt"), "a textual-inversion embedding")):
+        with pytest.raises(ValueError, match=f"{what}: an SDXL model takes none yet"):
+            load()

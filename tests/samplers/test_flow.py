@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from latent_diffusion.diffusion.flow import FlowDenoiser, FlowSchedule, flow_loss, logit_normal
-from latent_diffusion.samplers import get_sampler
+from latent_diffusion.samplers import SAMPLERS, get_sampler
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -16,9 +16,15 @@ def velocity(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
     return torch.tanh(x.flip(1) * 0.7) + (timestep / 1000).reshape(-1, 1, 1, 1) * x.roll(1, dims=-1)
 
 
+PARITY = {"flow_euler": "FlowMatchEulerDiscreteScheduler", "flow_heun": "FlowMatchHeunDiscreteScheduler"}
+
+
+def test_every_flow_sampler_has_a_parity_case():
+    assert set(PARITY) == {name for name, spec in SAMPLERS.items() if spec.objective == "flow"}
+
+
 @pytest.mark.parametrize("shift", [1.0, 3.0])
-@pytest.mark.parametrize("name,scheduler", [("flow_euler", "FlowMatchEulerDiscreteScheduler"),
-                                            ("flow_heun", "FlowMatchHeunDiscreteScheduler")])
+@pytest.mark.parametrize("name,scheduler", PARITY.items())
 def test_flow_samplers_equal_diffusers_schedulers(name, scheduler, shift):
     steps, noise = 7, torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(0))
     schedule = FlowSchedule(1000, shift)
@@ -61,3 +67,12 @@ def test_a_flow_model_denoises_exactly_with_the_true_velocity():
     x_t = (1 - t) * x0 + t * noise
     denoiser = FlowDenoiser(lambda x, timestep: noise - x0, FlowSchedule())
     assert torch.allclose(denoiser.denoise(x_t, t), x0, atol=1e-6)
+
+
+def test_flow_samplers_refuse_a_diffusion_schedule_and_bad_step_counts():
+    from latent_diffusion.diffusion.schedule import make_schedule
+    for name in PARITY:
+        with pytest.raises(ValueError, match="the flow samplers sample flow models"):
+            get_sampler(name).make_grid(make_schedule(), 5)
+        with pytest.raises(ValueError, match="num_steps must be an integer >= 1"):
+            get_sampler(name).make_grid(FlowSchedule(), 0)

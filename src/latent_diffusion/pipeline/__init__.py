@@ -93,9 +93,18 @@ class Pipeline(LatentDiffusion):
             self._openvino = OpenVINOUNet(self.unet, self.precision, default_cache_dir())
         return self._openvino
 
+    def check_adapter(self, what: str) -> None:
+        """A clear error for an adapter of the SD 1.x/2.x UNet asked of an SDXL or a DiT model."""
+        family = ("a DiT" if self.config.backbone == "dit" else
+                  "an SDXL" if self.config.conditioning.encoder == "sdxl" else None)
+        if family is not None:
+            raise ValueError(f"{what}: {family} model takes none yet (adapters attach to SD 1.x/2.x-style UNets with "
+                             "one CLIP text encoder)")
+
     def load_embedding(self, path: str | os.PathLike, token: str | None = None) -> str:
         """Attach a textual-inversion embedding (A1111 `.pt` / `.safetensors`, diffusers `learned_embeds.*`) to the
         text encoder; returns the trigger word that calls it in prompts (`token`, else the file's)."""
+        self.check_adapter("a textual-inversion embedding")
         return embeddings.load_embedding(self, path, token)
 
     def unload_embeddings(self) -> None:
@@ -107,6 +116,7 @@ class Pipeline(LatentDiffusion):
         `weight` (A1111's `<lora:name:weight>`), on the fly, or fused while `fuse_lora` is in effect (always with
         the OpenVINO backend). Several stack, each with its own weight. Returns its name (the file's stem unless
         given) for `unload_lora`. A file that does not fit the model is a clear error (`formats/lora.py`)."""
+        self.check_adapter("a LoRA")
         return self.loras.load(self, path, weight, name)
 
     def unload_lora(self, name: str | None = None) -> None:
@@ -127,6 +137,7 @@ class Pipeline(LatentDiffusion):
         Plus) with its CLIP image encoder (a folder with config.json, or a .safetensors file beside one): image
         prompts (`image_prompt=`) then steer the UNet's cross-attention at weight `scale`. Replaces one loaded
         before; a file for another model is a clear error (`formats/ip_adapter.py`)."""
+        self.check_adapter("an IP-Adapter")
         if self.backend != "torch":
             raise ValueError("IP-Adapter: the OpenVINO backend runs a UNet compiled without its layers; use "
                              "backend 'torch'")
@@ -147,6 +158,7 @@ class Pipeline(LatentDiffusion):
         """A ControlNet (an original `control_model.*` file or a diffusers folder) for this model, kept and computed
         as the UNet is; pass it to a request as `controls=[Control(net, image, scale, start, end)]`. One made for
         another model (other widths, token width or autoencoder factor) is a clear error."""
+        self.check_adapter("a ControlNet")
         net = load_controlnet(path, self.device, next(self.unet.parameters()).dtype)
         f = self.ae_config.model.downsample_factor
         want = ControlNetConfig.of_unet(self.config.unet, f).unet
