@@ -71,7 +71,7 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match=r"context_mask of shape \(2, 5\) \(B, L\), got \(2, 4\)"):
         model(torch.randn(2, 4, 8, 8), torch.tensor([1.0, 2.0]), torch.randn(2, 5, 8),
               torch.ones(2, 4, dtype=torch.bool))
-    with pytest.raises(ValueError, match="class_labels are required exactly when unet.num_classes is set"):
+    with pytest.raises(ValueError, match="class_labels are required exactly when the network.s num_classes is set"):
         model(torch.randn(1, 4, 8, 8), torch.tensor([1.0]), torch.randn(1, 2, 8), class_labels=torch.tensor([0]))
     with pytest.raises(ValueError, match=r"class_labels of shape \(2,\), got \(4,\)"):
         UNetModel(tiny_unet_config(num_classes=3, context_dim=None))(torch.randn(2, 4, 8, 8), torch.tensor([1.0, 2.0]),

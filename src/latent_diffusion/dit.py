@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from latent_diffusion.config import DiTConfig
 from latent_diffusion.nn.attention import CrossAttention
+from latent_diffusion.nn.conditions import check_conditions
 from latent_diffusion.nn.embeddings import grid_position_embedding, timestep_embedding
 
 FREQUENCY_DIM = 256  # the sinusoidal timestep features the timestep MLP reads (DiT's frequency_embedding_size)
@@ -150,16 +151,7 @@ class DiT(nn.Module):
         if x.ndim != 4 or x.shape[1] != cfg.in_channels or x.shape[2] % p or x.shape[3] % p:
             raise ValueError(f"expected x of shape (B, {cfg.in_channels}, h, w) with h and w multiples of the patch "
                              f"size {p} (dit.in_channels counts concatenated conditions), got {tuple(x.shape)}")
-        if tuple(t.shape) != (b,):
-            raise ValueError(f"expected timesteps of shape ({b},), got {tuple(t.shape)}")
-        if cfg.context_dim is not None and (context is None or context.ndim != 3 or context.shape[0] != b
-                                            or context.shape[-1] != cfg.context_dim):
-            got = None if context is None else tuple(context.shape)
-            raise ValueError(f"expected context tokens of shape ({b}, L, {cfg.context_dim}), got {got}")
-        if context_mask is not None and (context is None or tuple(context_mask.shape) != tuple(context.shape[:2])):
-            raise ValueError(f"expected context_mask of shape (B, L) of the context, got {tuple(context_mask.shape)}")
-        if (cfg.num_classes is not None) != (class_labels is not None):
-            raise ValueError(f"class_labels are required exactly when dit.num_classes is set ({cfg.num_classes})")
+        check_conditions(cfg, b, t, context, context_mask, class_labels)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None, class_labels: torch.Tensor | None = None,
