@@ -13,7 +13,3 @@ from latent_diffusion.unet import UNetModel
 def build_backbone(cfg: UNetConfig | DiTConfig) -> nn.Module:
     """The network `cfg` describes (`LDMRunConfig.network`)."""
     return DiT(cfg) if isinstance(cfg, DiTConfig) else UNetModel(cfg)
-
-
-def backbone_class(cfg: UNetConfig | DiTConfig) -> type[nn.Module]:
-    return DiT if isinstance(cfg, DiTConfig) else UNetModel
