@@ -28,6 +28,7 @@ from torch import nn
 from latent_diffusion.conditioning.base import Conditioning, FrozenEncoder, check_prompts
 from latent_diffusion.conditioning.clip import ClipTextTransformer, clip_text_transformer
 from latent_diffusion.conditioning.conditioner import Conditioner
+from latent_diffusion.conditioning.dropout import drop_condition
 from latent_diffusion.conditioning.tokenizer import ClipTokenizer
 from latent_diffusion.config import ClipTextConfig, ConditioningConfig, ConfigError
 from latent_diffusion.files.weights import CheckpointError, read_weights
@@ -261,10 +262,7 @@ class SDXLConditioner(Conditioner):
         """The captions' conditions, ∅ (zero text, the item's own size features) where `drop` is True."""
         micro = _item_micro(items)
         cond = self._with_vector(self.encoder([item["caption"] for item in items]), micro, negative=False)
-        null = self._with_vector(self._null(len(items)), micro, negative=True)
-        drop = drop.to(cond.tokens.device)
-        return Conditioning(torch.where(drop[:, None, None], null.tokens, cond.tokens), cond.mask,
-                            vector=torch.where(drop[:, None], null.vector, cond.vector))
+        return drop_condition(cond, self._with_vector(self._null(len(items)), micro, negative=True), drop)
 
     def label_prompt(self, label: int, caption: str) -> str:
         return caption
