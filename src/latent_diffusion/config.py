@@ -10,9 +10,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_NOISE_LEVEL = 350  # the x4 upscaler's max_noise_level: more noise leaves nothing of the image
 
@@ -34,6 +37,9 @@ class AutoencoderConfig:
     :param resolution: nominal training resolution (used to place attention blocks).
     :param norm_groups: GroupNorm groups (CompVis: 32); every width must be divisible by it.
     :param latent_scale: 1 / std of latents (Stable Diffusion's 0.18215); set by `ldm eval-autoencoder`.
+    :param latent_shift: subtracted from the latents before scaling: the diffusion model sees
+        (z − latent_shift)·latent_scale (SD3's VAE: 0.0609; 0 for the paper's and SD 1.x/2.x/XL's).
+    :param quant_conv: the 1×1 convolutions around the latent (`quant_conv`, `post_quant_conv`; SD3's VAE has none).
     :param pixel_space: no networks at all: the first stage is the identity (f = 1, pixel-space diffusion); written
         by `ldm train` for `autoencoder: pixel`, with embed_dim = in_channels.
     :param regularizer: "kl" (a diagonal Gaussian posterior, the KL term) or "vq" (a codebook of `n_embed`
@@ -54,6 +60,8 @@ class AutoencoderConfig:
     resolution: int = 256
     norm_groups: int = 32
     latent_scale: float | None = None
+    latent_shift: float = 0.0
+    quant_conv: bool = True
     pixel_space: bool = False
     regularizer: Literal["kl", "vq"] = "kl"
     n_embed: int = 8192
@@ -64,6 +72,14 @@ class AutoencoderConfig:
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
+
+    def to_diffusion(self, z: torch.Tensor) -> torch.Tensor:
+        """The autoencoder's latents as the diffusion model sees them: (z − latent_shift)·latent_scale."""
+        return (z - self.latent_shift) * self.latent_scale
+
+    def from_diffusion(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of `to_diffusion`: the latents the decoder takes."""
+        return x / self.latent_scale + self.latent_shift
 
     def __post_init__(self) -> None:
         _check(self.ch > 0, "model.ch", self.ch, "a positive integer")
@@ -81,6 +97,8 @@ class AutoencoderConfig:
                f"divisible by the downsampling factor f={self.downsample_factor}")
         _check(self.regularizer in ("kl", "vq"), "model.regularizer", self.regularizer,
                "kl (a KL-regularised autoencoder) or vq (a vector-quantised one)")
+        _check(self.quant_conv or self.z_channels == self.embed_dim, "model.quant_conv", self.quant_conv,
+               f"true unless z_channels = embed_dim (got {self.z_channels} and {self.embed_dim})")
         if self.regularizer == "vq":
             _check(self.n_embed >= 2, "model.n_embed", self.n_embed, "at least 2 codebook vectors")
             _check(self.vq_ema_decay is None or 0 < self.vq_ema_decay < 1, "model.vq_ema_decay",
@@ -219,6 +237,64 @@ class DiTConfig:
                f"a multiple of dit.num_heads = {self.num_heads}")
         _check(self.mlp_ratio > 0, "dit.mlp_ratio", self.mlp_ratio, "a positive number")
         _check(self.concat_channels < self.in_channels, "dit.concat_channels", self.concat_channels,
+               f"fewer than in_channels={self.in_channels} (in_channels counts latent + concatenated channels)")
+
+
+@dataclass(frozen=True)
+class MMDiTConfig:
+    """Architecture of SD3's multimodal diffusion transformer (Esser et al. 2024, §4), selected by `backbone: mmdit`.
+
+    Image patches and the condition tokens are two streams with their own weights that meet in one joint
+    self-attention per block; both are modulated (adaLN-Zero) by the timestep embedding plus the embedded vector
+    condition (SD3: the two CLIP encoders' pooled outputs, `adm_in_channels`). The defaults are SD3 Medium's.
+
+    :param hidden_size: token width of both streams (SD3: 64 × depth); `num_heads` must divide it.
+    :param context_dim: width of the condition tokens, projected to hidden_size (`context_embedder`; SD3: T5's 4096).
+    :param adm_in_channels: width of the vector condition (SD3: 2048), None for none.
+    :param pos_embed_max_size: side of the stored grid of patch positions; a latent of h/p × w/p patches reads its
+        centre (SD3 Medium: 192, so at most 384² latents).
+    :param qk_norm: RMS-normalise queries and keys per head (SD3.5: `ln_q`, `ln_k`).
+    :param dual_attention_layers: blocks with a second self-attention over the image tokens alone (SD3.5 Medium's
+        MMDiT-X: blocks 0–12).
+    """
+
+    in_channels: int = 16
+    out_channels: int = 16
+    patch_size: int = 2
+    hidden_size: int = 1536
+    depth: int = 24
+    num_heads: int = 24
+    mlp_ratio: float = 4.0
+    context_dim: int = 4096
+    adm_in_channels: int | None = 2048
+    pos_embed_max_size: int = 192
+    qk_norm: bool = False
+    dual_attention_layers: tuple[int, ...] = ()
+    concat_channels: int = 0
+    gradient_checkpointing: bool = False
+
+    @property
+    def downsample_factor(self) -> int:
+        """The latent side must be a multiple of this (the patch size)."""
+        return self.patch_size
+
+    @property
+    def num_classes(self) -> None:
+        """An MMDiT takes labels as condition tokens (`encoder: class`), not as a label embedding."""
+        return None
+
+    def __post_init__(self) -> None:
+        for name in ("patch_size", "hidden_size", "depth", "num_heads", "in_channels", "out_channels",
+                     "context_dim", "pos_embed_max_size"):
+            _check(getattr(self, name) >= 1, f"mmdit.{name}", getattr(self, name), "a positive integer")
+        _check(self.hidden_size % self.num_heads == 0, "mmdit.hidden_size", self.hidden_size,
+               f"a multiple of mmdit.num_heads = {self.num_heads}")
+        _check(self.mlp_ratio > 0, "mmdit.mlp_ratio", self.mlp_ratio, "a positive number")
+        _check(self.adm_in_channels is None or self.adm_in_channels >= 1, "mmdit.adm_in_channels",
+               self.adm_in_channels, "None or a positive width")
+        _check(all(0 <= i < self.depth for i in self.dual_attention_layers), "mmdit.dual_attention_layers",
+               self.dual_attention_layers, f"block indices below mmdit.depth = {self.depth}")
+        _check(self.concat_channels < self.in_channels, "mmdit.concat_channels", self.concat_channels,
                f"fewer than in_channels={self.in_channels} (in_channels counts latent + concatenated channels)")
 
 
@@ -392,6 +468,9 @@ class ConditioningConfig:
     :param clip_2: "sdxl" only: the second text encoder (OpenCLIP ViT-bigG with its projection); its penultimate
         states are concatenated to the first's along the width, its projected pooled output starts the vector
         condition (`unet.adm_in_channels`).
+    :param t5: "sd3" only: the T5 encoder's transformers `T5Config` (as a diffusers folder's text_encoder_3/config.json
+        holds it), None for an SD3 model run without T5 (its tokens are then zeros, as diffusers does).
+    :param t5_max_length: "sd3" only: T5 tokens per prompt (padded; diffusers' `max_sequence_length`, 256).
     :param micro_conditioning: "sdxl" only: what follows the pooled text in the vector condition, each number as
         256 Fourier features: "size" (original size, crop top-left, target size: the base) or "aesthetic"
         (original size, crop top-left, aesthetic score: the refiner).
@@ -410,7 +489,7 @@ class ConditioningConfig:
         mean (`conditioning/minilm.py`), so that each object's attributes reach cross-attention bound together.
     """
 
-    encoder: Literal["minilm", "clip", "sdxl", "class"] = "minilm"
+    encoder: Literal["minilm", "clip", "sdxl", "sd3", "class"] = "minilm"
     max_length: int = 77
     num_classes: int | None = None
     path: str | None = None
@@ -418,6 +497,8 @@ class ConditioningConfig:
     clip: ClipTextConfig | None = field(default_factory=ClipTextConfig)
     clip_2: ClipTextConfig | None = None
     micro_conditioning: Literal["size", "aesthetic"] = "size"
+    t5: dict[str, Any] | None = None
+    t5_max_length: int = 256
     spatial: Literal["none", "low_res", "inpaint"] = "none"
     adapter_layers: int = 0
     clause_tokens: bool = False
@@ -437,11 +518,18 @@ class ConditioningConfig:
         _check(not self.clause_tokens or self.encoder == "minilm", "conditioning.clause_tokens", self.clause_tokens,
                "false unless conditioning.encoder is 'minilm'")
         sdxl = self.encoder == "sdxl"
-        _check((self.clip_2 is not None) == sdxl, "conditioning.clip_2", self.clip_2,
-               "the second text encoder exactly when conditioning.encoder is 'sdxl'")
+        two_clips = self.encoder in ("sdxl", "sd3")
+        _check((self.clip_2 is not None) == two_clips, "conditioning.clip_2", self.clip_2,
+               "the second text encoder exactly when conditioning.encoder is 'sdxl' or 'sd3'")
         _check(self.clip is not None or sdxl, "conditioning.clip", self.clip,
                "a CLIP text config (only an 'sdxl' model may have none: SDXL's refiner)")
-        _check(not sdxl or self.clip_2.projection_dim is not None, "conditioning.clip_2.projection_dim",
+        _check(self.encoder == "sd3" or self.t5 is None, "conditioning.t5", self.t5,
+               "null unless conditioning.encoder is 'sd3'")
+        _check(self.t5_max_length >= 1, "conditioning.t5_max_length", self.t5_max_length, "a positive integer")
+        _check(self.encoder != "sd3" or self.clip.projection_dim is not None, "conditioning.clip.projection_dim",
+               None if self.clip is None else self.clip.projection_dim,
+               "the width of the first encoder's text projection (SD3's vector condition starts with it)")
+        _check(not two_clips or self.clip_2.projection_dim is not None, "conditioning.clip_2.projection_dim",
                None if self.clip_2 is None else self.clip_2.projection_dim,
                "the width of the second encoder's text projection (its pooled output is the vector condition)")
         _check(sdxl or self.micro_conditioning == "size", "conditioning.micro_conditioning", self.micro_conditioning,
@@ -517,12 +605,13 @@ class SamplingConfig:
 class LDMRunConfig:
     """Everything `ldm train` needs. `autoencoder` is a run folder of `ldm train-autoencoder`, or `pixel` for
     pixel-space diffusion (f = 1: the UNet's in_channels are the image channels). `backbone` picks the denoising
-    network: the paper's UNet (`unet` section) or a diffusion transformer (`dit` section)."""
+    network: the paper's UNet (`unet` section), a diffusion transformer (`dit` section) or SD3's MMDiT (`mmdit`)."""
 
     autoencoder: str = ""
-    backbone: Literal["unet", "dit"] = "unet"
+    backbone: Literal["unet", "dit", "mmdit"] = "unet"
     unet: UNetConfig = field(default_factory=UNetConfig)
     dit: DiTConfig | None = None
+    mmdit: MMDiTConfig | None = None
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -532,14 +621,16 @@ class LDMRunConfig:
     def __post_init__(self) -> None:
         _check((self.dit is not None) == (self.backbone == "dit"), "dit", self.dit,
                "a dit section exactly when backbone is 'dit'")
+        _check((self.mmdit is not None) == (self.backbone == "mmdit"), "mmdit", self.mmdit,
+               "an mmdit section exactly when backbone is 'mmdit'")
         flow = self.diffusion.objective == "flow"
         _check(flow == self.sampling.sampler.startswith("flow_"), "sampling.sampler", self.sampling.sampler,
                "a flow sampler (flow_euler, flow_heun) for diffusion.objective 'flow', and only then")
 
     @property
-    def network(self) -> UNetConfig | DiTConfig:
-        """The denoising network's config: the UNet's or the DiT's."""
-        return self.dit if self.backbone == "dit" else self.unet
+    def network(self) -> UNetConfig | DiTConfig | MMDiTConfig:
+        """The denoising network's config: the UNet's, the DiT's or the MMDiT's."""
+        return {"dit": self.dit, "mmdit": self.mmdit}.get(self.backbone, self.unet)
 
 
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:

@@ -24,10 +24,10 @@ from conftest import randomised, tiny_autoencoder_config, tiny_ldm_config
 @pytest.mark.parametrize("name", SPATIAL_CONDITIONS)
 def test_each_kind_gives_the_channels_it_declares_from_the_inputs_it_asks_for(name):
     spatial = spatial_kind(name)
-    autoencoder = randomised(AutoencoderKL(tiny_autoencoder_config()), seed=0)  # f = 2, 4 latent channels
+    autoencoder = randomised(AutoencoderKL(tiny_autoencoder_config(latent_scale=0.5)), seed=0)  # f = 2, 4 channels
     inputs = spatial.sample_inputs(torch.rand(2, 3, 16, 16) * 2 - 1)
     assert tuple(inputs) == spatial.inputs
-    condition = spatial.condition(inputs["image"], (8, 8), autoencoder, 0.5, inputs.get("mask"))
+    condition = spatial.condition(inputs["image"], (8, 8), autoencoder, inputs.get("mask"))
     assert condition.shape == (2, spatial.channels(3, 4), 8, 8)
     assert infer_spatial(spatial.channels(3, 4), 3, 4) == name
     check_spatial(name, spatial.channels(3, 4), 3, 4)
@@ -63,18 +63,18 @@ def test_random_masks_are_binary_rectangles_with_full_and_empty_cases():
 
 def test_inpaint_condition_is_mask_then_latents_of_the_masked_image():
     torch.manual_seed(0)
-    ae = AutoencoderKL(tiny_autoencoder_config()).eval()
+    ae = AutoencoderKL(tiny_autoencoder_config(latent_scale=0.5, latent_shift=0.25)).eval()
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     masks = torch.zeros(2, 1, 16, 16)
     masks[:, :, :8] = 1.0
-    cond = inpaint_condition(ae, images, masks, latent_scale=0.5)
+    cond = inpaint_condition(ae, images, masks)
     assert cond.shape == (2, 5, 8, 8)
     assert torch.equal(cond[:, :1, :4], torch.ones(2, 1, 4, 8))
     assert torch.equal(cond[:, :1, 4:], torch.zeros(2, 1, 4, 8))
-    expected = ae.encode(images * (1 - masks)).mode() * 0.5
+    expected = (ae.encode(images * (1 - masks)).mode() - 0.25) * 0.5
     torch.testing.assert_close(cond[:, 1:], expected)
     with pytest.raises(ValueError, match=r"mask of shape \(2, 1, 8, 8\): expected \(B, 1, 16, 16\)"):
-        inpaint_condition(ae, images, masks[:, :, :8, :8], 0.5)
+        inpaint_condition(ae, images, masks[:, :, :8, :8])
 
 
 def test_spatial_condition_follows_a_guidance_doubled_batch():

@@ -24,7 +24,7 @@ def picture() -> Image.Image:
 
 
 def test_the_map_fitted_to_pixel_space_is_the_identity():
-    preview = LatentPreview.fit(PixelSpace(pixel_space_config(3, 32)), 1.0, 3, torch.device("cpu"), "fp32")
+    preview = LatentPreview.fit(PixelSpace(pixel_space_config(3, 32)), 3, torch.device("cpu"), "fp32")
     assert preview.r2 > 0.9999 and preview.factor == 1
     assert torch.allclose(preview.weight, torch.eye(3), atol=1e-4) and preview.bias.abs().max() < 1e-4
     x = pil_to_tensor(picture())[None]
@@ -34,7 +34,7 @@ def test_the_map_fitted_to_pixel_space_is_the_identity():
 def test_a_models_preview_shows_the_picture_its_latents_hold(bundled_pipe):
     truth = np.asarray(picture())
     with torch.no_grad():
-        latents = encode_latents(bundled_pipe.autoencoder, pil_to_tensor(picture())[None], bundled_pipe.latent_scale)
+        latents = encode_latents(bundled_pipe.autoencoder, pil_to_tensor(picture())[None])
     shown = bundled_pipe.preview(latents)[0]
     assert shown.size == (64, 64) and shown.mode == "RGB"
     mean = np.broadcast_to(truth.reshape(-1, 3).mean(0), truth.shape)
@@ -44,6 +44,6 @@ def test_a_models_preview_shows_the_picture_its_latents_hold(bundled_pipe):
     with torch.no_grad():
         decoded = tensor_to_pil(bundled_pipe.decode(latents / bundled_pipe.latent_scale)[0])
     assert np.array_equal(np.asarray(shown), np.asarray(decoded))
-    again = LatentPreview.fit(bundled_pipe.autoencoder, bundled_pipe.latent_scale, 3, bundled_pipe.device, "fp32")
+    again = LatentPreview.fit(bundled_pipe.autoencoder, 3, bundled_pipe.device, "fp32")
     assert torch.allclose(again.weight, fitted.weight, atol=1e-6) and again.factor == 4  # up to summation order
     assert abs(again.r2 - fitted.r2) < 1e-9

@@ -122,8 +122,11 @@ class AutoencoderKL(nn.Module):
         self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        if cfg.quant_conv:
+            self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
+            self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        else:  # SD3's VAE: the encoder's output is the posterior's (mean, log-variance)
+            self.quant_conv, self.post_quant_conv = nn.Identity(), nn.Identity()
 
     @property
     def downsample_factor(self) -> int:

@@ -1,4 +1,4 @@
-"""Condition encoders by the name a config gives them ("minilm", "clip", "sdxl", "class"): the one place a new kind of
+"""Condition encoders by the name a config gives them ("minilm", "clip", "sdxl", "sd3", "class"): the one place a new kind of
 `Conditioner` is registered (and named in `ConditioningConfig.encoder`, which validates the YAML)."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from torch import nn
 
 from latent_diffusion.conditioning.classes import ClassConditioner
 from latent_diffusion.conditioning.conditioner import Conditioner
+from latent_diffusion.conditioning.sd3 import SD3Conditioner
 from latent_diffusion.conditioning.sdxl import SDXLConditioner
 from latent_diffusion.conditioning.text import ClipConditioner, MiniLMConditioner
 from latent_diffusion.conditioning.tokenizer import ClipTokenizer
@@ -23,6 +24,7 @@ CONDITIONERS: dict[str, type[Conditioner]] = {
     "minilm": MiniLMConditioner,
     "clip": ClipConditioner,
     "sdxl": SDXLConditioner,
+    "sd3": SD3Conditioner,
     "class": ClassConditioner,
 }
 

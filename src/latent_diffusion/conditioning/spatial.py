@@ -68,15 +68,16 @@ def random_masks(batch_size: int, height: int, width: int, generator: torch.Gene
 
 
 @torch.no_grad()
-def encode_latents(autoencoder: AutoencoderKL, images: torch.Tensor, latent_scale: float,
+def encode_latents(autoencoder: AutoencoderKL, images: torch.Tensor,
                    generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
-    """Scaled latents of images (B, C, H, W) in [-1, 1]: the posterior mean, or with one generator per image a
-    sample of the posterior drawn from it (as diffusers' `retrieve_latents` and AUTOMATIC1111 do)."""
+    """Latents of images (B, C, H, W) in [-1, 1] as the diffusion model sees them (shifted and scaled by the
+    autoencoder's config): the posterior mean, or with one generator per image a sample of the posterior drawn
+    from it (as diffusers' `retrieve_latents` and AUTOMATIC1111 do)."""
     posterior = autoencoder.encode(images)
     if generators is None:
-        return posterior.mode() * latent_scale
+        return autoencoder.config.to_diffusion(posterior.mode())
     noise = randn(posterior.mean.shape, list(generators), posterior.mean.device, posterior.mean.dtype)
-    return (posterior.mean + posterior.std * noise) * latent_scale
+    return autoencoder.config.to_diffusion(posterior.mean + posterior.std * noise)
 
 
 def binary_masks(masks: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -87,14 +88,14 @@ def binary_masks(masks: torch.Tensor, size: tuple[int, int] | None = None) -> to
 
 @torch.no_grad()
 def inpaint_condition(autoencoder: AutoencoderKL, images: torch.Tensor, masks: torch.Tensor,
-                      latent_scale: float, generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+                      generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
     """[mask at the latent grid, scaled latents of the image with the masked region set to 0] (B, 1 + c, h, w);
     the latents sampled from the posterior with `generators` when given (see `encode_latents`)."""
     if masks.shape[-2:] != images.shape[-2:] or masks.shape[1] != 1:
         raise ValueError(f"mask of shape {tuple(masks.shape)}: expected (B, 1, {images.shape[-2]}, "
                          f"{images.shape[-1]}), the image's size")
     masks = binary_masks(masks).to(images.dtype)
-    latents = encode_latents(autoencoder, images * (1 - masks), latent_scale, generators)
+    latents = encode_latents(autoencoder, images * (1 - masks), generators)
     return torch.cat([binary_masks(masks, latents.shape[-2:]), latents], dim=1)
 
 
@@ -111,7 +112,7 @@ class SpatialCondition(ABC):
 
     @abstractmethod
     def condition(self, images: torch.Tensor, latent_size: tuple[int, int], autoencoder: AutoencoderKL | None = None,
-                  latent_scale: float = 1.0, masks: torch.Tensor | None = None,
+                  masks: torch.Tensor | None = None,
                   generators: Sequence[torch.Generator] | None = None,
                   noise_level: int | None = None) -> torch.Tensor:
         """The condition (B, channels, h, w) of images (B, C, H, W) in [-1, 1] (and masks, 1 = to generate); latents
@@ -141,7 +142,7 @@ class LowResolution(SpatialCondition):
     def channels(self, image_channels: int, latent_channels: int) -> int:
         return image_channels
 
-    def condition(self, images, latent_size, autoencoder=None, latent_scale=1.0, masks=None, generators=None,
+    def condition(self, images, latent_size, autoencoder=None, masks=None, generators=None,
                   noise_level=None):
         small = low_res_condition(images, latent_size)
         return small if noise_level is None else noise_augmented(small, noise_level, generators)
@@ -162,11 +163,11 @@ class Inpainting(SpatialCondition):
     def channels(self, image_channels: int, latent_channels: int) -> int:
         return 1 + latent_channels
 
-    def condition(self, images, latent_size, autoencoder=None, latent_scale=1.0, masks=None, generators=None,
+    def condition(self, images, latent_size, autoencoder=None, masks=None, generators=None,
                   noise_level=None):
         if autoencoder is None or masks is None:
             raise ValueError("an inpainting condition needs the autoencoder and a mask")
-        return inpaint_condition(autoencoder, images, masks, latent_scale, generators)
+        return inpaint_condition(autoencoder, images, masks, generators)
 
     def training_masks(self, batch_size, height, width, generator=None):
         return random_masks(batch_size, height, width, generator)

@@ -41,10 +41,11 @@ _UNET_READ = {"sample_size", "in_channels", "out_channels", "down_block_types", 
               "dropout", "upcast_attention", "addition_embed_type_num_heads",  # upcast: fp16 precision only
               "only_cross_attention", "addition_embed_type", "addition_time_embed_dim",
               "projection_class_embeddings_input_dim"}
-_VAE_FIXED: dict[str, Any] = {"act_fn": "silu", "shift_factor": None, "latents_mean": None, "latents_std": None,
-                              "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True}
+_VAE_FIXED: dict[str, Any] = {"act_fn": "silu", "latents_mean": None, "latents_std": None,
+                              "mid_block_add_attention": True}
 _VAE_READ = {"in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
-             "layers_per_block", "latent_channels", "norm_num_groups", "sample_size", "scaling_factor", "force_upcast"}
+             "layers_per_block", "latent_channels", "norm_num_groups", "sample_size", "scaling_factor", "force_upcast",
+             "shift_factor", "use_quant_conv", "use_post_quant_conv"}
 # The values diffusers fills in for fields a config.json leaves out.
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "UNet2DConditionModel": {"sample_size": None, "in_channels": 4, "out_channels": 4,
@@ -242,7 +243,8 @@ def vae_config_to_diffusers(cfg: AutoencoderConfig) -> dict[str, Any]:
             "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
             "block_out_channels": [cfg.ch * m for m in cfg.ch_mult], "layers_per_block": cfg.num_res_blocks,
             "latent_channels": cfg.z_channels, "norm_num_groups": cfg.norm_groups, "sample_size": cfg.resolution,
-            "scaling_factor": cfg.latent_scale, "force_upcast": True, **_VAE_FIXED}
+            "scaling_factor": cfg.latent_scale, "shift_factor": cfg.latent_shift or None,
+            "use_quant_conv": cfg.quant_conv, "use_post_quant_conv": cfg.quant_conv, "force_upcast": True, **_VAE_FIXED}
 
 
 def vae_config_from_diffusers(config: dict[str, Any], what: str = "vae/config.json") -> AutoencoderConfig:
@@ -257,11 +259,16 @@ def vae_config_from_diffusers(config: dict[str, Any], what: str = "vae/config.js
         if list(config[field]) != [name] * len(widths):
             raise ConfigError(f"{what}: {field} = {config[field]} is not supported (expected {len(widths)} × {name})")
     ch, ch_mult = _multipliers(widths, "block_out_channels", what)
+    quant_conv = config.get("use_quant_conv", True)
+    if config.get("use_post_quant_conv", True) != quant_conv:
+        raise ConfigError(f"{what}: use_quant_conv = {quant_conv} with use_post_quant_conv = "
+                          f"{config.get('use_post_quant_conv')} is not supported (both, or neither as in SD3's VAE)")
     return AutoencoderConfig(in_channels=config["in_channels"], out_channels=config["out_channels"], ch=ch,
                              ch_mult=ch_mult, num_res_blocks=config["layers_per_block"],
                              z_channels=config["latent_channels"], embed_dim=config["latent_channels"],
                              resolution=_one(config["sample_size"], "sample_size", what),
-                             norm_groups=config["norm_num_groups"], latent_scale=float(config["scaling_factor"]))
+                             norm_groups=config["norm_num_groups"], latent_scale=float(config["scaling_factor"]),
+                             latent_shift=float(config.get("shift_factor") or 0.0), quant_conv=bool(quant_conv))
 
 
 def clip_config_to_transformers(cfg: ClipTextConfig, bos_token_id: int) -> dict[str, Any]:

@@ -343,9 +343,10 @@ def _unet_heads(openclip: bool, params: dict[str, Any]) -> dict[str, int]:
     return {"num_head_channels": SD2_UNET_HEAD_CHANNELS} if openclip else {"num_heads": SD1_UNET_HEADS}
 
 
-def infer_autoencoder_config(vae: dict[str, torch.Tensor], ddconfig: dict[str, Any],
-                             latent_scale: float) -> AutoencoderConfig:
-    """The autoencoder's architecture from its shapes; `resolution` (placing attention) from the YAML's ddconfig."""
+def infer_autoencoder_config(vae: dict[str, torch.Tensor], ddconfig: dict[str, Any], latent_scale: float,
+                             latent_shift: float = 0.0) -> AutoencoderConfig:
+    """The autoencoder's architecture from its shapes (SD3's has no quant convs: its latents are the encoder's);
+    `resolution` (placing attention) from the YAML's ddconfig."""
     ch, in_channels = vae["encoder.conv_in.weight"].shape[:2]
     levels = 1 + max(_layer_index(vae, r"encoder\.down\.(\d+)\..*"))
     num_res_blocks = 1 + max(_layer_index(vae, r"encoder\.down\.0\.block\.(\d+)\..*"))
@@ -357,12 +358,13 @@ def infer_autoencoder_config(vae: dict[str, torch.Tensor], ddconfig: dict[str, A
                       if f"encoder.down.{level}.attn.0.q.weight" in vae)
     codebook = vae.get("quantize.embedding.weight")  # a VQ first stage (VQModelInterface)
     vq = {} if codebook is None else {"regularizer": "vq", "n_embed": codebook.shape[0]}
+    z_channels = vae["decoder.conv_in.weight"].shape[1]
+    embed_dim = vae["post_quant_conv.weight"].shape[1] if "post_quant_conv.weight" in vae else z_channels
     return AutoencoderConfig(in_channels=in_channels, out_channels=vae["decoder.conv_out.weight"].shape[0], ch=ch,
                              ch_mult=tuple(w // ch for w in widths), num_res_blocks=num_res_blocks,
                              attn_resolutions=attention, dropout=float(ddconfig.get("dropout", 0.0)),
-                             z_channels=vae["decoder.conv_in.weight"].shape[1],
-                             embed_dim=vae["post_quant_conv.weight"].shape[1], resolution=resolution,
-                             latent_scale=latent_scale, **vq)
+                             z_channels=z_channels, embed_dim=embed_dim, resolution=resolution, latent_scale=latent_scale,
+                             latent_shift=latent_shift, quant_conv="post_quant_conv.weight" in vae, **vq)
 
 
 def _first_stage(a: AutoencoderConfig, ddconfig: dict[str, Any]) -> dict[str, Any]:

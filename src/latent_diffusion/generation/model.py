@@ -82,12 +82,12 @@ class LatentDiffusion:
         """Pictures of (scaled) latents for a progress view: by the linear map fitted to this model's autoencoder
         on first use (`generation.preview`), or by the decoder where that map explains too little of the colours."""
         if self._preview is None:
-            self._preview = LatentPreview.fit(self.autoencoder, self.latent_scale, self.ae_config.model.in_channels,
-                                              self.device, self.math)
+            self._preview = LatentPreview.fit(self.autoencoder, self.ae_config.model.in_channels, self.device,
+                                              self.math)
         if self._preview.r2 >= GOOD_FIT:
             return self._preview(latents)
         with torch.no_grad(), autocast(self.device, self.math):
-            return [tensor_to_pil(x) for x in self.decode(latents.to(self.device) / self.latent_scale).float()]
+            return [tensor_to_pil(x) for x in self.decode(self.ae_config.model.from_diffusion(latents.to(self.device))).float()]
 
     def settings(self, steps: int | None = None, guidance_scale: float | None = None, sampler: str | None = None,
                  eta: float | None = None, karras: bool | None = None, guidance_rescale: float = 0.0,
@@ -205,8 +205,7 @@ class LatentDiffusion:
         if spatial is None:
             return None
         with autocast(self.device, self.math):
-            condition = spatial.condition(images, latent_size, self.autoencoder, self.latent_scale, masks, generator,
-                                          noise_level)
+            condition = spatial.condition(images, latent_size, self.autoencoder, masks, generator, noise_level)
         return condition.float()
 
     def noise_level(self, level: int | None) -> int | None:
@@ -284,7 +283,7 @@ class LatentDiffusion:
             return randn(noise_shape, generator), None
         step = start_step(steps, strength)
         with autocast(self.device, self.math):
-            latents = encode_latents(self.autoencoder, images, self.latent_scale, generator).float()
+            latents = encode_latents(self.autoencoder, images, generator).float()
         noise = randn(noise_shape, generator)
         blend = None if masks is None or kind == "inpaint" else binary_masks(masks, latents.shape[-2:])
         return noise, Start(latents, noise.to(self.device), blend, step)
@@ -420,7 +419,7 @@ class LatentDiffusion:
         bar.close()
         release_free_memory()  # the UNet's activations: the decoder's are of other sizes
         with autocast(model.device, model.math):
-            return model.decode(x.float() / model.latent_scale).float()
+            return model.decode(model.ae_config.model.from_diffusion(x.float())).float()
 
     def denoiser(self, model) -> Denoiser | FlowDenoiser:
         """D(x; σ) of a (guided) network function: the VP process's, or a flow model's."""

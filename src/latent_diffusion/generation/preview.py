@@ -51,13 +51,13 @@ class LatentPreview:
 
     @classmethod
     @torch.no_grad()
-    def fit(cls, autoencoder: torch.nn.Module, latent_scale: float, channels: int, device: torch.device,
+    def fit(cls, autoencoder: torch.nn.Module, channels: int, device: torch.device,
             math: str, count: int = 48, side: int = 64) -> LatentPreview:
         """Fitted to `count` pictures of `channels` colours and `side`² pixels (seeded: the same model always gets
         the same map); `math` is the precision the autoencoder runs at."""
         pictures = fitting_pictures(count, side, channels, torch.Generator().manual_seed(0))
         with autocast(device, math):
-            latents = encode_latents(autoencoder, pictures.to(device), latent_scale).float().cpu()
+            latents = encode_latents(autoencoder, pictures.to(device)).float().cpu()
         factor = side // latents.shape[-1]
         colours = F.avg_pool2d(pictures, factor) if factor > 1 else pictures
         z = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])

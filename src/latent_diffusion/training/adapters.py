@@ -210,7 +210,7 @@ def _train_step(run: _Run, indices: torch.Tensor, step: int) -> float:
     loss of this rank's share, NaN for a skipped step."""
     ctx, dev, diffusion = run.ctx, run.ctx.device, run.model_cfg.diffusion
     n = len(indices)
-    z0 = run.cache.sample(indices, run.rng) * run.autoencoder.config.latent_scale
+    z0 = run.autoencoder.config.to_diffusion(run.cache.sample(indices, run.rng))
     drop = drop_mask(n, _p_uncond(run), run.rng)
     t = torch.randint(0, run.alphas_cumprod.shape[0], (n,), generator=run.rng)
     noise = torch.randn(z0.shape, generator=run.rng)

@@ -235,7 +235,7 @@ def _train_step(run: _Run, indices: torch.Tensor, step: int) -> float:
     cfg, ctx, dev = run.cfg, run.ctx, run.ctx.device
     n = len(indices)
     # All randomness of the global batch, drawn identically on every rank (world-size independent).
-    z0 = run.cache.sample(indices, run.rng) * run.autoencoder.config.latent_scale
+    z0 = run.autoencoder.config.to_diffusion(run.cache.sample(indices, run.rng))
     drop = drop_mask(n, cfg.diffusion.p_uncond, run.rng)
     d = cfg.diffusion
     t = (logit_normal(n, run.rng, d.logit_mean, d.logit_std) if d.objective == "flow"
@@ -276,7 +276,7 @@ def _network(run: _Run, indices: torch.Tensor, drop: torch.Tensor, masks: torch.
     spatial, condition = spatial_kind(run.cfg.conditioning.spatial), None
     if spatial is not None:
         condition = spatial.condition(run.cache.pixels(indices).to(dev), latent_size, run.autoencoder,
-                                      run.autoencoder.config.latent_scale, masks.to(dev) if masks is not None else None)
+                                      masks.to(dev) if masks is not None else None)
     return with_spatial(functools.partial(run.model, inputs=inputs), condition)
 
 
