@@ -3,7 +3,7 @@
 - tokens (B, 77 + n, D_T5): the two CLIP encoders' penultimate states (no final LayerNorm) concatenated along the
   width (768 + 1280), zero-padded to T5's width (4096), followed along the sequence by T5's n = t5_max_length
   states (T5 reads its padded tokens without a mask, as diffusers and the reference code do). Without T5, its
-  part is 77 zero tokens (diffusers' `text_encoder_3=None`).
+  part is n zero tokens (diffusers' `text_encoder_3=None`).
 - vector (B, 2048): the two CLIP encoders' projected pooled outputs, concatenated.
 - ∅ is the empty prompt through all three, as diffusers' pipeline encodes its default negative prompt ""; training
   drops captions to it.
@@ -32,7 +32,6 @@ from latent_diffusion.files.weights import CheckpointError, read_weights
 
 CLIP_NAMES = ("clip", "clip_2")
 PARTS = (*CLIP_NAMES, "t5")  # the encoders' prefixes in the weights
-T5_MISSING_LENGTH = 77  # the zero tokens standing for T5's states in a model run without it (diffusers')
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,7 @@ class SD3TextEncoder(FrozenEncoder):
             setattr(self, name, clip_text_transformer(config, None if parts is None else parts.get(name, {}), dtype))
             self.tokenizers[name] = ClipTokenizer(clip_vocabulary.vocab, clip_vocabulary.merges,
                                                   config.max_positions, config.pad_token_id)
-        self.t5_config = cfg.t5
+        self.t5_config, self.t5_length = cfg.t5, cfg.t5_max_length
         if cfg.t5 is not None:
             if tokenizers is None or tokenizers.t5 is None:
                 raise CheckpointError("this SD3 model's T5 encoder needs its tokenizer (a tokenizer.json, as in a "
@@ -115,7 +114,7 @@ class SD3TextEncoder(FrozenEncoder):
         if self.t5_config is not None:
             t5 = self.t5(input_ids=self.t5_tokenizer(prompts).to(self.device)).last_hidden_state  # (B, n, D)
         else:
-            t5 = clip.new_zeros(len(prompts), T5_MISSING_LENGTH, self.dim)
+            t5 = clip.new_zeros(len(prompts), self.t5_length, self.dim)
         tokens = torch.cat([clip, t5.to(clip.dtype)], dim=1)  # (B, 77 + n, D)
         return Conditioning(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device),
                             vector=torch.cat(pooled, dim=-1))

@@ -51,7 +51,9 @@ PAD_TOKEN_FILES = ("special_tokens_map.json", "tokenizer_config.json")
 # (safetensors name, PyTorch pickle name) of each component's weights, without the ".safetensors" / ".bin"
 WEIGHT_FILES = {"unet": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
                 "vae": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
-                "text_encoder": ("model", "pytorch_model"), "text_encoder_2": ("model", "pytorch_model")}
+                "text_encoder": ("model", "pytorch_model"), "text_encoder_2": ("model", "pytorch_model"),
+                "transformer": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
+                "text_encoder_3": ("model", "pytorch_model")}
 METADATA_KEY = "_latent_diffusion"
 # Settings diffusers has no field for, per config section (kept in model_index.json under METADATA_KEY).
 EXTRA_FIELDS = {"diffusion": ("min_snr_gamma", "p_uncond"),
@@ -69,6 +71,9 @@ def write_diffusers(parts: ModelParts, folder: str | os.PathLike) -> None:
     """Write `parts` as a diffusers Stable Diffusion folder (all converted first, then every file atomically, and
     model_index.json last)."""
     folder = Path(folder)
+    if parts.conditioning.encoder == "sd3":
+        from latent_diffusion.formats.sd3_diffusers import write_sd3_diffusers
+        return write_sd3_diffusers(parts, folder)
     _check_writable(parts)
     latent_size = parts.resolution // parts.autoencoder_config.downsample_factor
     components = {
@@ -199,9 +204,15 @@ def model_index(parts: ModelParts) -> dict[str, Any]:
 
 def read_diffusers(folder: str | os.PathLike, prediction_type: str | None = None, dtype: torch.dtype | None = None,
                    device: str | torch.device = "cpu") -> ModelParts:
-    """A diffusers Stable Diffusion 1.x/2.x or SDXL (base or refiner) folder as `ModelParts`; `prediction_type` overrides the scheduler's;
+    """A diffusers Stable Diffusion 1.x/2.x, SDXL (base or refiner) or SD3 folder as `ModelParts`; `prediction_type` overrides the scheduler's;
     `dtype` and `device` as in `load_model`."""
     folder = Path(folder)
+    if (folder / MODEL_INDEX).is_file():
+        from latent_diffusion.formats.sd3_diffusers import is_sd3_index, read_sd3_diffusers
+        if is_sd3_index(read_json(folder / MODEL_INDEX)):
+            if prediction_type is not None:
+                raise ConfigError(f"{folder} is an SD3 model (rectified flow): it takes no prediction_type option")
+            return read_sd3_diffusers(folder, dtype, device)
     index = _read_index(folder)
     extra = index.get(METADATA_KEY, {})
     unet_cfg, latent_size = unet_config_from_diffusers(*_read_config(folder / "unet" / "config.json"))
@@ -276,8 +287,8 @@ def _read_index(folder: Path) -> dict[str, Any]:
     pipeline = index.get("_class_name")
     known = (*PIPELINES.values(), UPSCALE_PIPELINE, *sdxl.SDXL_PIPELINES.values())
     if isinstance(pipeline, str) and pipeline not in known and "transformer" in index:
-        raise ConfigError(f"{folder / MODEL_INDEX}: {pipeline} (a transformer backbone, e.g. Stable Diffusion 3 or "
-                          f"FLUX) is not supported; supported pipelines: {', '.join(known)}")
+        raise ConfigError(f"{folder / MODEL_INDEX}: {pipeline} (a transformer backbone, e.g. FLUX or PixArt) is not "
+                          f"supported; supported pipelines: {', '.join(known)}")
     for name, value in index.items():
         if name.startswith("_") or not isinstance(value, list):
             continue
@@ -368,6 +379,9 @@ def _read_weights(folder: Path, component: str, dtype: torch.dtype | None = None
     `dtype` and `device` as in `read_weights`."""
     stem, bin_stem = WEIGHT_FILES[component]
     names = [f"{stem}.safetensors", f"{bin_stem}.bin", f"{stem}.fp16.safetensors", f"{bin_stem}.fp16.bin"]
+    index = folder / component / f"{stem}.safetensors.index.json"
+    if index.is_file() and not (folder / component / names[0]).is_file():  # sharded (e.g. SD3's T5-XXL)
+        return _read_shards(index, dtype, device), str(index)
     for name in names:
         path = folder / component / name
         if path.is_file():
@@ -375,8 +389,25 @@ def _read_weights(folder: Path, component: str, dtype: torch.dtype | None = None
                        else place_weights(load_bin(path), dtype, device))
             return tensors, str(path)
     present = sorted(p.name for p in (folder / component).iterdir()) if (folder / component).is_dir() else []
-    raise CheckpointError(f"{folder / component}: no weights file; expected one of {', '.join(names)} (sharded "
-                          f"weights are not supported); found: {', '.join(present) or 'nothing'}")
+    raise CheckpointError(f"{folder / component}: no weights file; expected one of {', '.join(names)} (or a "
+                          f"sharded {stem}.safetensors.index.json); found: {', '.join(present) or 'nothing'}")
+
+
+def _read_shards(index: Path, dtype: torch.dtype | None, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """The tensors of a sharded safetensors checkpoint, by its index's `weight_map`."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: expected a weight_map of tensor names to shard files")
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        path = index.parent / shard
+        if not path.is_file():
+            raise CheckpointError(f"{index} names the shard {shard}, which is missing")
+        tensors.update(read_weights(path, dtype, device))
+    missing = sorted(set(weight_map) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{index}: {len(missing)} tensors of its weight_map are in no shard (e.g. {missing[:3]})")
+    return tensors
 
 
 def load_bin(path: Path) -> dict[str, torch.Tensor]:

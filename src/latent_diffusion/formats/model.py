@@ -23,11 +23,13 @@ import torch
 from latent_diffusion.autoencoder import AutoencoderKL, build_autoencoder
 from latent_diffusion.conditioning.conditioner import Conditioner
 from latent_diffusion.conditioning.registry import build_conditioner, conditioner_type
+from latent_diffusion.conditioning.sd3 import SD3Tokenizers
 from latent_diffusion.conditioning.spatial import check_spatial
+from latent_diffusion.conditioning.t5 import T5Tokenizer
 from latent_diffusion.conditioning.tokenizer import ClipTokenizer
 from latent_diffusion.config import (AutoencoderConfig, AutoencoderRunConfig, ConditioningConfig, ConfigError,
-                                     DataConfig, DiffusionConfig, DiTConfig, LDMRunConfig, SamplingConfig, TrainConfig,
-                                     UNetConfig, load_config, save_config)
+                                     DataConfig, DiffusionConfig, DiTConfig, LDMRunConfig, MMDiTConfig, SamplingConfig,
+                                     TrainConfig, UNetConfig, load_config, save_config)
 from latent_diffusion.files.weights import CheckpointError, load_module_weights, module_from_weights, read_weights, \
     save_weights
 from latent_diffusion.backbones import build_backbone
@@ -63,13 +65,14 @@ class ModelParts:
         (`Conditioner.takes_text_weights`: CLIP's `ClipTextTransformer`), else None.
     :param conditioner: the weights of the condition encoder's trained part (`Conditioner.trainable`: a
         `ClassEmbedder`, or a `ContextAdapter` with `conditioning.adapter_layers`), else None.
-    :param tokenizer: a tokenizer read from the source (a diffusers `tokenizer/` folder); None: the bundled one.
+    :param tokenizer: a tokenizer read from the source (a diffusers `tokenizer/` folder; an SD3 model's
+        `SD3Tokenizers`, T5's included); None: the bundled one.
     :param resolution: the image size the model was trained at (SD 1.x: 512, SD 2.x v-prediction: 768).
     :param recipe: how the model was trained, when the source says (a native folder's `data` and `training`
         sections, and its autoencoder's run config): kept as read, so that converting keeps a model's recipe.
     """
 
-    unet_config: UNetConfig | DiTConfig  # the denoising network's (a DiT's for `backbone: dit`)
+    unet_config: UNetConfig | DiTConfig | MMDiTConfig  # the denoising network's (a DiT's for `backbone: dit` ...)
     unet: dict[str, torch.Tensor]
     autoencoder_config: AutoencoderConfig
     autoencoder: dict[str, torch.Tensor]
@@ -77,7 +80,7 @@ class ModelParts:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     text_encoder: dict[str, torch.Tensor] | None = None
     conditioner: dict[str, torch.Tensor] | None = None
-    tokenizer: ClipTokenizer | None = None
+    tokenizer: ClipTokenizer | SD3Tokenizers | None = None
     resolution: int = 512
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     recipe: Recipe | None = None
@@ -93,8 +96,8 @@ class ModelParts:
     def run_config(self) -> LDMRunConfig:
         """The `LDMRunConfig` this model would have been trained with (what a native folder's config.yaml holds)."""
         data = self.recipe.data if self.recipe else DataConfig(resolution=self.resolution)
-        network = ({"backbone": "dit", "dit": self.unet_config} if isinstance(self.unet_config, DiTConfig)
-                   else {"unet": self.unet_config})
+        backbone = {DiTConfig: "dit", MMDiTConfig: "mmdit"}.get(type(self.unet_config))
+        network = {"backbone": backbone, backbone: self.unet_config} if backbone else {"unet": self.unet_config}
         return LDMRunConfig(autoencoder=AUTOENCODER_DIR, **network, conditioning=self.conditioning,
                             diffusion=self.diffusion, data=dataclasses.replace(data, resolution=self.resolution),
                             sampling=self.sampling, **({"training": self.recipe.training} if self.recipe else {}))
@@ -150,7 +153,9 @@ def read_native(folder: str | os.PathLike, dtype: torch.dtype | None = None,
     optional = {name: read_weights(folder / name, dtype if name == TEXT_ENCODER_FILE else None, device)
                 if (folder / name).is_file() else None for name in (TEXT_ENCODER_FILE, CONDITIONER_FILE)}
     tokenizer = None
-    if (folder / TOKENIZER_DIR).is_dir():
+    if cfg.conditioning.encoder == "sd3":
+        tokenizer = sd3_tokenizers(folder / TOKENIZER_DIR, cfg.conditioning)
+    elif (folder / TOKENIZER_DIR).is_dir():
         clip = cfg.conditioning.clip or cfg.conditioning.clip_2  # an SDXL refiner has the second encoder only
         tokenizer = ClipTokenizer.from_folder(folder / TOKENIZER_DIR, clip.max_positions, clip.pad_token_id)
     return ModelParts(unet_config=cfg.network, unet=read_weights(folder / UNET_FILE, dtype, device),
@@ -160,6 +165,15 @@ def read_native(folder: str | os.PathLike, dtype: torch.dtype | None = None,
                       text_encoder=optional[TEXT_ENCODER_FILE], conditioner=optional[CONDITIONER_FILE],
                       tokenizer=tokenizer, resolution=cfg.data.resolution, sampling=cfg.sampling,
                       recipe=Recipe(cfg.data, cfg.training, ae_cfg))
+
+
+def sd3_tokenizers(folder: Path, conditioning: ConditioningConfig) -> SD3Tokenizers:
+    """An SD3 model folder's vocabularies: CLIP's in `tokenizer/` (else the bundled one), T5's in `tokenizer/t5/`."""
+    t5 = folder / "t5"
+    if conditioning.t5 is not None and not t5.is_dir():
+        raise CheckpointError(f"{t5} is missing: this SD3 model's T5 encoder needs its tokenizer")
+    clip = ClipTokenizer.from_folder(folder) if (folder / "vocab.json").is_file() else ClipTokenizer.from_bpe_file()
+    return SD3Tokenizers(clip, T5Tokenizer.from_folder(t5, conditioning.t5_max_length) if t5.is_dir() else None)
 
 
 def write_native(parts: ModelParts, folder: str | os.PathLike) -> None:
@@ -231,9 +245,12 @@ def save_model(parts: ModelParts, path: str | os.PathLike, fmt: Format) -> None:
                 (parts.conditioning.clause_tokens, "conditioning.clause_tokens = True", addition),
                 (parts.autoencoder_config.pixel_space, "this is a pixel-space model (autoencoder: pixel)",
                  "needs an autoencoder"),
-                (isinstance(parts.unet_config, DiTConfig), "backbone: dit", "holds UNets only"),
-                (parts.diffusion.objective == "flow", "diffusion.objective: flow",
-                 "describes the VP diffusion process only")):
+                (isinstance(parts.unet_config, DiTConfig), "backbone: dit", "holds UNets and SD3's MMDiT only"),
+                (isinstance(parts.unet_config, MMDiTConfig) != (parts.conditioning.encoder == "sd3"),
+                 f"backbone {type(parts.unet_config).__name__} with encoder '{parts.conditioning.encoder}'",
+                 "holds MMDiTs as SD3 models only (encoder 'sd3')"),
+                (parts.diffusion.objective == "flow" and parts.conditioning.encoder != "sd3",
+                 "diffusion.objective: flow", "describes the VP diffusion process only (and SD3's flow)")):
             if present:
                 raise ConfigError(f"{what}: the {fmt} format {why}; keep the model in the native format")
     if fmt == "native":

@@ -32,7 +32,8 @@ from latent_diffusion.config import (MAX_NOISE_LEVEL, AutoencoderConfig, ClipTex
                                      ConfigError, DiffusionConfig, SamplingConfig, UNetConfig, read_yaml)
 from latent_diffusion.files.atomic import atomic_path, atomic_write_bytes
 from latent_diffusion.files.weights import (CheckpointError, load_module_weights, load_pickle, load_weights,
-                                           place_weights, read_weights, save_weights)
+                                           place_weights, read_metadata, read_weights, save_weights)
+from latent_diffusion.formats import sd3
 from latent_diffusion.formats.model import ModelParts
 from latent_diffusion.formats.openclip_keys import (OPENCLIP_PREFIX, check_writable, clip_to_openclip,
                                                    infer_clip_config, openclip_to_clip)
@@ -63,13 +64,23 @@ _OPENCLIP_TARGET = "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder"
 
 def read_original(path: str | os.PathLike, config: str | os.PathLike | None = None,
                   prediction_type: str | None = None, ema: bool = False, dtype: torch.dtype | None = None,
-                  device: str | torch.device = "cpu") -> ModelParts:
-    """A Stable Diffusion 1.x/2.x or SDXL checkpoint file as `ModelParts`; `ema=True` takes the UNet from `model_ema.*`;
-    `dtype` and `device` as in `load_model`."""
+                  device: str | torch.device = "cpu", t5_tokenizer: str | os.PathLike | None = None) -> ModelParts:
+    """A Stable Diffusion 1.x/2.x, SDXL or SD3 checkpoint file as `ModelParts`; `ema=True` takes the UNet from
+    `model_ema.*`; `t5_tokenizer` is a folder with an SD3 file's T5 tokenizer.json (default: `tokenizer_3/` beside
+    the file); `dtype` and `device` as in `load_model`."""
     path = Path(path)
     used = (EMA_PREFIX if ema else UNET_PREFIX, VAE_PREFIX, "cond_stage_model.", "conditioner.embedders.",
-            *UNSUPPORTED_FAMILIES)
+            "text_encoders.", *UNSUPPORTED_FAMILIES)
     state_dict = load_original_state_dict(path, dtype, device, keys=lambda key: key.startswith(used))
+    from latent_diffusion.formats import sd3_original
+    if sd3_original.is_sd3(state_dict):
+        if config is not None or ema or prediction_type is not None:
+            raise CheckpointError(f"{path} is an SD3 file: it takes no config, ema or prediction_type option")
+        metadata = read_metadata(path) if path.suffix == ".safetensors" else {}
+        return sd3_original.from_sd3_state_dict(state_dict, metadata, str(path),
+                                                sd3.t5_tokenizer_beside(path, t5_tokenizer))
+    if t5_tokenizer is not None:
+        raise CheckpointError(f"{path} is not an SD3 file: it takes no t5_tokenizer option")
     yaml_path = Path(config) if config is not None else path.with_suffix(".yaml")
     params = read_inference_config(yaml_path) if config is not None or yaml_path.is_file() else {}
     return from_original_state_dict(state_dict, params, prediction_type, ema, where=str(path))
@@ -80,6 +91,9 @@ def write_original(parts: ModelParts, path: str | os.PathLike) -> None:
     path = Path(path)
     if path.suffix != ".safetensors" and path.suffix not in PICKLE_SUFFIXES:
         raise CheckpointError(f"{path}: expected a .safetensors or .ckpt file name for an original checkpoint")
+    if parts.conditioning.encoder == "sd3":
+        from latent_diffusion.formats.sd3_original import write_sd3_original
+        return write_sd3_original(parts, path)
     sdxl = parts.conditioning.encoder == "sdxl"
     if sdxl:
         from latent_diffusion.formats.sdxl_original import sdxl_inference_config, to_sdxl_state_dict
@@ -135,6 +149,9 @@ def from_original_state_dict(state_dict: dict[str, torch.Tensor], params: dict[s
                              where: str = "the checkpoint") -> ModelParts:
     """`ModelParts` of original-layout tensors; `params` is the YAML's `model.params` (empty: SD conventions)."""
     params = params or {}
+    from latent_diffusion.formats import sd3_original
+    if sd3_original.is_sd3(state_dict):
+        return sd3_original.from_sd3_state_dict(state_dict, {}, where, None)
     if any(k.startswith("conditioner.embedders.") for k in state_dict):  # SDXL (Stability's sgm layout)
         from latent_diffusion.formats.sdxl_original import from_sdxl_state_dict
         if ema or prediction_type not in (None, "epsilon"):
@@ -192,8 +209,7 @@ def _describe_prefixes(keys, limit: int = 5) -> str:
 
 
 # Families we do not load, told apart by a key only they have (their weights would otherwise fail as "not SD")
-UNSUPPORTED_FAMILIES = {"model.diffusion_model.joint_blocks.": "Stable Diffusion 3 (MMDiT)",
-                        "model.diffusion_model.double_blocks.": "FLUX", "double_blocks.": "FLUX",
+UNSUPPORTED_FAMILIES = {"model.diffusion_model.double_blocks.": "FLUX", "double_blocks.": "FLUX",
                         "model.diffusion_model.x_embedder.": "a diffusion transformer (DiT / PixArt)"}
 
 
@@ -201,7 +217,7 @@ def _check_stable_diffusion(state_dict: dict[str, torch.Tensor], where: str) -> 
     for marker, family in UNSUPPORTED_FAMILIES.items():
         if any(k.startswith(marker) for k in state_dict):
             raise CheckpointError(f"{where} is a {family} checkpoint ({marker}*): this family is not supported; "
-                                  "supported: Stable Diffusion 1.x, 2.x and SDXL")
+                                  "supported: Stable Diffusion 1.x, 2.x, SDXL and SD3")
     adm = state_dict.get(UNET_PREFIX + "label_emb.0.0.weight")
     if adm is not None:
         raise CheckpointError(f"{where} holds a vector-conditioned UNet ({UNET_PREFIX}label_emb.0.0.weight "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from latent_diffusion.config import AutoencoderConfig, DiTConfig, UNetConfig
+from latent_diffusion.config import AutoencoderConfig, DiTConfig, MMDiTConfig, UNetConfig
 
 MAX_GUIDANCE = 100.0  # CFG scales in use are 1-30; far beyond, every image saturates
 MAX_SIDE = 16384  # pixels per side: the largest any Stable Diffusion front end offers (ComfyUI's MAX_RESOLUTION)
@@ -65,14 +65,14 @@ def check_side(value: int, multiple: int, name: str, why: str) -> None:
                          f"{MAX_SIDE}")
 
 
-def activation_bytes(unet: UNetConfig | DiTConfig, autoencoder: AutoencoderConfig, latent: tuple[int, int], guided: bool,
+def activation_bytes(unet: UNetConfig | DiTConfig | MMDiTConfig, autoencoder: AutoencoderConfig, latent: tuple[int, int], guided: bool,
                      element_bytes: int = 4, vae_tile: int | None = None) -> int:
     """A rough upper estimate of one image's activations at their peak: the UNet's (its skip connections and a few
     working tensors of its largest level, twice under guidance) or the decoder's (a few tensors of its largest
     level, within one tile when decoding in tiles), whichever is larger."""
     h, w = latent
-    if isinstance(unet, DiTConfig):  # a block's tokens, MLP and attention matrix (materialised on some hosts)
-        n = -(-h // unet.patch_size) * -(-w // unet.patch_size)
+    if isinstance(unet, (DiTConfig, MMDiTConfig)):  # a block's tokens, MLP and attention matrix (materialised on
+        n = -(-h // unet.patch_size) * -(-w // unet.patch_size)  # some hosts); an MMDiT's text tokens are few
         unet_elements = int(n * unet.hidden_size * (6 + unet.mlp_ratio) + unet.num_heads * n * n) * (2 if guided else 1)
     else:
         levels = [unet.model_channels * m * -(-h // 2**i) * -(-w // 2**i) for i, m in enumerate(unet.channel_mult)]
