@@ -9,11 +9,15 @@ import torch
 
 from latent_diffusion.conditioning.base import Conditioning
 from latent_diffusion.conditioning.registry import CONDITIONERS, build_conditioner, conditioner_type
+from latent_diffusion.conditioning.sd3 import SD3Tokenizers
 from latent_diffusion.conditioning.sdxl import MicroConditions
+from latent_diffusion.conditioning.t5 import T5Tokenizer
+from latent_diffusion.conditioning.tokenizer import ClipTokenizer
 from latent_diffusion.config import ClipTextConfig, ConditioningConfig, ConfigError
 from latent_diffusion.files.weights import CheckpointError
 
 from conftest import randomised
+from sd3_fixtures import tiny_t5_tokenizer
 
 TINY_CLIP = ClipTextConfig(width=64, layers=2, heads=4, mlp_width=37)  # an adapter needs 64-wide heads
 CASES = {  # one configuration of each registered kind, with a trained part where the kind can have one
@@ -23,6 +27,14 @@ CASES = {  # one configuration of each registered kind, with a trained part wher
     "sdxl": ConditioningConfig(encoder="sdxl", clip=dataclasses.replace(TINY_CLIP, width=32, heads=2),
                                clip_2=ClipTextConfig(width=32, layers=2, heads=2, mlp_width=40, hidden_act="gelu",
                                                      pad_token_id=0, projection_dim=8)),
+    "sd3": ConditioningConfig(encoder="sd3", clip=dataclasses.replace(TINY_CLIP, width=8, heads=2, projection_dim=4,
+                                                                      layer="penultimate", final_norm=False),
+                              clip_2=ClipTextConfig(width=8, layers=2, heads=2, mlp_width=12, hidden_act="gelu",
+                                                    pad_token_id=0, projection_dim=4, layer="penultimate",
+                                                    final_norm=False),
+                              t5={"vocab_size": 1000, "d_model": 16, "d_kv": 4, "d_ff": 8, "num_layers": 1,
+                                  "num_heads": 2, "relative_attention_num_buckets": 8,
+                                  "feed_forward_proj": "gated-gelu"}, t5_max_length=8),
 }
 GEOMETRY = {"size": (32, 32), "original_size": (48, 40), "crop": (2, 3)}  # SDXL's micro-conditioning reads it
 ITEMS = [{"caption": "a small red circle in the center", "label": 2, **GEOMETRY},
@@ -32,7 +44,11 @@ ITEMS = [{"caption": "a small red circle in the center", "label": 2, **GEOMETRY}
 
 @pytest.fixture(scope="module", params=CASES)
 def conditioner(request):
-    conditioner = build_conditioner(CASES[request.param], torch.device("cpu"), context_dim=16)
+    tokenizer = None
+    if request.param == "sd3":  # T5's vocabulary comes with a model: a tiny one here
+        tokenizer = SD3Tokenizers(ClipTokenizer.from_bpe_file(),
+                                  T5Tokenizer(tiny_t5_tokenizer().backend_tokenizer.to_str(), 8))
+    conditioner = build_conditioner(CASES[request.param], torch.device("cpu"), context_dim=16, tokenizer=tokenizer)
     torch.manual_seed(0)
     if conditioner.trainable is not None:
         randomised(conditioner.trainable, seed=1)  # a new adapter is the identity: make it do something
@@ -93,5 +109,5 @@ def test_text_encoder_weights_for_a_kind_that_takes_none_are_an_error(name):
 
 def test_an_unknown_kind_is_a_clear_error():
     with pytest.raises(ConfigError, match=r"unknown condition encoder 'clipp' \(did you mean 'clip'\?\); choose one "
-                                          "of minilm, clip, sdxl, class"):
+                                          "of minilm, clip, sdxl, sd3, class"):
         conditioner_type("clipp")

@@ -37,7 +37,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     prompts, jobs, seed = _generation_request(args)
     spatial = {name: naming(f"--{name}", open_image, path) for name, path in (("image", args.image),
                                                                               ("mask", args.mask)) if path}
-    options = {"prediction_type": args.prediction_type} if args.prediction_type else {}
+    options = reader_options(args)
     pipe = Pipeline.from_pretrained(args.model or bundled_model(), device=args.device, precision=args.precision,
                                     backend=args.backend, **options)
     pipe.vae_tile = args.vae_tile or None
@@ -251,12 +251,29 @@ def cmd_convert(args: argparse.Namespace) -> None:
         save_controlnet(load_controlnet(args.source, dtype=dtype), args.dest, args.to)
         print(f"wrote {args.dest} (ControlNet, {args.to})")
         return
-    options = {"prediction_type": args.prediction_type} if args.prediction_type else {}
+    options = reader_options(args)
     parts = load_model(args.source, **options)
     if dtype is not None:
         parts = parts.to(dtype)
     save_model(parts, args.dest, args.to)
     print(f"wrote {args.dest} ({args.to})")
+
+
+def reader_options(args: argparse.Namespace) -> dict:
+    """The model reader's options the command line gave (`load_model`)."""
+    options = {"prediction_type": args.prediction_type} if args.prediction_type else {}
+    if args.t5_tokenizer:
+        options["t5_tokenizer"] = args.t5_tokenizer
+    return options
+
+
+def add_reader_flags(p) -> None:
+    """--prediction-type and --t5-tokenizer: what a single checkpoint file may not say."""
+    p.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
+                   help="for a checkpoint without its YAML: what the UNet predicts")
+    p.add_argument("--t5-tokenizer", default=None, metavar="FOLDER",
+                   help="for an SD3 single file with T5: the folder of T5's tokenizer.json (default: tokenizer_3/ "
+                        "beside the file, e.g. a diffusers SD3 folder's)")
 
 
 def add_model_commands(sub) -> None:
@@ -268,8 +285,7 @@ def add_model_commands(sub) -> None:
     p.add_argument("source", help="model folder, .safetensors / .ckpt checkpoint, or diffusers folder")
     p.add_argument("dest", help="where to write (a .safetensors file for --to original, else a folder)")
     p.add_argument("--to", required=True, choices=["native", "original", "diffusers"], help="output format")
-    p.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
-                   help="for a checkpoint without its YAML: what the UNet predicts")
+    add_reader_flags(p)
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="store weights as (default: "
                                                                                   "as read)")
     p.set_defaults(func=cmd_convert)
@@ -318,8 +334,7 @@ def _add_generate_command(sub) -> None:
     p.add_argument("--model", default=None, help="a model folder (`ldm train`), a Stable Diffusion checkpoint "
                                                  "(.safetensors / .ckpt) or a diffusers folder (default: the shapes "
                                                  "model that ships in models/ldm-shapes)")
-    p.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
-                   help="for a Stable Diffusion checkpoint without its YAML: what the UNet predicts")
+    add_reader_flags(p)
     p.add_argument("--negative", default=None, help="negative prompt (replaces the empty prompt in guidance)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None,

@@ -15,8 +15,9 @@ transformers' `T5EncoderModel` names (`conditioning.t5`).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,9 +43,20 @@ class SD3Tokenizers:
     t5: T5Tokenizer | None
 
     def save_folder(self, folder: str | os.PathLike) -> None:
+        """CLIP's vocabulary in `folder`, T5's in `folder/t5/` (a model folder's `tokenizer/`)."""
         self.clip.save_folder(folder)
         if self.t5 is not None:
-            self.t5.save_folder(os.path.join(folder, "t5"))
+            self.t5.save_folder(Path(folder) / "t5")
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, cfg: ConditioningConfig) -> SD3Tokenizers:
+        """What `save_folder` wrote (CLIP's vocabulary defaults to the bundled one)."""
+        folder = Path(folder)
+        if cfg.t5 is not None and not (folder / "t5").is_dir():
+            raise CheckpointError(f"{folder / 't5'} is missing: this SD3 model's T5 encoder needs its tokenizer")
+        clip = ClipTokenizer.from_folder(folder) if (folder / "vocab.json").is_file() else ClipTokenizer.from_bpe_file()
+        t5 = T5Tokenizer.from_folder(folder / "t5", cfg.t5_max_length) if (folder / "t5").is_dir() else None
+        return cls(clip, t5)
 
 
 def split_weights(weights: Mapping[str, torch.Tensor], what: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -145,6 +157,8 @@ class SD3Conditioner(TextConditioner):
             raise ConfigError("conditioning.adapter_layers: an 'sd3' model has no text adapter")
         if context_dim is None:
             raise ConfigError("an 'sd3' condition encoder needs the network's context_dim (T5's width)")
+        if tokenizer is None and text_weights is None and cfg.path is not None:
+            tokenizer = SD3Tokenizers.from_folder(Path(cfg.path).parent / "tokenizer", cfg)  # a model folder's
         encoder = SD3TextEncoder(cfg, context_dim, cfg.path if text_weights is None else text_weights, tokenizer,
                                  dtype)
         return cls(cfg, encoder.to(device))
@@ -158,7 +172,8 @@ class SD3Conditioner(TextConditioner):
         if cfg.path is None:
             raise ConfigError("conditioning.encoder = 'sd3' with no conditioning.path: the text encoders would have "
                               "random weights. Set conditioning.path to an SD3 model folder's "
-                              "text_encoder.safetensors (`ldm convert` writes one from an SD3 checkpoint)")
+                              "text_encoder.safetensors (`ldm convert` writes one from an SD3 checkpoint; its "
+                              "tokenizer/ folder beside it is read too)")
 
     @property
     def vector_dim(self) -> int:

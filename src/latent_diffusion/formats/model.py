@@ -25,7 +25,6 @@ from latent_diffusion.conditioning.conditioner import Conditioner
 from latent_diffusion.conditioning.registry import build_conditioner, conditioner_type
 from latent_diffusion.conditioning.sd3 import SD3Tokenizers
 from latent_diffusion.conditioning.spatial import check_spatial
-from latent_diffusion.conditioning.t5 import T5Tokenizer
 from latent_diffusion.conditioning.tokenizer import ClipTokenizer
 from latent_diffusion.config import (AutoencoderConfig, AutoencoderRunConfig, ConditioningConfig, ConfigError,
                                      DataConfig, DiffusionConfig, DiTConfig, LDMRunConfig, MMDiTConfig, SamplingConfig,
@@ -154,7 +153,7 @@ def read_native(folder: str | os.PathLike, dtype: torch.dtype | None = None,
                 if (folder / name).is_file() else None for name in (TEXT_ENCODER_FILE, CONDITIONER_FILE)}
     tokenizer = None
     if cfg.conditioning.encoder == "sd3":
-        tokenizer = sd3_tokenizers(folder / TOKENIZER_DIR, cfg.conditioning)
+        tokenizer = SD3Tokenizers.from_folder(folder / TOKENIZER_DIR, cfg.conditioning)
     elif (folder / TOKENIZER_DIR).is_dir():
         clip = cfg.conditioning.clip or cfg.conditioning.clip_2  # an SDXL refiner has the second encoder only
         tokenizer = ClipTokenizer.from_folder(folder / TOKENIZER_DIR, clip.max_positions, clip.pad_token_id)
@@ -165,15 +164,6 @@ def read_native(folder: str | os.PathLike, dtype: torch.dtype | None = None,
                       text_encoder=optional[TEXT_ENCODER_FILE], conditioner=optional[CONDITIONER_FILE],
                       tokenizer=tokenizer, resolution=cfg.data.resolution, sampling=cfg.sampling,
                       recipe=Recipe(cfg.data, cfg.training, ae_cfg))
-
-
-def sd3_tokenizers(folder: Path, conditioning: ConditioningConfig) -> SD3Tokenizers:
-    """An SD3 model folder's vocabularies: CLIP's in `tokenizer/` (else the bundled one), T5's in `tokenizer/t5/`."""
-    t5 = folder / "t5"
-    if conditioning.t5 is not None and not t5.is_dir():
-        raise CheckpointError(f"{t5} is missing: this SD3 model's T5 encoder needs its tokenizer")
-    clip = ClipTokenizer.from_folder(folder) if (folder / "vocab.json").is_file() else ClipTokenizer.from_bpe_file()
-    return SD3Tokenizers(clip, T5Tokenizer.from_folder(t5, conditioning.t5_max_length) if t5.is_dir() else None)
 
 
 def write_native(parts: ModelParts, folder: str | os.PathLike) -> None:

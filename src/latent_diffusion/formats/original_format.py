@@ -360,7 +360,7 @@ def _unet_heads(openclip: bool, params: dict[str, Any]) -> dict[str, int]:
 
 
 def infer_autoencoder_config(vae: dict[str, torch.Tensor], ddconfig: dict[str, Any], latent_scale: float,
-                             latent_shift: float = 0.0) -> AutoencoderConfig:
+                             latent_shift: float = 0.0, norm_groups: int = SD_NORM_GROUPS) -> AutoencoderConfig:
     """The autoencoder's architecture from its shapes (SD3's has no quant convs: its latents are the encoder's);
     `resolution` (placing attention) from the YAML's ddconfig."""
     ch, in_channels = vae["encoder.conv_in.weight"].shape[:2]
@@ -380,7 +380,8 @@ def infer_autoencoder_config(vae: dict[str, torch.Tensor], ddconfig: dict[str, A
                              ch_mult=tuple(w // ch for w in widths), num_res_blocks=num_res_blocks,
                              attn_resolutions=attention, dropout=float(ddconfig.get("dropout", 0.0)),
                              z_channels=z_channels, embed_dim=embed_dim, resolution=resolution, latent_scale=latent_scale,
-                             latent_shift=latent_shift, quant_conv="post_quant_conv.weight" in vae, **vq)
+                             latent_shift=latent_shift, quant_conv="post_quant_conv.weight" in vae,
+                             norm_groups=norm_groups, **vq)
 
 
 def _first_stage(a: AutoencoderConfig, ddconfig: dict[str, Any]) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from latent_diffusion.mmdit import MMDiT
 
 SD3_LATENT_SCALE, SD3_LATENT_SHIFT = 1.5305, 0.0609  # SD3's VAE (diffusers' scaling_factor, shift_factor)
 SD3_HEAD_WIDTH = 64
+SD3_RESOLUTION = 1024
 SD3_DIFFUSION = DiffusionConfig(objective="flow", flow_shift=3.0)
 SD3_SAMPLING = SamplingConfig(sampler="flow_euler", steps=28, guidance_scale=7.0)  # diffusers' pipeline defaults
 SD3_PIPELINE = "StableDiffusion3Pipeline"
@@ -191,7 +192,7 @@ def infer_mmdit_config(tensors: dict[str, torch.Tensor], num_heads: int | None, 
     depth = 1 + max(int(k.split(".")[1]) for k in tensors if k.startswith("joint_blocks."))
     ln_q = tensors.get("joint_blocks.0.x_block.attn.ln_q.weight")
     if num_heads is None:
-        num_heads = hidden // (ln_q.shape[0] if ln_q is not None else SD3_HEAD_WIDTH)
+        num_heads = max(1, hidden // (ln_q.shape[0] if ln_q is not None else SD3_HEAD_WIDTH))
     side = int(round(tensors["pos_embed"].shape[1] ** 0.5))
     y = tensors.get("y_embedder.mlp.0.weight")
     dual = tuple(i for i in range(depth) if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in tensors)

@@ -1,7 +1,8 @@
 """SD3 single files (Stability's layout; see `formats/sd3.py`) ↔ `ModelParts`.
 
 What the file's shapes do not say is read from its safetensors metadata when we wrote it (`ldm.*`: heads, latent
-scale and shift, GroupNorm groups), else SD3's values (64-wide heads, 1.5305 and 0.0609, 32 groups).
+scale and shift, GroupNorm groups, the text encoders' configs), else SD3's values (64-wide heads, 1.5305 and 0.0609,
+32 groups, CLIP ViT-L, OpenCLIP bigG and T5 v1.1's conventions).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from latent_diffusion.formats import sd3
 from latent_diffusion.formats.keymaps import convert_state, module_shapes
 from latent_diffusion.formats.model import ModelParts
 from latent_diffusion.formats.openclip_keys import infer_clip_config
-from latent_diffusion.formats.original_format import (SD_VAE_RESOLUTION, UNET_PREFIX, VAE_PREFIX,
+from latent_diffusion.formats.original_format import (SD_NORM_GROUPS, SD_VAE_RESOLUTION, UNET_PREFIX, VAE_PREFIX,
                                                       infer_autoencoder_config)
 from latent_diffusion.formats.sdxl import PROJECTION
 
@@ -49,8 +50,8 @@ def from_sd3_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str,
     if not vae:
         raise CheckpointError(f"{where}: the autoencoder ({VAE_PREFIX}*) is missing")
     ae_cfg = infer_autoencoder_config(vae, {}, float(meta.get("latent_scale", sd3.SD3_LATENT_SCALE)),
-                                      float(meta.get("latent_shift", sd3.SD3_LATENT_SHIFT)))
-    ae_cfg = dataclasses.replace(ae_cfg, norm_groups=int(meta.get("norm_groups", ae_cfg.norm_groups)))
+                                      float(meta.get("latent_shift", sd3.SD3_LATENT_SHIFT)),
+                                      int(meta.get("norm_groups", SD_NORM_GROUPS)))
     shapes = module_shapes(build_autoencoder, ae_cfg)
     convert_state(vae, {k: k for k in shapes}, shapes, f"{where}: the autoencoder ({VAE_PREFIX}*)")
     texts = {name: _part(state_dict, TEXT_PREFIX + prefix.removeprefix(TEXT_PREFIX))
@@ -75,7 +76,9 @@ def from_sd3_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str,
                                          openclip=name == "clip_2", layer="last")
             configs[name] = dataclasses.replace(inferred, projection_dim=ours[PROJECTION].shape[0])
         texts[name] = ours
-    t5_config = _infer_t5_config(texts["t5"]) if texts["t5"] else None
+    t5_config = None
+    if texts["t5"]:
+        t5_config = json.loads(meta["t5"]) if "t5" in meta else _infer_t5_config(texts["t5"])
     if t5_config is not None and t5_tokenizer is None:
         raise CheckpointError(f"{where} holds a T5 encoder, whose tokenizer is not in the file: put a diffusers SD3 "
                               "folder's tokenizer_3/ beside it, or pass t5_tokenizer= a folder with T5's "
@@ -93,7 +96,8 @@ def from_sd3_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str,
                                      conditioning.t5_max_length)
     return ModelParts(unet_config=mmdit_cfg, unet=unet, autoencoder_config=ae_cfg, autoencoder=vae,
                       conditioning=conditioning, diffusion=sd3.SD3_DIFFUSION, text_encoder=text_encoder,
-                      tokenizer=tokenizers, resolution=1024, sampling=sd3.SD3_SAMPLING)
+                      tokenizer=tokenizers, resolution=int(meta.get("resolution", sd3.SD3_RESOLUTION)),
+                      sampling=sd3.SD3_SAMPLING)
 
 
 def _infer_t5_config(tensors: dict[str, torch.Tensor]) -> dict[str, object]:
@@ -130,10 +134,13 @@ def to_sd3_state_dict(parts: ModelParts) -> tuple[dict[str, torch.Tensor], dict[
             out.update({prefix + k: v for k, v in tensors.items()})
     a, m = parts.autoencoder_config, parts.unet_config
     metadata = {f"{META}num_heads": str(m.num_heads), f"{META}latent_scale": repr(a.latent_scale),
-                f"{META}latent_shift": repr(a.latent_shift), f"{META}norm_groups": str(a.norm_groups)}
+                f"{META}latent_shift": repr(a.latent_shift), f"{META}norm_groups": str(a.norm_groups),
+                f"{META}resolution": str(parts.resolution)}
     for name in CLIP_NAMES:
         full = dataclasses.replace(getattr(parts.conditioning, name), layer="last", final_norm=True)
         metadata[META + name] = json.dumps(to_dict(full))
+    if parts.conditioning.t5 is not None:
+        metadata[META + "t5"] = json.dumps(parts.conditioning.t5)
     return out, metadata
 
 

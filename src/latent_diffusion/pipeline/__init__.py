@@ -72,7 +72,7 @@ class Pipeline(LatentDiffusion):
         dev, storage = _placement(device, precision, backend)
         cfg = parts.run_config()
         if backend == "openvino" and (cfg.backbone != "unet" or cfg.unet.adm_in_channels is not None):
-            raise ValueError("backend 'openvino' compiles SD 1.x/2.x-style UNets; this model (a DiT or SDXL) runs on "
+            raise ValueError("backend 'openvino' compiles SD 1.x/2.x-style UNets; this model (a DiT, SDXL or SD3) runs on "
                              "backend 'torch'")
         unet, autoencoder, conditioner = parts.networks(dev, storage)
         ae_cfg = AutoencoderRunConfig(model=parts.autoencoder_config, data=DataConfig(resolution=parts.resolution))
@@ -97,9 +97,9 @@ class Pipeline(LatentDiffusion):
         return self._openvino
 
     def check_adapter(self, what: str) -> None:
-        """A clear error for an adapter of the SD 1.x/2.x UNet asked of an SDXL or a DiT model."""
-        family = ("a DiT" if self.config.backbone == "dit" else
-                  "an SDXL" if self.config.conditioning.encoder == "sdxl" else None)
+        """A clear error for an adapter of the SD 1.x/2.x UNet asked of an SDXL, SD3 or DiT model."""
+        family = {"sdxl": "an SDXL", "sd3": "an SD3"}.get(self.config.conditioning.encoder,
+                                                           "a DiT" if self.config.backbone == "dit" else None)
         if family is not None:
             raise ValueError(f"{what}: {family} model takes none yet (adapters attach to SD 1.x/2.x-style UNets with "
                              "one CLIP text encoder)")
