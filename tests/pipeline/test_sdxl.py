@@ -147,16 +147,17 @@ def test_unsupported_families_are_refused_by_name(tmp_path):
 
 def test_transformer_families_are_refused_by_name(tmp_path):
     from latent_diffusion.files.weights import save_weights
-    save_weights({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(6, 2)},
-                 tmp_path / "sd3.safetensors")
-    with pytest.raises(CheckpointError, match="Stable Diffusion 3 \\(MMDiT\\) checkpoint .*not supported"):
-        load_model(tmp_path / "sd3.safetensors")
-    (tmp_path / "sd3").mkdir()
-    (tmp_path / "sd3" / "model_index.json").write_text(
-        '{"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"]}')
+    save_weights({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": torch.zeros(6, 2)},
+                 tmp_path / "flux.safetensors")
+    with pytest.raises(CheckpointError, match="is a FLUX checkpoint .*not supported; supported: Stable Diffusion "
+                                              "1.x, 2.x, SDXL and SD3"):
+        load_model(tmp_path / "flux.safetensors")
+    (tmp_path / "flux").mkdir()
+    (tmp_path / "flux" / "model_index.json").write_text(
+        '{"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}')
     from latent_diffusion.config import ConfigError
-    with pytest.raises(ConfigError, match="StableDiffusion3Pipeline .*is not supported"):
-        load_model(tmp_path / "sd3")
+    with pytest.raises(ConfigError, match="FluxPipeline .*is not supported"):
+        load_model(tmp_path / "flux")
 
 
 def test_ldm_generate_with_micro_conditioning_and_a_refiner(folders, tmp_path, monkeypatch):

@@ -43,6 +43,7 @@ from latent_diffusion.formats.keymaps import (clip_state_from_transformers, clip
                                          drop_last_clip_layer, unet_state_from_diffusers, unet_state_to_diffusers,
                                          vae_state_from_diffusers, vae_state_to_diffusers)
 from latent_diffusion.formats import sdxl
+from latent_diffusion.formats.sd3 import SD3_PIPELINE
 from latent_diffusion.formats.model import ModelParts
 
 MODEL_INDEX = "model_index.json"
@@ -285,7 +286,7 @@ def _read_index(folder: Path) -> dict[str, Any]:
         return {}
     index = read_json(folder / MODEL_INDEX)
     pipeline = index.get("_class_name")
-    known = (*PIPELINES.values(), UPSCALE_PIPELINE, *sdxl.SDXL_PIPELINES.values())
+    known = (*PIPELINES.values(), UPSCALE_PIPELINE, *sdxl.SDXL_PIPELINES.values(), SD3_PIPELINE)
     if isinstance(pipeline, str) and pipeline not in known and "transformer" in index:
         raise ConfigError(f"{folder / MODEL_INDEX}: {pipeline} (a transformer backbone, e.g. FLUX or PixArt) is not "
                           f"supported; supported pipelines: {', '.join(known)}")

@@ -152,7 +152,7 @@ def read_native(folder: str | os.PathLike, dtype: torch.dtype | None = None,
     optional = {name: read_weights(folder / name, dtype if name == TEXT_ENCODER_FILE else None, device)
                 if (folder / name).is_file() else None for name in (TEXT_ENCODER_FILE, CONDITIONER_FILE)}
     tokenizer = None
-    if cfg.conditioning.encoder == "sd3":
+    if cfg.conditioning.encoder == "sd3" and (folder / TOKENIZER_DIR).is_dir():  # else beside conditioning.path
         tokenizer = SD3Tokenizers.from_folder(folder / TOKENIZER_DIR, cfg.conditioning)
     elif (folder / TOKENIZER_DIR).is_dir():
         clip = cfg.conditioning.clip or cfg.conditioning.clip_2  # an SDXL refiner has the second encoder only

@@ -126,8 +126,8 @@ def to_sd3_state_dict(parts: ModelParts) -> tuple[dict[str, torch.Tensor], dict[
         if name in CLIP_NAMES:
             width = getattr(parts.conditioning, name).width
             projection = tensors.get(PROJECTION)
-            if name == "clip" and projection is not None and torch.equal(projection.cpu(), torch.eye(width).to(
-                    projection.dtype)):
+            if (name == "clip" and projection is not None and not projection.is_meta
+                    and torch.equal(projection.cpu(), torch.eye(width, dtype=projection.dtype))):
                 tensors = {k: v for k, v in tensors.items() if k != PROJECTION}  # SD3's files leave the identity out
             out.update({prefix + (k if k == PROJECTION else f"text_model.{k}"): v for k, v in tensors.items()})
         else:

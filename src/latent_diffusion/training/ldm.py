@@ -162,11 +162,12 @@ def _build_run(cfg: LDMRunConfig, dataset: Dataset, captioned: int | None, out: 
     if cfg.conditioning.cache:
         conditioner.cache_frozen(out / "cache" / "text")
     if getattr(conditioner, "vector_dim", None) != cfg.network.adm_in_channels:
-        raise ConfigError(f"unet.adm_in_channels = {cfg.network.adm_in_channels}: the {cfg.conditioning.encoder} "
-                          f"encoder gives a vector condition of {getattr(conditioner, 'vector_dim', None)}")
+        raise ConfigError(f"{cfg.backbone}.adm_in_channels = {cfg.network.adm_in_channels}: the "
+                          f"{cfg.conditioning.encoder} encoder gives a vector condition of "
+                          f"{getattr(conditioner, 'vector_dim', None)}")
     if cfg.network.context_dim is not None and conditioner.dim != cfg.network.context_dim:
-        raise ConfigError(f"unet.context_dim = {cfg.network.context_dim}: the {cfg.conditioning.encoder} encoder "
-                          f"gives {conditioner.dim}-wide tokens")
+        raise ConfigError(f"{cfg.backbone}.context_dim = {cfg.network.context_dim}: the {cfg.conditioning.encoder} "
+                          f"encoder gives {conditioner.dim}-wide tokens")
     if cfg.data.flip or cfg.data.random_crop:
         log.warning("data.flip / data.random_crop are not applied: the latent cache holds each image once, "
                     "centre-cropped and unflipped")
