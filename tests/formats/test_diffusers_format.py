@@ -276,7 +276,7 @@ def edit_json(path, **changes):
     ("unet/config.json", {"only_cross_attention": True}, "only_cross_attention = True is not supported"),
     ("scheduler/scheduler_config.json", {"beta_schedule": "sigmoid"}, "beta_schedule = 'sigmoid'"),
     ("text_encoder/config.json", {"hidden_act": "relu"}, "hidden_act = 'relu'"),
-    ("model_index.json", {"transformer": ["diffusers", "SD3Transformer2DModel"]}, "component transformer"),
+    ("model_index.json", {"transformer": ["diffusers", "FluxTransformer2DModel"]}, "component transformer"),
 ])
 def test_unsupported_settings_are_clear_errors(file, changes, message, tmp_path):
     write_diffusers(tiny_parts(), tmp_path)
