@@ -122,3 +122,18 @@ def test_what_sd3_models_cannot_take_yet_is_refused(folders, tmp_path):
         pipe.generate_tensors("x", steps=2, sampler="dpmpp_2m", progress=False, **SIZE)
     with pytest.raises(ValueError, match="backend 'openvino' compiles SD 1.x/2.x-style UNets"):
         Pipeline.from_pretrained(folders["no-t5"], device="cpu", backend="openvino")
+
+
+def test_bf16_weights_draw_what_fp32_draws(folders):
+    """bf16 storage, the math as the host's rule says (T5's feed-forward cast as one: transformers casts its input
+    to the output layer's dtype)."""
+    kwargs = dict(steps=3, seed=1, progress=False, **SIZE)
+    fp32 = _ours(folders["t5"]).generate_tensors(SD3_PROMPTS[0], **kwargs)
+    bf16 = _ours(folders["t5"], precision="bf16").generate_tensors(SD3_PROMPTS[0], **kwargs)
+    assert (bf16 - fp32).abs().mean() < 0.03
+
+
+def test_reader_options_a_format_does_not_take_are_refused(folders):
+    with pytest.raises(ValueError, match="t5_tokenizer: not an option of the diffusers format's reader, which takes "
+                                         "prediction_type \\(t5_tokenizer is for SD3 single files"):
+        load_model(folders["t5"], t5_tokenizer="x")

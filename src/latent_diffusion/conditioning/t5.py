@@ -97,4 +97,9 @@ def t5_encoder(config: Mapping[str, Any], weights: Mapping[str, torch.Tensor] | 
         tensors = t5_weights(weights, "T5 encoder weights")
         tensors[EMBED_TOKENS] = tensors[SHARED]
         model = module_from_weights(lambda: T5EncoderModel(cfg), tensors, "T5 encoder weights", dtype)
+    for module in model.modules():
+        # transformers' feed-forward casts its input to `wo`'s dtype before calling it: weights kept in bf16 and
+        # cast layer by layer for fp32 math (`inference.precision.store_weights`) must be cast for it as one
+        if type(module).__name__ in ("T5DenseGatedActDense", "T5DenseActDense"):
+            module.cast_as_one = True
     return model.eval()

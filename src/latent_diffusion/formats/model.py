@@ -13,6 +13,7 @@ Every reader returns `ModelParts` with tensors in our (CompVis-layout) naming, e
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,12 +216,19 @@ def load_model(path: str | os.PathLike, fmt: Format | None = None, dtype: torch.
                              "config.yaml says it all")
         return read_native(path, dtype, device)
     if fmt == "original":
-        from latent_diffusion.formats.original_format import read_original
-        return read_original(path, dtype=dtype, device=device, **options)
-    if fmt == "diffusers":
-        from latent_diffusion.formats.diffusers_format import read_diffusers
-        return read_diffusers(path, dtype=dtype, device=device, **options)
-    raise ValueError(f"unknown model format {fmt!r}; expected one of {', '.join(FORMATS)}")
+        from latent_diffusion.formats.original_format import read_original as reader
+    elif fmt == "diffusers":
+        from latent_diffusion.formats.diffusers_format import read_diffusers as reader
+    else:
+        raise ValueError(f"unknown model format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    takes = [name for name in inspect.signature(reader).parameters if name not in ("path", "folder", "dtype", "device")]
+    unknown = sorted(set(options) - set(takes))
+    if unknown:
+        why = " (t5_tokenizer is for SD3 single files: a diffusers folder has it in tokenizer_3/)" \
+            if "t5_tokenizer" in unknown else ""
+        raise ValueError(f"{', '.join(unknown)}: not an option of the {fmt} format's reader, which takes "
+                         f"{', '.join(takes) or 'none'}{why}")
+    return reader(path, dtype=dtype, device=device, **options)
 
 
 def save_model(parts: ModelParts, path: str | os.PathLike, fmt: Format) -> None:
