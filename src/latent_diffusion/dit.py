@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from latent_diffusion.config import DiTConfig
+from latent_diffusion.config import DiTConfig, MMDiTConfig
 from latent_diffusion.nn.attention import CrossAttention
 from latent_diffusion.nn.conditions import check_conditions
 from latent_diffusion.nn.embeddings import grid_position_embedding, timestep_embedding
@@ -106,9 +106,10 @@ class TimestepEmbedder(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN (shift, scale; zero-initialised) → Linear to p²·C_out per token (zero-initialised)."""
+    """adaLN (shift, scale; zero-initialised) → Linear to p²·C_out per token (zero-initialised); the DiT's and the
+    MMDiT's."""
 
-    def __init__(self, cfg: DiTConfig):
+    def __init__(self, cfg: DiTConfig | MMDiTConfig):
         super().__init__()
         h = cfg.hidden_size
         self.norm_final = nn.LayerNorm(h, elementwise_affine=False, eps=1e-6)

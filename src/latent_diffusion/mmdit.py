@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from latent_diffusion.config import MMDiTConfig
-from latent_diffusion.dit import Mlp, TimestepEmbedder, modulate
+from latent_diffusion.dit import FinalLayer, Mlp, TimestepEmbedder, modulate
 from latent_diffusion.nn.conditions import check_conditions
 from latent_diffusion.nn.embeddings import grid_position_embedding
 
@@ -124,24 +124,6 @@ class JointBlock(nn.Module):
         if not self.context_block.pre_only:
             context = self.context_block.post_attention(context, attended[:, :length], context_mod)
         return context, x
-
-
-class FinalLayer(nn.Module):
-    """adaLN (shift, scale) → Linear to p²·C_out per token, both zero-initialised."""
-
-    def __init__(self, cfg: MMDiTConfig):
-        super().__init__()
-        h = cfg.hidden_size
-        self.norm_final = nn.LayerNorm(h, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(h, cfg.patch_size**2 * cfg.out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(h, 2 * h))
-        for layer in (self.linear, self.adaLN_modulation[-1]):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
 class MMDiT(nn.Module):

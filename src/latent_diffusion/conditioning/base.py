@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from latent_diffusion.files.weights import CheckpointError
+
 
 @dataclass(frozen=True, eq=False)
 class Conditioning:
@@ -108,6 +110,18 @@ class FrozenEncoder(nn.Module):
             digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
             digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()[:16]
+
+def split_prefixed(tensors: Mapping[str, torch.Tensor], names: Sequence[str], what: str
+                   ) -> dict[str, dict[str, torch.Tensor]]:
+    """{name: its tensors without the `name.` prefix} of weights that hold several encoders (SDXL's, SD3's)."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, _, rest = key.partition(".")
+        if name not in names:
+            raise CheckpointError(f"{what}: unexpected key {key!r} (expected {', '.join(n + '.*' for n in names)})")
+        parts.setdefault(name, {})[rest] = value
+    return parts
+
 
 def check_prompts(prompts: Sequence[str]) -> list[str]:
     """A list of prompt strings; a bare string is an error (it would be read as one prompt per character)."""

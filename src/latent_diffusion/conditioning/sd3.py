@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from latent_diffusion.conditioning.base import Conditioning, FrozenEncoder, check_prompts
+from latent_diffusion.conditioning.base import Conditioning, FrozenEncoder, check_prompts, split_prefixed
 from latent_diffusion.conditioning.clip import clip_text_transformer
 from latent_diffusion.conditioning.t5 import T5Tokenizer, t5_encoder
 from latent_diffusion.conditioning.text import TextConditioner
@@ -61,13 +61,7 @@ class SD3Tokenizers:
 
 def split_weights(weights: Mapping[str, torch.Tensor], what: str) -> dict[str, dict[str, torch.Tensor]]:
     """{"clip": ..., "clip_2": ..., "t5": ...} of the prefixed weights."""
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in weights.items():
-        name, _, rest = key.partition(".")
-        if name not in PARTS:
-            raise CheckpointError(f"{what}: unexpected key {key!r} (expected clip.*, clip_2.* or t5.*)")
-        parts.setdefault(name, {})[rest] = value
-    return parts
+    return split_prefixed(weights, PARTS, what)
 
 
 class SD3TextEncoder(FrozenEncoder):

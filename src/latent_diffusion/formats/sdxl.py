@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from latent_diffusion.conditioning.base import split_prefixed
 from latent_diffusion.conditioning.clip import ClipTextTransformer
 from latent_diffusion.conditioning.sdxl import ENCODER_NAMES, FOURIER_DIM, MICRO_NUMBERS
 from latent_diffusion.conditioning.tokenizer import ClipTokenizer
@@ -69,13 +70,7 @@ def sdxl_conditioning(clip: ClipTextConfig | None, clip_2: ClipTextConfig, unet:
 
 def split_encoders(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """{"clip": ..., "clip_2": ...} of `ModelParts.text_encoder`'s prefixed weights (present encoders only)."""
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        name, _, rest = key.partition(".")
-        if name not in ENCODER_NAMES:
-            raise CheckpointError(f"SDXL text encoder weights: unexpected key {key!r} (expected clip.* or clip_2.*)")
-        parts.setdefault(name, {})[rest] = value
-    return parts
+    return split_prefixed(tensors, ENCODER_NAMES, "SDXL text encoder weights")
 
 
 def joined(encoders: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
