@@ -67,7 +67,7 @@ def main() -> None:
         p.add_argument("--folder", default=None,
                        help="where to write the diffusers copy of the weights (default: a temporary folder)")
 
-    args = arguments(__doc__, extra)
+    args = arguments(__doc__, extra, int8=True)
     args.dtype = args.dtype if args.dtype != ["fp32", "bf16"] else ["bf16"]
     if args.peak:
         measure_peak(build(args.impl, args.dtype[0], args.device, args.steps, Path(args.folder)))

@@ -25,7 +25,8 @@ from latent_diffusion.inference.memory import release_free_memory
 from latent_diffusion.inference.precision import math_precision
 from latent_diffusion.runtime import PRECISIONS, autocast
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# int8: ours with int8 linear layers (`--precision int8`) over bf16 weights; peers at bf16
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}
 
 
 def at_dtype(model: torch.nn.Module, ours: bool, dtype: torch.dtype, device: str, math: str | None = None,
@@ -38,12 +39,13 @@ def at_dtype(model: torch.nn.Module, ours: bool, dtype: torch.dtype, device: str
 
     if not ours:
         return model.to(dtype), dtype, contextlib.nullcontext
-    name = {v: k for k, v in DTYPES.items()}[dtype]
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     dev = torch.device(device)
     math = math or math_precision(name, dev)
     model = prepare_for_inference(model, dev, dtype, PRECISIONS[math], **options)
     if dtype != torch.float32:
-        print(f"ours at {name}: {name} weights, {math} math")
+        print(f"ours at {name}: {name} weights, {math} math" + (f", int8 linear layers ({options['int8']})"
+                                                                if options.get("int8") else ""))
     return model, torch.float32, (lambda: autocast(dev, math)) if math != "fp32" else contextlib.nullcontext
 
 
@@ -68,16 +70,34 @@ def machine() -> str:
 def host() -> dict:
     """The CPU's vendor, its flags that decide the fast path (AVX-512, bf16, AMX, VNNI) and the bf16 rule's
     choice, for the results table and JSON: a figure names the kind of host it holds on."""
+    from latent_diffusion.inference.int8 import int8_mode
     from latent_diffusion.inference.precision import cpu_bf16_math, cpu_capabilities
 
     capabilities = cpu_capabilities()
     flags = [f for f in ("avx2", "avx512_f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
              if capabilities.get(f)]
     bf16_math = cpu_bf16_math(capabilities)
+    int8 = int8_mode(torch.device("cpu"), capabilities)
     vendor = str(capabilities.get("vendor") or "unknown vendor")
-    return {"vendor": vendor, "flags": flags, "bf16_math": bf16_math,
+    return {"vendor": vendor, "flags": flags, "bf16_math": bf16_math, "int8_linear": int8, "kind": host_kind(),
             "summary": f"{vendor}, flags {' '.join(flags) or 'none'}, bf16 weights compute in "
-                       f"{'bf16' if bf16_math else 'fp32'}"}
+                       f"{'bf16' if bf16_math else 'fp32'}, int8 linear layers {int8}"}
+
+
+def host_kind() -> str:
+    """The kind of host a figure holds on, the name of its results folder: the GPU, or the CPU by what decides
+    its fast path: cpu-amx (AMX tiles), cpu-<vendor>-avx512bf16, cpu-avx512, cpu-avx2."""
+    if torch.cuda.is_available():
+        return "cuda-" + torch.cuda.get_device_name(0).lower().replace(" ", "-")
+    from latent_diffusion.inference.precision import cpu_capabilities
+
+    flags = cpu_capabilities()
+    vendor = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(str(flags.get("vendor")), "other")
+    if flags.get("amx_bf16"):
+        return "cpu-amx"
+    if flags.get("avx512_bf16"):
+        return f"cpu-{vendor}-avx512bf16"
+    return "cpu-avx512" if flags.get("avx512_f") else "cpu-avx2"
 
 
 def sync() -> None:
@@ -168,10 +188,13 @@ def table(title: str, times: dict[str, list[float]], peaks: dict[str, float | No
     return rows
 
 
-def arguments(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
-    """Common flags: --dtype, --repeats, --threads, --device, --json; and the internal --peak/--impl pair."""
+def arguments(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None,
+              int8: bool = False) -> argparse.Namespace:
+    """Common flags: --dtype (int8 where the script measures it), --repeats, --threads, --device, --json; and the
+    internal --peak/--impl pair."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    p.add_argument("--dtype", nargs="+", default=["fp32", "bf16"],
+                   choices=[name for name in DTYPES if int8 or name != "int8"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

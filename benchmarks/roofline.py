@@ -29,7 +29,7 @@ def matmul_rate(dtype: torch.dtype, device: str, n: int = 4096, repeats: int = 5
 def unet_flops(device: str) -> int:
     """FLOPs of one SD 1.5 UNet forward at batch 2 (matmuls and convolutions; attention included), counted on
     diffusers' UNet: the network's own count, which our CPU paths undercut (upsampling convolutions by phases)."""
-    _, call = build("diffusers", torch.float32, device)
+    _, call = build("diffusers", "fp32", device)
     with FlopCounterMode(display=False) as counter:
         call()
     return counter.get_total_flops()
@@ -47,7 +47,7 @@ def main() -> None:
         dtype = DTYPES[name]
         rate = matmul_rate(dtype, args.device)
         figures[name] = {"matmul_gflops": rate}
-        _, call = build("ours", dtype, args.device)
+        _, call = build("ours", name, args.device)
         call()
         seconds = statistics.median(timed(call, args.repeats))
         achieved = flops / seconds / 1e9

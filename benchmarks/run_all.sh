@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
-# Every benchmark, one after the other, on whatever device torch finds (CUDA when present, else the CPU);
-# JSON figures go to benchmarks/results/<host>-<date>/. Usage: bash benchmarks/run_all.sh [extra flags]
+# Every benchmark, one after the other, on whatever device torch finds (CUDA when present, else the CPU); JSON
+# figures go to benchmarks/results/<host kind>/<date>/ (`harness.host_kind`: cuda-<gpu>, cpu-amx,
+# cpu-<vendor>-avx512bf16, ...), so that a figure names the kind of host it holds on.
+# Usage: bash benchmarks/run_all.sh [extra flags for every script, e.g. --repeats 2 --compile]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out="benchmarks/results/$(hostname)-$(date +%Y%m%d-%H%M)"
+PY=${PY:-python}
+kind=$($PY -c 'import sys; sys.path.insert(0, "benchmarks"); from harness import host_kind; print(host_kind())')
+out="benchmarks/results/$kind/$(date +%Y-%m-%d-%H%M)"
 mkdir -p "$out"
-python benchmarks/roofline.py --json "$out/roofline.json" "$@"
-python benchmarks/unet.py --json "$out/unet.json" "$@"
-python benchmarks/vae.py --json "$out/vae.json" "$@"
-python benchmarks/text.py --json "$out/text.json" "$@"
-python benchmarks/train_step.py --json "$out/train_step.json" "$@"
-python benchmarks/generate.py --json "$out/generate.json" "$@"
+if $PY -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
+    dtypes=(fp32 bf16)  # CUDA: SDPA picks flash / memory-efficient attention; --compile adds torch.compile rows
+else
+    dtypes=(fp32 bf16 int8)
+fi
+$PY benchmarks/roofline.py --json "$out/roofline.json" "$@"
+$PY benchmarks/unet.py --dtype "${dtypes[@]}" --json "$out/unet.json" "$@"
+$PY benchmarks/vae.py --json "$out/vae.json" "$@"
+$PY benchmarks/text.py --json "$out/text.json" "$@"
+$PY benchmarks/train_step.py --json "$out/train_step.json" "$@"
+$PY benchmarks/generate.py --dtype "${dtypes[@]}" --json "$out/generate.json" "$@"
 echo "figures in $out"

@@ -19,9 +19,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import DTYPES, alternate, arguments, machine, table, timed, write_json  # noqa: E402
+from roofline import matmul_rate  # noqa: E402
 from unet import as_impl, random_unet  # noqa: E402
 
 from latent_diffusion.config import LDMRunConfig, UNetConfig, load_config  # noqa: E402
@@ -63,6 +65,14 @@ def build(impl: str, model: str, name: str, device: str):
     return step, b
 
 
+def step_flops(model: str, name: str, device: str) -> int:
+    """FLOPs of one of our training steps (forward and backward; the optimizer's element-wise work is not counted)."""
+    step, _ = build("ours", model, name, device)
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
 def separate(args, model: str, name: str) -> dict[str, list[float]]:
     """Time each implementation in its own process (the SD-shaped model and its optimizer fill the memory)."""
     times = {}
@@ -98,6 +108,13 @@ def main() -> None:
                 print(f"  {row['name']}: {batch / row['median_s']:.1f} samples/s")
             figures[f"{model} {name}"] = {"rows": rows,
                                           "samples_per_s": {k: batch / statistics.median(v) for k, v in times.items()}}
+            if model == "shapes":  # the share of the machine's matmul rate a step achieves (the SD-sized one: too big)
+                flops, rate = step_flops(model, name, args.device), matmul_rate(DTYPES[name], args.device)
+                achieved = flops / statistics.median(times["ours"]) / 1e9
+                print(f"  ours: {flops / 1e9:.1f} GFLOP per step, {achieved:.0f} GFLOP/s, {achieved / rate:.0%} of "
+                      f"the {name} matmul rate ({rate:.0f} GFLOP/s)")
+                figures[f"{model} {name}"].update(step_gflop=flops / 1e9, achieved_gflops=achieved,
+                                                  matmul_gflops=rate)
     write_json(args.json, figures)
 
 

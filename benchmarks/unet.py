@@ -1,9 +1,11 @@
 """UNet forward, Stable Diffusion v1.5 configuration (860 M parameters): batch 2 (classifier-free guidance),
 64×64×4 latents, 77×768 context; ours against diffusers' UNet2DConditionModel with the same (random) weights.
 
-    python benchmarks/unet.py [--dtype fp32 bf16] [--repeats 3] [--compile] [--openvino]
+    python benchmarks/unet.py [--dtype fp32 bf16 int8] [--repeats 3] [--compile] [--openvino]
 
-Prints median seconds per forward, peer/ours ratios, peak memory and the max abs difference of the outputs.
+Prints median seconds per forward, peer/ours ratios, peak memory and the max abs difference of the outputs; for
+bf16 and int8 (ours with int8 linear layers, `--precision int8`; peers at bf16) after fp32, ours' relative error
+against ours in fp32.
 The batch is one latent under two conditions, as classifier-free guidance has it. Ours runs as `Pipeline` runs it
 (`prepare_for_inference`).
 `--openvino` adds our UNet on the OpenVINO backend (`--backend openvino`) and, as the peer, diffusers' UNet
@@ -24,6 +26,7 @@ from harness import (DTYPES, alternate, arguments, at_dtype, machine, measure_pe
 from latent_diffusion.config import UNetConfig  # noqa: E402
 from latent_diffusion.formats.diffusers_config import unet_config_to_diffusers  # noqa: E402
 from latent_diffusion.formats.keymaps import unet_state_to_diffusers  # noqa: E402
+from latent_diffusion.inference.int8 import int8_mode  # noqa: E402
 from latent_diffusion.unet import UNetModel  # noqa: E402
 
 IMPLS = ("ours", "diffusers")
@@ -87,14 +90,17 @@ def build_openvino(impl: str, dtype: torch.dtype):
     return runner, call
 
 
-def build(impl: str, dtype: torch.dtype, device: str, compile_: bool = False):
-    """(module, call) for one implementation, weights from the same seeded random init of ours."""
+def build(impl: str, name: str, device: str, compile_: bool = False):
+    """(module, call) for one implementation at --dtype `name`, weights from the same seeded random init of ours."""
+    dtype = DTYPES[name]
     if impl in OPENVINO:
         return build_openvino(impl, dtype)
     cfg = UNetConfig()
     model = as_impl(impl, cfg, random_unet(cfg), 64).to(device).eval()
+    ours = impl.startswith("ours") and not compile_
+    int8 = {"int8": int8_mode(torch.device(device))} if name == "int8" and ours else {}
     # compiled: a plain cast (Inductor does not trace the shipped path's weight-casting hooks)
-    model, input_dtype, region = at_dtype(model, impl.startswith("ours") and not compile_, dtype, device)
+    model, input_dtype, region = at_dtype(model, ours, dtype, device, **int8)
     x, t, context = inputs(device, input_dtype)
     fn = torch.compile(model) if compile_ else model
 
@@ -116,34 +122,39 @@ def main() -> None:
         p.add_argument("--skip", nargs="+", default=[], choices=IMPLS[1:] + OPENVINO,
                        help="leave these out (four SD UNets and two OpenVINO copies do not fit in 24 GB)")
 
-    args = arguments(__doc__, extra)
+    args = arguments(__doc__, extra, int8=True)
     if args.compile:  # inference: let Inductor fold the weights in as constants and prepack them for oneDNN
         import torch._inductor.config
         torch._inductor.config.freezing = True
     if args.peak:
-        _, call = build(args.impl, DTYPES[args.dtype[0]], args.device)
+        _, call = build(args.impl, args.dtype[0], args.device)
         if args.impl in OPENVINO:
             call()  # converts and compiles: a one-off, like building the model, not part of the peak
         measure_peak(call)
         return
     print(f"UNet forward, SD 1.5, batch 2, 64×64 latents — {machine()}")
-    figures = {}
+    figures, reference = {}, None
     for name in args.dtype:
-        dtype = DTYPES[name]
         impls = tuple(i for i in IMPLS + (OPENVINO if args.openvino else ()) if i not in args.skip)
         peak = peaks(args, __file__, impls, "--dtype", name)  # first, while this process holds no model
         calls = {}
         for impl in impls:
-            calls[impl] = build(impl, dtype, args.device)[1]
+            calls[impl] = build(impl, name, args.device)[1]
             if args.compile and impl not in OPENVINO:
-                calls[f"{impl} + torch.compile"] = build(impl, dtype, args.device, compile_=True)[1]
+                calls[f"{impl} + torch.compile"] = build(impl, name, args.device, compile_=True)[1]
         outputs = {impl: fn() for impl, fn in calls.items()}
         times = alternate(calls, args.repeats, warmup=0)  # the outputs above were the warm-up
         rows = table(f"UNet forward {name}", times, peak)
         diffs = {impl: (outputs["ours"] - out).abs().max().item() for impl, out in outputs.items() if impl != "ours"}
         print("\nmax |ours − peer|: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items())
               + f" (output std {outputs['ours'].std().item():.3f})")
-        figures[name] = {"rows": rows, "max_abs_diff": diffs.get("diffusers"), "max_abs_diff_by_peer": diffs}
+        reference = outputs["ours"] if name == "fp32" else reference
+        relative = None
+        if reference is not None and name != "fp32":  # the quality of reduced precision: against ours in fp32
+            relative = ((outputs["ours"] - reference).norm() / reference.norm()).item()
+            print(f"ours at {name} against ours at fp32: relative error {relative:.2e}")
+        figures[name] = {"rows": rows, "max_abs_diff": diffs.get("diffusers"), "max_abs_diff_by_peer": diffs,
+                         "relative_error_to_fp32": relative}
         del calls, outputs
     write_json(args.json, figures)
 

@@ -94,7 +94,7 @@ def openvino_call(module: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype):
     from latent_diffusion.inference.openvino import HINTS
     with torch.no_grad():
         graph = openvino.convert_model(module.float(), example_input=(x.float(),))
-    name = {v: k for k, v in DTYPES.items()}[dtype]
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
     request = openvino.Core().compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": HINTS[name]}) \
         .create_infer_request()
     array = x.float().numpy()

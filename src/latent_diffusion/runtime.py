@@ -6,7 +6,8 @@ import contextlib
 
 import torch
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# the dtype weights are kept in (int8: the linear layers' in int8, `inference/int8.py`, the others in bf16)
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.bfloat16}
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -161,7 +161,7 @@ def add_evaluation_commands(sub) -> None:
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--out", default=None, help="output folder (default: runs/eval-fid/MODEL-NAME)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "int8"])
     p.set_defaults(func=cmd_eval_fid)
 
     p = sub.add_parser("eval-adherence", help="caption adherence of a shapes model on held-out captions")
@@ -175,5 +175,5 @@ def add_evaluation_commands(sub) -> None:
     p.add_argument("--out", default=None, help="folder for adherence.json and sample grids (default: "
                                                "runs/eval-adherence/MODEL-NAME)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "int8"])
     p.set_defaults(func=cmd_eval_adherence)

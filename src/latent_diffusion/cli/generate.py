@@ -412,9 +412,11 @@ def _add_generate_command(sub) -> None:
     p.add_argument("--refiner-start", type=float, default=None, metavar="F",
                    help="SDXL: the share of the denoising the model does before --refiner takes over (default 0.8)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "int8"],
                    help="bf16/fp16: weights in that dtype (half the memory); bf16 math on GPUs and on CPUs with AMX "
-                        "bf16 tiles, else fp32 math (LDM_CPU_BF16_MATH=1/0 decides instead); fp16 is for GPUs")
+                        "bf16 tiles, else fp32 math (LDM_CPU_BF16_MATH=1/0 decides instead); fp16 is for GPUs; "
+                        "int8: as bf16, with the UNet's and text encoder's linear layers in int8 (torchao; int8 "
+                        "products where the CPU has VNNI or AMX, else weight-only: LDM_INT8_MODE=dynamic/weight)")
     p.add_argument("--backend", default="torch", choices=["torch", "openvino"],
                    help="run the UNet in PyTorch (default) or OpenVINO (CPU; pip install openvino)")
     p.add_argument("--vae-tile", type=int, default=0, metavar="N",

@@ -68,5 +68,5 @@ def add_serve_command(sub) -> None:
                         "not on a CPU, where one job already uses every core)")
     p.add_argument("--token", default=None, help="require Authorization: Bearer TOKEN on every route")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights and math")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "int8"], help="weights and math")
     p.set_defaults(func=cmd_serve)

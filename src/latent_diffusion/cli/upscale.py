@@ -58,5 +58,5 @@ def add_upscale_command(sub) -> None:
                         "(default: the model's, 20; more lets the model invent more detail)")
     p.add_argument("--seed", type=seed_int, default=None, help="seed (default: a random one, printed)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1 ...")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights and math")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "int8"], help="weights and math")
     p.set_defaults(func=cmd_upscale)

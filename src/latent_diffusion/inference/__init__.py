@@ -6,6 +6,7 @@ backends, PyTorch (the default) or OpenVINO (`backend="openvino"`, `openvino.py`
     layers.py     the networks' layers that use them at eager CPU inference, swapped in by class
     bands.py      the autoencoder run in bands of rows (less memory)
     precision.py  weights stored in bf16, math in bf16 or fp32 by rule (layerwise casting)
+    int8.py       linear layers' weights in int8 by torchao (dynamic int8 products or weight-only, by rule)
     memory.py     channels-last on a CPU, the C heap's free pages given back
 """
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from latent_diffusion.autoencoder import AutoencoderKL
 from latent_diffusion.inference.bands import inference_bands, use_bands
+from latent_diffusion.inference.int8 import quantize_convolutions, quantize_linears
 from latent_diffusion.inference.layers import swap_inference_layers
 from latent_diffusion.inference.memory import channels_last_on_cpu
 from latent_diffusion.inference.precision import store_weights
@@ -26,17 +28,22 @@ BACKENDS = ("torch", "openvino")
 
 
 def prepare_for_inference(module: nn.Module, device: torch.device, storage: torch.dtype = torch.float32,
-                          math: torch.dtype = torch.float32, row_bands: bool = True) -> nn.Module:
+                          math: torch.dtype = torch.float32, row_bands: bool = True,
+                          int8: str | None = None) -> nn.Module:
     """`module` on `device` in eval mode, made ready for inference in place: its layers swapped for their
     inference classes (`layers.py`); an `AutoencoderKL` channels-last on a CPU and run in bands of rows
-    (`bands.py`; `row_bands=False`: whole layers, for measurements); its weights kept in `storage` and computed
-    at `math` (`precision.store_weights`). The same parameters and state dict keys, and the same outputs up to
-    rounding; with gradients on, the plain forward."""
+    (`bands.py`; `row_bands=False`: whole layers, for measurements); with `int8` ("dynamic" or "weight",
+    `int8.int8_mode`) its linear and convolution layers' weights made int8 (`int8.py`); its other weights kept in
+    `storage` and computed at `math` (`precision.store_weights`). The same parameters and state dict keys (int8:
+    the convolutions' weights become `weight_int8` and `weight_scale`), and the same outputs up to rounding (int8:
+    up to quantisation); with gradients on, the plain forward."""
     module = swap_inference_layers(module.to(device).eval())
     if isinstance(module, AutoencoderKL):
         module = channels_last_on_cpu(module, device)
         if row_bands:
             module = use_bands(module, inference_bands(device, storage))
+    if int8 is not None:
+        module = quantize_convolutions(quantize_linears(module, int8, math), math)
     return store_weights(module, storage, math)
 
 

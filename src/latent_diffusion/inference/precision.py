@@ -26,6 +26,8 @@ BF16_MATH_VARIABLE = "LDM_CPU_BF16_MATH"  # 1 or 0: bf16 or fp32 math for bf16 w
 
 def math_precision(precision: str, device: torch.device) -> str:
     """The precision the arithmetic runs at for `precision`: bf16 on a CPU only where `cpu_bf16_math` says so."""
+    if precision == "int8":  # the linear layers' products are int8; the rest runs as bf16 weights would
+        precision = "bf16"
     if precision == "bf16" and device.type == "cpu" and not cpu_bf16_math():
         return "fp32"
     return precision
@@ -88,9 +90,10 @@ def store_weights(module: nn.Module, dtype: torch.dtype, math_dtype: torch.dtype
     `cast_as_one` (the inference layers of `layers.py` whose forward reads their children's weights directly or
     calls them several times) casts all of its descendants' at once. An `nn.Embedding` casts the rows it looks
     up instead of its table (the same values: CLIP's 49,408-token table is 152 MB in fp32, for 77 rows). Buffers
-    stay as they are. Inference only: the casts bypass autograd."""
+    and quantised weights (`int8.py`) stay as they are. Inference only: the casts bypass autograd."""
     for param in module.parameters():
-        param.data = param.data.to(dtype)
+        if _plain(param):
+            param.data = param.data.to(dtype)
     if math_dtype == dtype:
         return module
     for sub in _cast_units(module):
@@ -98,11 +101,16 @@ def store_weights(module: nn.Module, dtype: torch.dtype, math_dtype: torch.dtype
             sub.register_forward_hook(lambda _, args, rows: rows.to(math_dtype))
             continue
         whole = getattr(sub, "cast_as_one", False)
-        own = [name for name, p in sub.named_parameters(recurse=whole) if p.is_floating_point()]
+        own = [name for name, p in sub.named_parameters(recurse=whole) if p.is_floating_point() and _plain(p)]
         if own:
             sub.register_forward_pre_hook(functools.partial(_cast_in, names=own, dtype=math_dtype))
             sub.register_forward_hook(functools.partial(_cast_out, names=own), always_call=True)
     return module
+
+
+def _plain(param: nn.Parameter) -> bool:
+    """A plain tensor's parameter, not a quantised one (torchao's int8 weights: `int8.py`), which stays as it is."""
+    return type(param.data) is torch.Tensor
 
 
 def _cast_units(module: nn.Module):

@@ -24,6 +24,7 @@ from latent_diffusion.controlnet import ControlNet, ControlNetConfig
 from latent_diffusion.formats.controlnet import load_controlnet
 from latent_diffusion.formats.ip_adapter import load_image_prompt
 from latent_diffusion.inference import check_backend, prepare_for_inference
+from latent_diffusion.inference.int8 import int8_mode
 from latent_diffusion.inference.precision import store_weights
 from latent_diffusion.pipeline.lora import PipelineLoRAs
 from latent_diffusion.pipeline import embeddings
@@ -78,10 +79,11 @@ class Pipeline(LatentDiffusion):
         ae_cfg = AutoencoderRunConfig(model=parts.autoencoder_config, data=DataConfig(resolution=parts.resolution))
         pipe = cls(cfg, unet, autoencoder, ae_cfg, conditioner, dev, precision, backend)
         math = PRECISIONS[pipe.math] if storage != torch.float32 else storage  # OpenVINO converts fp32 weights
-        pipe.unet = prepare_for_inference(unet, dev, storage, math)
+        int8 = int8_mode(dev) if precision == "int8" else None
+        pipe.unet = prepare_for_inference(unet, dev, storage, math, int8=int8)
         pipe.autoencoder = prepare_for_inference(autoencoder, dev, storage, math)
         if conditioner.stores_in_dtype:  # its math stays fp32: a small share of the time
-            prepare_for_inference(conditioner.encoder, dev, storage, torch.float32)
+            prepare_for_inference(conditioner.encoder, dev, storage, torch.float32, int8=int8)
         return pipe
 
     def network(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
