@@ -30,9 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Libraries that warn about themselves when transformers imports them (torchao, installed for --precision int8,
+# is imported by transformers' integrations: its CUDA kernels fail to load on a CPU build, and torch's pytree
+# deprecations): nothing a user of `ldm` can act on.
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one `ldm` command: 0 on success, 2 for bad input, 1 for a run that failed; errors are one line."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in QUIET_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
