@@ -67,7 +67,6 @@ def quantize_linears(module: nn.Module, mode: str, dtype: torch.dtype = torch.fl
     return module
 
 
-
 class Int8Weights:
     """A layer's `weight` kept as int8 values (`weight_int8`) and one scale per output channel (`weight_scale`):
     `weight` exists only during the layer's forward, dequantised to `dtype` (forward hooks)."""
