@@ -120,6 +120,9 @@ def test_what_sd3_models_cannot_take_yet_is_refused(folders, tmp_path):
             load()
     with pytest.raises(ValueError, match="dpmpp_2m samples diffusion models; this model is a flow model"):
         pipe.generate_tensors("x", steps=2, sampler="dpmpp_2m", progress=False, **SIZE)
+    with pytest.raises(ValueError, match="height = 96: this model's MMDiT knows patch positions for images of at "
+                                         "most 64 pixels a side \\(mmdit.pos_embed_max_size = 16 patches\\)"):
+        pipe.generate_tensors("x", steps=2, height=96, width=32, progress=False)  # refused before any work
     with pytest.raises(ValueError, match="backend 'openvino' compiles SD 1.x/2.x-style UNets"):
         Pipeline.from_pretrained(folders["no-t5"], device="cpu", backend="openvino")
 

@@ -126,8 +126,13 @@ class LatentDiffusion:
         multiple = f * self.config.network.downsample_factor
         height, width = (self.config.data.resolution if side is None else side for side in (height, width))
         why = f"autoencoder f={f} × UNet downsampling {self.config.network.downsample_factor}"
+        positions = getattr(self.config.network, "pos_embed_max_size", None)  # an MMDiT's stored position grid
         for key, value in (("height", height), ("width", width)):
             check_side(value, multiple, name(key), why)
+            if positions is not None and value > positions * multiple:
+                raise ValueError(f"{name(key)} = {value}: this model's MMDiT knows patch positions for images of "
+                                 f"at most {positions * multiple} pixels a side (mmdit.pos_embed_max_size = "
+                                 f"{positions} patches)")
         return height // f, width // f
 
     def max_batch_size(self, height: int | None = None, width: int | None = None, guided: bool = True,
