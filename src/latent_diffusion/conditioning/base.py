@@ -96,7 +96,8 @@ class FrozenEncoder(nn.Module):
     def unconditional(self, batch_size: int) -> Conditioning:
         """The null condition ∅ for classifier-free guidance: the empty prompt, `batch_size` times."""
         empty = self([""])
-        return Conditioning(empty.tokens.repeat(batch_size, 1, 1), empty.mask.repeat(batch_size, 1))
+        return Conditioning(empty.tokens.repeat(batch_size, 1, 1), empty.mask.repeat(batch_size, 1),
+                            vector=None if empty.vector is None else empty.vector.repeat(batch_size, 1))
 
     def settings(self) -> dict[str, Any]:
         """Everything besides the weights that changes the output (for `identity`)."""

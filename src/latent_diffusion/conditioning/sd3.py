@@ -125,11 +125,6 @@ class SD3TextEncoder(FrozenEncoder):
         return Conditioning(tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device),
                             vector=torch.cat(pooled, dim=-1))
 
-    def unconditional(self, batch_size: int) -> Conditioning:
-        empty = self([""])
-        return Conditioning(empty.tokens.repeat(batch_size, 1, 1), empty.mask.repeat(batch_size, 1),
-                            vector=empty.vector.repeat(batch_size, 1))
-
     def settings(self) -> dict[str, Any]:
         return {"configs": self.configs, "t5": self.t5_config, "vocab": len(self.tokenizers["clip"].vocab),
                 "t5_tokenizer": None if self.t5_config is None else self.t5_tokenizer.json}

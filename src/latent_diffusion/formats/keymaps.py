@@ -85,6 +85,12 @@ def module_shapes(module_class: type[nn.Module], cfg) -> dict[str, torch.Size]:
         return {k: v.shape for k, v in module_class(cfg).state_dict().items()}
 
 
+def check_shapes(module_class: type[nn.Module], cfg, tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Names and shapes of `tensors` against `module_class(cfg)`'s state dict (`convert_state` without renaming)."""
+    shapes = module_shapes(module_class, cfg)
+    convert_state(tensors, {k: k for k in shapes}, shapes, what)
+
+
 def convert_state(tensors: dict[str, torch.Tensor], mapping: dict[str, str], shapes: dict[str, torch.Size],
                   what: str, reshape: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
     """Rename `tensors` by `mapping` (source → target name), which must cover exactly their keys; each result must

@@ -23,13 +23,12 @@ from typing import Any
 
 import torch
 
-from latent_diffusion.conditioning.sd3 import CLIP_NAMES, SD3Tokenizers, split_weights
-from latent_diffusion.conditioning.t5 import T5Tokenizer, t5_weights
-from latent_diffusion.conditioning.tokenizer import ClipTokenizer
+from latent_diffusion.conditioning.sd3 import CLIP_NAMES, split_weights
+from latent_diffusion.conditioning.t5 import t5_weights
 from latent_diffusion.config import (ClipTextConfig, ConditioningConfig, ConfigError, DiffusionConfig, MMDiTConfig,
                                      SamplingConfig)
 from latent_diffusion.files.weights import CheckpointError
-from latent_diffusion.formats.keymaps import convert_state, module_shapes
+from latent_diffusion.formats.keymaps import check_shapes
 from latent_diffusion.formats.sdxl import PROJECTION, from_transformers, sdxl_clip, transformers_names
 from latent_diffusion.mmdit import MMDiT
 
@@ -105,8 +104,7 @@ def _swap_halves(x: torch.Tensor) -> torch.Tensor:
 
 def mmdit_state_to_diffusers(cfg: MMDiTConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our MMDiT weights → `SD3Transformer2DModel` weights."""
-    shapes = module_shapes(MMDiT, cfg)
-    convert_state(tensors, {k: k for k in shapes}, shapes, "MMDiT weights")
+    check_shapes(MMDiT, cfg, tensors, "MMDiT weights")
     out: dict[str, torch.Tensor] = {}
     for ours, theirs, how in _mmdit_rules(cfg):
         value = tensors[ours]
@@ -132,8 +130,8 @@ def mmdit_state_from_diffusers(cfg: MMDiTConfig, tensors: dict[str, torch.Tensor
             out[ours] = torch.cat([tensors[t] for t in theirs], dim=0)
         else:
             out[ours] = _swap_halves(tensors[theirs[0]]) if how == "swap" else tensors[theirs[0]]
-    shapes = module_shapes(MMDiT, cfg)
-    return convert_state(out, {k: k for k in out}, shapes, what)
+    check_shapes(MMDiT, cfg, out, what)
+    return out
 
 
 _TRANSFORMER_READ = {"sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim",
@@ -202,8 +200,7 @@ def infer_mmdit_config(tensors: dict[str, torch.Tensor], num_heads: int | None, 
                       context_dim=tensors["context_embedder.weight"].shape[1],
                       adm_in_channels=None if y is None else y.shape[1], pos_embed_max_size=side,
                       qk_norm=ln_q is not None, dual_attention_layers=dual)
-    shapes = module_shapes(MMDiT, cfg)
-    convert_state(tensors, {k: k for k in shapes}, shapes, f"{where}: the MMDiT (model.diffusion_model.*)")
+    check_shapes(MMDiT, cfg, tensors, f"{where}: the MMDiT (model.diffusion_model.*)")
     return cfg
 
 
@@ -243,12 +240,6 @@ def text_from_transformers(conditioning: ConditioningConfig, parts: dict[str, di
     if conditioning.t5 is not None:
         out.update({f"t5.{k}": v for k, v in t5_weights(parts["t5"], f"{where} (t5)").items()})
     return out
-
-
-def read_tokenizers(clip_folder: Path | None, t5_folder: Path | None, max_length: int) -> SD3Tokenizers:
-    """SD3's vocabularies: CLIP's from `clip_folder` (None: the bundled one), T5's from `t5_folder` (None: none)."""
-    clip = ClipTokenizer.from_bpe_file() if clip_folder is None else ClipTokenizer.from_folder(clip_folder)
-    return SD3Tokenizers(clip, None if t5_folder is None else T5Tokenizer.from_folder(t5_folder, max_length))
 
 
 def t5_tokenizer_beside(path: Path, option: str | os.PathLike | None) -> Path | None:

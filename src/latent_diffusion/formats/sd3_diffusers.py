@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from latent_diffusion.conditioning.sd3 import SD3Tokenizers
+from latent_diffusion.conditioning.t5 import T5Tokenizer
 from latent_diffusion.conditioning.tokenizer import ClipTokenizer
 from latent_diffusion.config import ConfigError, DiffusionConfig, SamplingConfig
 from latent_diffusion.files.weights import CheckpointError, save_weights
@@ -115,7 +116,8 @@ def read_sd3_diffusers(folder: Path, dtype: torch.dtype | None, device: str | to
         autoencoder=vae_state_from_diffusers(vae_cfg, *_read_weights(folder, "vae", dtype, device)),
         text_encoder=sd3.text_from_transformers(conditioning, parts, str(folder)), conditioning=conditioning,
         diffusion=diffusion, sampling=sampling,
-        tokenizer=SD3Tokenizers(clip_tokenizers[0], sd3.read_tokenizers(None, t5_folder, 256).t5),
+        tokenizer=SD3Tokenizers(clip_tokenizers[0], None if t5_folder is None
+                                else T5Tokenizer.from_folder(t5_folder, conditioning.t5_max_length)),
         resolution=sample_size * vae_cfg.downsample_factor)
 
 

@@ -16,11 +16,12 @@ import torch
 from latent_diffusion.autoencoder import build_autoencoder
 from latent_diffusion.conditioning.clip import ClipTextTransformer
 from latent_diffusion.conditioning.sd3 import CLIP_NAMES, SD3Tokenizers, split_weights
-from latent_diffusion.conditioning.t5 import EMBED_TOKENS, t5_weights
+from latent_diffusion.conditioning.t5 import EMBED_TOKENS, T5Tokenizer, t5_weights
+from latent_diffusion.conditioning.tokenizer import ClipTokenizer
 from latent_diffusion.config import ClipTextConfig, ConfigError, from_dict, to_dict
 from latent_diffusion.files.weights import CheckpointError, save_weights
 from latent_diffusion.formats import sd3
-from latent_diffusion.formats.keymaps import convert_state, module_shapes
+from latent_diffusion.formats.keymaps import check_shapes
 from latent_diffusion.formats.model import ModelParts
 from latent_diffusion.formats.openclip_keys import infer_clip_config
 from latent_diffusion.formats.original_format import (SD_NORM_GROUPS, SD_VAE_RESOLUTION, UNET_PREFIX, VAE_PREFIX,
@@ -52,8 +53,7 @@ def from_sd3_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str,
     ae_cfg = infer_autoencoder_config(vae, {}, float(meta.get("latent_scale", sd3.SD3_LATENT_SCALE)),
                                       float(meta.get("latent_shift", sd3.SD3_LATENT_SHIFT)),
                                       int(meta.get("norm_groups", SD_NORM_GROUPS)))
-    shapes = module_shapes(build_autoencoder, ae_cfg)
-    convert_state(vae, {k: k for k in shapes}, shapes, f"{where}: the autoencoder ({VAE_PREFIX}*)")
+    check_shapes(build_autoencoder, ae_cfg, vae, f"{where}: the autoencoder ({VAE_PREFIX}*)")
     texts = {name: _part(state_dict, TEXT_PREFIX + prefix.removeprefix(TEXT_PREFIX))
              for name, prefix in sd3.SINGLE_FILE_TEXT.items()}
     missing = [sd3.SINGLE_FILE_TEXT[name] for name in CLIP_NAMES if not texts[name]]
@@ -87,13 +87,12 @@ def from_sd3_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str,
     text_encoder = {}
     for name in CLIP_NAMES:
         full = dataclasses.replace(getattr(conditioning, name), layer="last", final_norm=True)
-        shapes = module_shapes(ClipTextTransformer, full)
-        text_encoder.update({f"{name}.{k}": v for k, v in convert_state(
-            texts[name], {k: k for k in shapes}, shapes, f"{where}: {sd3.SINGLE_FILE_TEXT[name]}*").items()})
+        check_shapes(ClipTextTransformer, full, texts[name], f"{where}: {sd3.SINGLE_FILE_TEXT[name]}*")
+        text_encoder.update({f"{name}.{k}": v for k, v in texts[name].items()})
     if t5_config is not None:
         text_encoder.update({f"t5.{k}": v for k, v in t5_weights(texts["t5"], f"{where}: T5").items()})
-    tokenizers = sd3.read_tokenizers(None, t5_tokenizer if t5_config is not None else None,
-                                     conditioning.t5_max_length)
+    tokenizers = SD3Tokenizers(ClipTokenizer.from_bpe_file(), None if t5_config is None  # the bundled CLIP vocabulary
+                               else T5Tokenizer.from_folder(t5_tokenizer, conditioning.t5_max_length))
     return ModelParts(unet_config=mmdit_cfg, unet=unet, autoencoder_config=ae_cfg, autoencoder=vae,
                       conditioning=conditioning, diffusion=sd3.SD3_DIFFUSION, text_encoder=text_encoder,
                       tokenizer=tokenizers, resolution=int(meta.get("resolution", sd3.SD3_RESOLUTION)),
@@ -117,8 +116,7 @@ def to_sd3_state_dict(parts: ModelParts) -> tuple[dict[str, torch.Tensor], dict[
     if parts.text_encoder is None:
         raise ConfigError("an SD3 single file holds its text encoders: this model has them only at "
                           f"conditioning.path = {parts.conditioning.path}")
-    shapes = module_shapes(build_autoencoder, parts.autoencoder_config)
-    convert_state(parts.autoencoder, {k: k for k in shapes}, shapes, "autoencoder weights")
+    check_shapes(build_autoencoder, parts.autoencoder_config, parts.autoencoder, "autoencoder weights")
     out = {UNET_PREFIX + k: v for k, v in parts.unet.items()}
     out.update({VAE_PREFIX + k: v for k, v in parts.autoencoder.items()})
     for name, tensors in split_weights(parts.text_encoder, "SD3 text encoder weights").items():

@@ -27,7 +27,7 @@ from latent_diffusion.conditioning.sdxl import ENCODER_NAMES, FOURIER_DIM, MICRO
 from latent_diffusion.conditioning.tokenizer import ClipTokenizer
 from latent_diffusion.config import ClipTextConfig, ConditioningConfig, ConfigError, SamplingConfig, UNetConfig
 from latent_diffusion.files.weights import CheckpointError
-from latent_diffusion.formats.keymaps import clip_state_from_transformers, convert_state, module_shapes
+from latent_diffusion.formats.keymaps import check_shapes, clip_state_from_transformers
 from latent_diffusion.formats.openclip_keys import clip_to_openclip, infer_clip_config, openclip_to_clip
 
 SDXL_LATENT_SCALE = 0.13025
@@ -84,8 +84,7 @@ def check_encoders(conditioning: ConditioningConfig, encoders: dict[str, dict[st
         if (cfg is None) != (name not in encoders):
             raise CheckpointError(f"{what}: the {name} text encoder is {'missing' if cfg else 'unexpected'}")
         if cfg is not None:
-            shapes = module_shapes(ClipTextTransformer, cfg)
-            convert_state(encoders[name], {k: k for k in shapes}, shapes, f"{what} ({name})")
+            check_shapes(ClipTextTransformer, cfg, encoders[name], f"{what} ({name})")
 
 
 # --- original (sgm) single files ---------------------------------------------------------------------------------
