@@ -47,7 +47,8 @@ def test_linear_layers_become_int8_and_the_output_stays_close(mode):
     quantized = quantize_linears(copy.deepcopy(unet), mode)
     linears = [m for m in quantized.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(type(m.weight.data) is not torch.Tensor for m in linears)
-    assert all(type(m.weight.data) is torch.Tensor for m in quantized.modules() if isinstance(m, torch.nn.Conv2d))  # torchao: linears only
+    convs = [m for m in quantized.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(type(m.weight.data) is torch.Tensor for m in convs)  # torchao: linear layers only
     with torch.no_grad():
         got = quantized(x, t, context)
     relative = ((got - expected).norm() / expected.norm()).item()

@@ -39,7 +39,8 @@ def test_each_backbone_trains_with_each_objective_and_generates(tmp_path, autoen
         assert not torch.equal(heun, images)
         with pytest.raises(ValueError, match="dpmpp_2m samples diffusion models; this model is a flow model"):
             pipe.generate_tensors("a red circle", steps=3, sampler="dpmpp_2m", progress=False)
-    with pytest.raises(ConfigError, match="the original format holds UNets and SD3's MMDiT only|the original format describes"):
+    with pytest.raises(ConfigError, match="the original format holds UNets and SD3's MMDiT only|"
+                                          "the original format describes"):
         save_model(load_model(run), tmp_path / "x.safetensors", "original")
 
 

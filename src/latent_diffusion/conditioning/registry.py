@@ -1,5 +1,5 @@
-"""Condition encoders by the name a config gives them ("minilm", "clip", "sdxl", "sd3", "class"): the one place a new kind of
-`Conditioner` is registered (and named in `ConditioningConfig.encoder`, which validates the YAML)."""
+"""Condition encoders by the name a config gives them ("minilm", "clip", "sdxl", "sd3", "class"): the one place a
+new kind of `Conditioner` is registered (and named in `ConditioningConfig.encoder`, which validates the YAML)."""
 
 from __future__ import annotations
 

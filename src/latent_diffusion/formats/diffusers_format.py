@@ -205,8 +205,8 @@ def model_index(parts: ModelParts) -> dict[str, Any]:
 
 def read_diffusers(folder: str | os.PathLike, prediction_type: str | None = None, dtype: torch.dtype | None = None,
                    device: str | torch.device = "cpu") -> ModelParts:
-    """A diffusers Stable Diffusion 1.x/2.x, SDXL (base or refiner) or SD3 folder as `ModelParts`; `prediction_type` overrides the scheduler's;
-    `dtype` and `device` as in `load_model`."""
+    """A diffusers Stable Diffusion 1.x/2.x, SDXL (base or refiner) or SD3 folder as `ModelParts`; `prediction_type`
+    overrides the scheduler's; `dtype` and `device` as in `load_model`."""
     folder = Path(folder)
     if (folder / MODEL_INDEX).is_file():
         from latent_diffusion.formats.sd3_diffusers import is_sd3_index, read_sd3_diffusers

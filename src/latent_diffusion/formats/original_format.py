@@ -379,9 +379,9 @@ def infer_autoencoder_config(vae: dict[str, torch.Tensor], ddconfig: dict[str, A
     return AutoencoderConfig(in_channels=in_channels, out_channels=vae["decoder.conv_out.weight"].shape[0], ch=ch,
                              ch_mult=tuple(w // ch for w in widths), num_res_blocks=num_res_blocks,
                              attn_resolutions=attention, dropout=float(ddconfig.get("dropout", 0.0)),
-                             z_channels=z_channels, embed_dim=embed_dim, resolution=resolution, latent_scale=latent_scale,
-                             latent_shift=latent_shift, quant_conv="post_quant_conv.weight" in vae,
-                             norm_groups=norm_groups, **vq)
+                             z_channels=z_channels, embed_dim=embed_dim, resolution=resolution,
+                             latent_scale=latent_scale, latent_shift=latent_shift,
+                             quant_conv="post_quant_conv.weight" in vae, norm_groups=norm_groups, **vq)
 
 
 def _first_stage(a: AutoencoderConfig, ddconfig: dict[str, Any]) -> dict[str, Any]:

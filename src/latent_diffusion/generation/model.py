@@ -87,7 +87,8 @@ class LatentDiffusion:
         if self._preview.r2 >= GOOD_FIT:
             return self._preview(latents)
         with torch.no_grad(), autocast(self.device, self.math):
-            return [tensor_to_pil(x) for x in self.decode(self.ae_config.model.from_diffusion(latents.to(self.device))).float()]
+            latents = self.ae_config.model.from_diffusion(latents.to(self.device))
+            return [tensor_to_pil(x) for x in self.decode(latents).float()]
 
     def settings(self, steps: int | None = None, guidance_scale: float | None = None, sampler: str | None = None,
                  eta: float | None = None, karras: bool | None = None, guidance_rescale: float = 0.0,

@@ -65,8 +65,9 @@ def check_side(value: int, multiple: int, name: str, why: str) -> None:
                          f"{MAX_SIDE}")
 
 
-def activation_bytes(unet: UNetConfig | DiTConfig | MMDiTConfig, autoencoder: AutoencoderConfig, latent: tuple[int, int], guided: bool,
-                     element_bytes: int = 4, vae_tile: int | None = None) -> int:
+def activation_bytes(unet: UNetConfig | DiTConfig | MMDiTConfig, autoencoder: AutoencoderConfig,
+                     latent: tuple[int, int], guided: bool, element_bytes: int = 4,
+                     vae_tile: int | None = None) -> int:
     """A rough upper estimate of one image's activations at their peak: the UNet's (its skip connections and a few
     working tensors of its largest level, twice under guidance) or the decoder's (a few tensors of its largest
     level, within one tile when decoding in tiles), whichever is larger."""

@@ -73,8 +73,8 @@ class Pipeline(LatentDiffusion):
         dev, storage = _placement(device, precision, backend)
         cfg = parts.run_config()
         if backend == "openvino" and (cfg.backbone != "unet" or cfg.unet.adm_in_channels is not None):
-            raise ValueError("backend 'openvino' compiles SD 1.x/2.x-style UNets; this model (a DiT, SDXL or SD3) runs on "
-                             "backend 'torch'")
+            raise ValueError("backend 'openvino' compiles SD 1.x/2.x-style UNets; this model (a DiT, SDXL or SD3) "
+                             "runs on backend 'torch'")
         unet, autoencoder, conditioner = parts.networks(dev, storage)
         ae_cfg = AutoencoderRunConfig(model=parts.autoencoder_config, data=DataConfig(resolution=parts.resolution))
         pipe = cls(cfg, unet, autoencoder, ae_cfg, conditioner, dev, precision, backend)
