@@ -8,8 +8,9 @@ bf16 and int8 (ours with int8 linear layers, `--precision int8`; peers at bf16) 
 against ours in fp32.
 The batch is one latent under two conditions, as classifier-free guidance has it. Ours runs as `Pipeline` runs it
 (`prepare_for_inference`).
-`--openvino` adds our UNet on the OpenVINO backend (`--backend openvino`) and, as the peer, diffusers' UNet
-converted by `openvino.convert_model`, both compiled for the CPU at the inference precision of --dtype.
+`--openvino` adds our UNet on the OpenVINO backend (`--backend openvino`), on `--backend auto` (the default: after
+the row before has converted the graph into the cache, eager or OpenVINO as measured faster) and, as the peer,
+diffusers' UNet converted by `openvino.convert_model`, compiled for the CPU at the inference precision of --dtype.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from latent_diffusion.config import UNetConfig  # noqa: E402
 from latent_diffusion.formats.diffusers_config import unet_config_to_diffusers  # noqa: E402
 from latent_diffusion.formats.keymaps import unet_state_to_diffusers  # noqa: E402
 from latent_diffusion.inference.int8 import int8_mode  # noqa: E402
+from latent_diffusion.inference.precision import math_precision  # noqa: E402
+from latent_diffusion.runtime import PRECISIONS  # noqa: E402
 from latent_diffusion.unet import UNetModel  # noqa: E402
 
 IMPLS = ("ours", "diffusers")
-OPENVINO = ("ours + openvino", "openvino")  # --openvino: our backend, and the peer (diffusers' UNet in OpenVINO)
+OPENVINO = ("ours + openvino", "ours, auto", "openvino")  # --openvino: our backends, and the peer (diffusers' in OpenVINO)
 
 
 def random_unet(cfg: UNetConfig) -> UNetModel:
@@ -73,20 +76,43 @@ class _SampleOnly(torch.nn.Module):
         return self.unet(x, t, encoder_hidden_states=context).sample
 
 
-def build_openvino(impl: str, dtype: torch.dtype):
-    """(runner, call) through OpenVINO at the inference precision of `dtype`: our UNet as `--backend openvino`
-    runs it ("ours + openvino"), or diffusers' UNet with the same weights ("openvino", the peer)."""
-    from latent_diffusion.inference.openvino import OpenVINOUNet
-    cfg = UNetConfig()
+def build_openvino(impl: str, name: str):
+    """(runner, call) through OpenVINO at the inference precision of --dtype `name`: our UNet as `--backend
+    openvino` runs it ("ours + openvino": prepared as `Pipeline` prepares it, converted with its weights as stored,
+    the graph kept in the cache), as `--backend auto` does ("ours, auto": eager or that graph, whichever it measures
+    faster; it reads the graph the row before wrote), or diffusers' UNet with the same weights converted in fp32,
+    as OpenVINO's own examples do ("openvino", the peer)."""
+    from latent_diffusion.inference.auto import AutoUNet
+    from latent_diffusion.inference.openvino import OpenVINOUNet, default_cache_dir
+    cfg, hint = UNetConfig(), {"fp32": "fp32", "bf16": "bf16"}[name]
     module = random_unet(cfg)
     if impl == "openvino":
-        module = _SampleOnly(as_impl("diffusers", cfg, module, 64))
-    runner = OpenVINOUNet(module, {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype])
+        runner = OpenVINOUNet(_SampleOnly(as_impl("diffusers", cfg, module, 64)), hint)
+    else:
+        module, _, region = at_dtype(module, True, DTYPES[name], "cpu")
+        math = PRECISIONS[math_precision(name, torch.device("cpu"))]
+        runner = OpenVINOUNet(module, hint, default_cache_dir(), math)
+        if impl == "ours, auto":
+            openvino = runner
+
+            def eager(x, t, **kwargs):
+                with region():
+                    return module(x, t, **kwargs).float()
+
+            runner = AutoUNet(eager, openvino, hint)
     x, t, context = inputs("cpu", torch.float32)
 
+    @torch.inference_mode()
     def call():
         return runner(x, t, context=context)
 
+    if impl == "ours, auto":  # the user's one conversion (`--backend openvino`) where the cache lacks it, then
+        if not runner.openvino.ready(x, t, context=context):  # auto's measuring calls, two per backend
+            runner.openvino(x, t, context=context)
+            runner.openvino = OpenVINOUNet(module, hint, default_cache_dir(), math)  # as a new process finds it
+        for _ in range(4):
+            call()
+        print(f"ours, auto: seconds per call measured {runner.openvino.seconds(x, t, context=context)}")
     return runner, call
 
 
@@ -94,7 +120,7 @@ def build(impl: str, name: str, device: str, compile_: bool = False):
     """(module, call) for one implementation at --dtype `name`, weights from the same seeded random init of ours."""
     dtype = DTYPES[name]
     if impl in OPENVINO:
-        return build_openvino(impl, dtype)
+        return build_openvino(impl, name)
     cfg = UNetConfig()
     model = as_impl(impl, cfg, random_unet(cfg), 64).to(device).eval()
     ours = impl.startswith("ours") and not compile_

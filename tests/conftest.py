@@ -6,9 +6,13 @@ import base64
 import gzip
 import io
 import os
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may be downloaded: every model here is built in the test or bundled
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# OpenVINO graphs converted by tests go to a cache of this run's own, never the user's: backend "auto" (the default)
+# then finds only what a test converted
+os.environ["LDM_OPENVINO_CACHE"] = tempfile.mkdtemp(prefix="ldm-openvino-test-")
 
 import numpy as np
 import pytest

@@ -5,6 +5,7 @@ the OpenVINO backend; models without CLIP take UNet LoRAs only."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from collections import Counter
 
 import pytest
@@ -182,6 +183,21 @@ def test_the_openvino_backend_keeps_loras_fused_and_compiles_the_unet_again(mode
     pipe._openvino = "compiled from the weights with the LoRA"
     pipe.unload_lora()
     assert pipe._openvino is None and same_weights(pipe, original)
+
+
+def test_backend_auto_keeps_on_the_fly_loras_on_pytorch(model):
+    """Hooks cannot reach a compiled graph: with a LoRA applied on the fly, auto runs every call in PyTorch; fused,
+    the LoRA is in the weights (hence in the cached graph's key) and OpenVINO may run again."""
+    parts, _, files = model
+    pipe = Pipeline.from_parts(parts, device="cpu")
+    context = {"context": torch.zeros(1)}
+    assert pipe.backend == "auto"
+    assert pipe._openvino_may_run(context) == (importlib.util.find_spec("openvino") is not None)
+    pipe.load_lora(files["kohya"])
+    assert pipe.loras.on_the_fly() and not pipe._openvino_may_run(context)
+    pipe.fuse_lora()
+    assert not pipe.loras.on_the_fly() and pipe._openvino_may_run(context) == (
+        importlib.util.find_spec("openvino") is not None)
 
 
 def test_loras_are_named_and_unloaded_by_name(model):

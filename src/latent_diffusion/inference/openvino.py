@@ -1,20 +1,26 @@
-"""OpenVINO as the UNet's execution backend on the CPU (`ldm generate --backend openvino`).
+"""OpenVINO as the UNet's execution backend on the CPU (`ldm generate --backend openvino`, and `auto` where it pays).
 
 Only the UNet's forward moves: the samplers, guidance, text encoder and decoder stay in PyTorch. OpenVINO
-converts the UNet's PyTorch graph (with our weights) once per input signature — names, shapes and dtypes of the
-arguments, which stay fixed through one generation — and compiles it for the CPU at fp32 or bf16 inference
-precision; later calls with the same signature reuse it. Optional dependency: `pip install openvino`.
+converts the UNet's PyTorch graph (with our weights, in the dtype they are stored in: bf16 weights make a graph of
+half the size) once per input signature — names, shapes and dtypes of the arguments, which stay fixed through one
+generation — and compiles it for the CPU at fp32 or bf16 inference precision; later calls with the same signature
+reuse it. Optional dependency: `pip install openvino`.
 
 Converting is the slow part (tracing the whole UNet), so each converted graph is kept on disk, keyed by a digest
 of the weights and the signature, with OpenVINO's own cache of compiled blobs beside it: a later process with
 the same weights reads them instead (`default_cache_dir`; LDM_OPENVINO_CACHE='' turns it off). For SD 1.5 on the
 CI host (bf16): the first call takes 63–71 s without the cache, 104 s while writing it (3.4 GB of graph with its
 fp32 weights, 3.3 GB of compiled blob), 17 s once it is there; each later call 10 s.
+
+`ready` tells whether a call can run without converting (compiled in this process, or its graph in the cache):
+what the `auto` backend asks (`backends.py`). Each entry of the cache also keeps the seconds per call measured
+here and on PyTorch (`record_seconds`), so that `auto` keeps to PyTorch where OpenVINO proved slower.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -38,40 +44,74 @@ def default_cache_dir() -> Path | None:
 
 
 class _Positional(nn.Module):
-    """`module(x, t, **named)` as a function of positional tensors only (what the converter traces)."""
+    """`module(x, t, **named)` as a function of positional tensors only (what the converter traces), its float
+    inputs cast to `dtype` (what the module computes at) and its output to fp32."""
 
-    def __init__(self, module: nn.Module, names: tuple[str, ...]):
+    def __init__(self, module: nn.Module, names: tuple[str, ...], dtype: torch.dtype):
         super().__init__()
-        self.module, self.names = module, names
+        self.module, self.names, self.dtype = module, names, dtype
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
-        return self.module(x, t, **dict(zip(self.names, rest)))
+        rest = tuple(v.to(self.dtype) if v.is_floating_point() else v for v in rest)
+        return self.module(x.to(self.dtype), t, **dict(zip(self.names, rest))).float()
 
 
 class OpenVINOUNet:
     """Calls like the UNet — `(x, t, context=..., context_mask=..., class_labels=...)` → fp32 tensor — and runs
-    it compiled by OpenVINO. `module` is any `nn.Module` with that calling convention."""
+    it compiled by OpenVINO. `module` is any `nn.Module` with that calling convention, converted with its weights
+    as it computes with them: at `dtype` (default: its weights' dtype; fp32 where bf16 weights are cast to fp32
+    layer by layer, `precision.store_weights`)."""
 
-    def __init__(self, module: nn.Module, precision: str = "fp32", cache_dir: str | os.PathLike | None = None):
+    def __init__(self, module: nn.Module, precision: str = "fp32", cache_dir: str | os.PathLike | None = None,
+                 dtype: torch.dtype | None = None):
         import openvino  # its absence is reported by `check_backend` before a pipeline gets here
 
         if precision not in HINTS:
             raise ValueError(f"precision = {precision!r}: the OpenVINO backend runs {' or '.join(HINTS)}")
         self.ov, self.core = openvino, openvino.Core()
-        self.module, self.precision = module.float().eval(), precision
+        self.module, self.precision = module.eval(), precision
+        self.dtype = dtype or next(p.dtype for p in module.parameters() if p.is_floating_point())
         self.cache_dir = None if cache_dir in (None, "") else Path(cache_dir)
         self.requests: dict[tuple, object] = {}
         self._weights_digest: str | None = None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs: torch.Tensor | None) -> torch.Tensor:
-        names = tuple(sorted(k for k, v in kwargs.items() if v is not None))
-        t = t.reshape(1).expand(x.shape[0]) if t.ndim == 0 else t
-        tensors = [x.float(), t, *(kwargs[k].float() if kwargs[k].is_floating_point() else kwargs[k]
-                                   for k in names)]
-        signature = (names, tuple((tuple(v.shape), v.dtype) for v in tensors))
+        signature, names, tensors = _arguments(x, t, kwargs)
         request = self.requests.get(signature) or self._compile(signature, names, tensors)
         arrays = [v.detach().cpu().contiguous().numpy() for v in tensors]
         return torch.from_numpy(request.infer(arrays)[0].copy())  # the output buffer is reused by the next call
+
+    def ready(self, x: torch.Tensor, t: torch.Tensor, **kwargs: torch.Tensor | None) -> bool:
+        """Whether this call runs without converting: its signature compiled in this process, or its graph in the
+        cache (the weights' digest is taken once, on the first question, where the cache holds any graph)."""
+        signature = signature_of(x, t, kwargs)
+        if signature in self.requests:
+            return True
+        if self.cache_dir is None or next(self.cache_dir.glob("*/unet.xml"), None) is None:
+            return False
+        return (self._entry(signature) / "unet.xml").is_file()
+
+    def seconds(self, x: torch.Tensor, t: torch.Tensor, **kwargs: torch.Tensor | None) -> dict[str, float]:
+        """The seconds per call recorded for this signature by `record_seconds`, by backend and precision
+        (e.g. {"openvino-bf16": 1.4, "torch-bf16": 1.9}); empty where none are."""
+        path = self._entry(signature_of(x, t, kwargs)) / "seconds.json" if self.cache_dir is not None else None
+        try:
+            return json.loads(path.read_text()) if path is not None else {}
+        except (OSError, ValueError):
+            return {}
+
+    def record_seconds(self, x: torch.Tensor, t: torch.Tensor, kwargs: dict, backend: str, seconds: float) -> None:
+        """Keep `seconds` per call of `backend` (e.g. "torch-bf16") for this signature in its cache entry, where the
+        entry exists (written whole: a reader never sees half a file)."""
+        if self.cache_dir is None:
+            return
+        folder = self._entry(signature_of(x, t, kwargs))
+        if not (folder / "unet.xml").is_file():
+            return
+        figures = {**self.seconds(x, t, **kwargs), backend: round(seconds, 4)}
+        tmp = folder / f".seconds.{os.getpid()}.json"
+        tmp.write_text(json.dumps(figures, sort_keys=True))
+        os.replace(tmp, folder / "seconds.json")
 
     def _compile(self, signature: tuple, names: tuple[str, ...], tensors: list[torch.Tensor]):
         config = {"INFERENCE_PRECISION_HINT": HINTS[self.precision]}
@@ -87,15 +127,19 @@ class OpenVINOUNet:
         with torch.no_grad(), warnings.catch_warnings():
             # The trace is specialised to this signature's shapes on purpose: shape checks become constants.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            return self.ov.convert_model(_Positional(self.module, names), example_input=tuple(tensors))
+            return self.ov.convert_model(_Positional(self.module, names, self.dtype), example_input=tuple(tensors))
+
+    def _entry(self, signature: tuple) -> Path:
+        """The cache folder of this module's graph for `signature` (whether or not it is there)."""
+        if self._weights_digest is None:
+            self._weights_digest = weights_digest(self.module)
+        return self.cache_dir / hashlib.blake2b(repr((type(self.module).__name__, self._weights_digest, signature,
+                                                      self.ov.__version__)).encode(), digest_size=16).hexdigest()
 
     def _cached_graph(self, signature: tuple, names: tuple[str, ...], tensors: list[torch.Tensor]) -> Path:
         """The converted graph's .xml in the cache, converted and written (atomically) if it is not there."""
-        if self._weights_digest is None:
-            self._weights_digest = weights_digest(self.module)
-        key = hashlib.blake2b(repr((type(self.module).__name__, self._weights_digest, signature,
-                                    self.ov.__version__)).encode(), digest_size=16).hexdigest()
-        folder = self.cache_dir / key
+        folder = self._entry(signature)
+        key = folder.name
         if not (folder / "unet.xml").is_file():
             log.info("converting the UNet for OpenVINO (once; kept in %s)", folder)
             shutil.rmtree(folder, ignore_errors=True)  # blobs of a graph someone deleted
@@ -110,6 +154,19 @@ class OpenVINOUNet:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         return folder / "unet.xml"
+
+
+def signature_of(x: torch.Tensor, t: torch.Tensor, kwargs: dict) -> tuple:
+    """A call's signature: the names of its arguments given, and their shapes and dtypes as OpenVINO takes them."""
+    return _arguments(x, t, kwargs)[0]
+
+
+def _arguments(x: torch.Tensor, t: torch.Tensor, kwargs: dict) -> tuple[tuple, tuple[str, ...], list[torch.Tensor]]:
+    """(signature, argument names, tensors as OpenVINO takes them: floats in fp32, t one per sample) of a call."""
+    names = tuple(sorted(k for k, v in kwargs.items() if v is not None))
+    t = t.reshape(1).expand(x.shape[0]) if t.ndim == 0 else t
+    tensors = [x.float(), t, *(kwargs[k].float() if kwargs[k].is_floating_point() else kwargs[k] for k in names)]
+    return (names, tuple((tuple(v.shape), v.dtype) for v in tensors)), names, tensors
 
 
 def weights_digest(module: nn.Module) -> str:

@@ -69,6 +69,12 @@ def cpu_capabilities() -> Mapping[str, object]:
 
 
 @functools.cache
+def amx_bf16_tiles() -> bool:
+    """Whether this CPU has AMX bf16 tiles (looked up once)."""
+    return bool(cpu_capabilities().get("amx_bf16"))
+
+
+@functools.cache
 def _proc_cpuinfo(field: str) -> str:
     """The first line of /proc/cpuinfo for `field`, its value ("" where there is none)."""
     try:

@@ -23,7 +23,7 @@ from latent_diffusion.conditioning.image_prompt import cross_attention_layers, d
 from latent_diffusion.controlnet import ControlNet, ControlNetConfig
 from latent_diffusion.formats.controlnet import load_controlnet
 from latent_diffusion.formats.ip_adapter import load_image_prompt
-from latent_diffusion.inference import check_backend, prepare_for_inference
+from latent_diffusion.inference import check_backend, openvino_installed, prepare_for_inference
 from latent_diffusion.inference.int8 import int8_mode
 from latent_diffusion.inference.precision import store_weights
 from latent_diffusion.pipeline.lora import PipelineLoRAs
@@ -37,8 +37,8 @@ def _placement(device: str | torch.device, precision: str, backend: str) -> tupl
     """The device a pipeline runs on and the dtype it keeps its weights in, both checked."""
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     check_precision(precision, dev)
-    check_backend(backend, dev)
-    return dev, PRECISIONS[precision] if backend == "torch" else torch.float32  # OpenVINO converts fp32
+    check_backend(backend, dev, precision)
+    return dev, PRECISIONS[precision]
 
 
 class Pipeline(LatentDiffusion):
@@ -46,28 +46,31 @@ class Pipeline(LatentDiffusion):
 
     def __init__(self, config: LDMRunConfig, unet: UNetModel, autoencoder: AutoencoderKL,
                  ae_config: AutoencoderRunConfig, conditioner, device: torch.device,
-                 precision: str = "fp32", backend: str = "torch"):
+                 precision: str = "fp32", backend: str = "auto"):
         super().__init__(config, unet, autoencoder, ae_config, conditioner, device, precision)
-        check_backend(backend, device)
+        check_backend(backend, device, precision)
         self.backend = backend
         self._openvino = None  # the UNet compiled by OpenVINO, made on first use
+        self._auto = None  # backend "auto": its choice between the two (`inference/auto.py`)
         self.loras = PipelineLoRAs()  # the LoRA files applied (`load_lora`)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "auto",
-                        precision: str = "fp32", backend: str = "torch", **options) -> Pipeline:
+                        precision: str = "fp32", backend: str = "auto", **options) -> Pipeline:
         """Load a model in any format: a folder written by `ldm train`, a Stable Diffusion checkpoint file
         (.safetensors / .ckpt) or a diffusers folder; `options` go to the format's reader (see `load_model`).
-        `backend="openvino"` runs the UNet through OpenVINO (CPU; `backends/openvino.py`). The weights are read
+        `backend="openvino"` runs the UNet through OpenVINO (CPU; `inference/openvino.py`); "auto" (the default)
+        through PyTorch, or OpenVINO where its graph was converted once and is measured faster (`inference/auto.py`);
+        "torch" always through PyTorch. The weights are read
         straight onto the device and in the dtype they are kept in, each once (`load_model`)."""
         dev, storage = _placement(device, precision, backend)
         return cls.from_parts(load_model(path, dtype=storage, device=dev, **options), dev, precision, backend)
 
     @classmethod
     def from_parts(cls, parts: ModelParts, device: str | torch.device = "auto", precision: str = "fp32",
-                   backend: str = "torch") -> Pipeline:
+                   backend: str = "auto") -> Pipeline:
         """A pipeline of the configs and weights in `parts`. Weights are kept in fp32, or for `precision` bf16 /
-        fp16 (backend torch) in that dtype — half the memory — with the math at `math_precision` (by the device's
+        fp16 in that dtype — half the memory — with the math at `math_precision` (by the device's
         capabilities); each network made ready for inference (`prepare_for_inference`). Tensors of `parts`
         already in that dtype and on `device` become the modules' weights themselves, not copies."""
         dev, storage = _placement(device, precision, backend)
@@ -78,7 +81,7 @@ class Pipeline(LatentDiffusion):
         unet, autoencoder, conditioner = parts.networks(dev, storage)
         ae_cfg = AutoencoderRunConfig(model=parts.autoencoder_config, data=DataConfig(resolution=parts.resolution))
         pipe = cls(cfg, unet, autoencoder, ae_cfg, conditioner, dev, precision, backend)
-        math = PRECISIONS[pipe.math] if storage != torch.float32 else storage  # OpenVINO converts fp32 weights
+        math = PRECISIONS[pipe.math] if storage != torch.float32 else storage
         int8 = int8_mode(dev) if precision == "int8" else None
         pipe.unet = prepare_for_inference(unet, dev, storage, math, int8=int8)
         pipe.autoencoder = prepare_for_inference(autoencoder, dev, storage, math)
@@ -89,14 +92,29 @@ class Pipeline(LatentDiffusion):
     def network(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
         if self.backend == "openvino":
             return self.openvino_unet()(x, t, **kwargs)
+        if self.backend == "auto" and self._openvino_may_run(kwargs):
+            openvino = self.openvino_unet()
+            if self._auto is None or self._auto.openvino is not openvino:
+                from latent_diffusion.inference.auto import AutoUNet
+                self._auto = AutoUNet(super().network, openvino, self.precision)
+            return self._auto(x, t, **kwargs)
         return super().network(x, t, **kwargs)
 
     def openvino_unet(self):
         """The UNet compiled by OpenVINO at this pipeline's precision (made once, kept)."""
         if self._openvino is None:
             from latent_diffusion.inference.openvino import OpenVINOUNet, default_cache_dir
-            self._openvino = OpenVINOUNet(self.unet, self.precision, default_cache_dir())
+            self._openvino = OpenVINOUNet(self.unet, self.precision, default_cache_dir(), PRECISIONS[self.math])
         return self._openvino
+
+    def _openvino_may_run(self, kwargs: dict) -> bool:
+        """Whether backend "auto" may run this call on OpenVINO: a CPU with openvino installed, an SD 1.x/2.x-style
+        UNet at fp32 or bf16, tensors only (a ControlNet's residuals and IP-Adapter's tokens need PyTorch), and
+        no LoRA applied on the fly (a fused one is in the weights, hence in the graph's key)."""
+        return (self.device.type == "cpu" and self.precision in ("fp32", "bf16") and openvino_installed()
+                and self.config.backbone == "unet" and self.config.unet.adm_in_channels is None
+                and all(v is None or isinstance(v, torch.Tensor) for v in kwargs.values())
+                and not self.loras.on_the_fly())
 
     def check_adapter(self, what: str) -> None:
         """A clear error for an adapter of the SD 1.x/2.x UNet asked of an SDXL, SD3 or DiT model."""
@@ -143,7 +161,7 @@ class Pipeline(LatentDiffusion):
         prompts (`image_prompt=`) then steer the UNet's cross-attention at weight `scale`. Replaces one loaded
         before; a file for another model is a clear error (`formats/ip_adapter.py`)."""
         self.check_adapter("an IP-Adapter")
-        if self.backend != "torch":
+        if self.backend == "openvino":
             raise ValueError("IP-Adapter: the OpenVINO backend runs a UNet compiled without its layers; use "
                              "backend 'torch'")
         self.unload_ip_adapter()

@@ -101,6 +101,10 @@ class PipelineLoRAs:
         for adapter in adapters:
             adapter.attach()
 
+    def on_the_fly(self) -> bool:
+        """Whether any loaded LoRA is applied by hooks rather than fused into the weights."""
+        return any(not a.fused for lora in self.loaded.values() for a in lora.adapters)
+
     @staticmethod
     def _recompile(pipe) -> None:
         pipe._openvino = None  # compiled from the old weights (its disk cache is keyed by the weights' digest)

@@ -1,0 +1,60 @@
+"""`backend="auto"` (the default): the UNet on PyTorch, or on OpenVINO where that is measured to pay.
+
+OpenVINO can only pay once its graph is converted: for SD 1.5 the conversion takes 84 s and 10.2 GB on a 2-core
+AMD host, more than a whole 20-step image saves, and a machine with 8 GB cannot convert at all. So `auto` never
+converts on its own: converting is the user's choice (`--backend openvino`, once; the graph is then in the cache,
+`openvino.default_cache_dir`). Where a call's graph is in the cache, the first calls of its signature measure both
+backends (eager twice, the first being warm-up; OpenVINO twice, the first loading its compiled blob), and each
+later call runs the faster, by the shortest time seen. The figures are kept with the graph (`seconds.json`), so a
+later process decides at once; on hosts where OpenVINO is slower (SD 1.5 in fp32 on a CPU with AMX, where our
+eager UNet is ahead) PyTorch keeps the calls.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from latent_diffusion.inference.openvino import OpenVINOUNet, signature_of
+
+
+class AutoUNet:
+    """Calls like the UNet; each call runs `eager` (PyTorch, the pipeline's own forward) or `openvino`, by the
+    rule above. `precision` names the figures (e.g. "torch-bf16" against "openvino-bf16")."""
+
+    def __init__(self, eager: Callable[..., torch.Tensor], openvino: OpenVINOUNet, precision: str):
+        self.eager, self.openvino = eager, openvino
+        self.keys = {"torch": f"torch-{precision}", "openvino": f"openvino-{precision}"}
+        self.ready: dict[tuple, bool] = {}  # signature → its graph is in the cache (asked once per signature)
+        self.figures: dict[tuple, dict[str, float]] = {}  # signature → shortest seconds per call, by key
+        self.calls: dict[tuple[tuple, str], int] = {}  # (signature, backend) → calls made in this process
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs: torch.Tensor | None) -> torch.Tensor:
+        signature = signature_of(x, t, kwargs)
+        if signature not in self.ready:
+            self.ready[signature] = self.openvino.ready(x, t, **kwargs)
+            self.figures[signature] = self.openvino.seconds(x, t, **kwargs) if self.ready[signature] else {}
+        if not self.ready[signature]:
+            return self.eager(x, t, **kwargs)
+        backend = self.choose(self.figures[signature])
+        start = time.perf_counter()
+        out = self.openvino(x, t, **kwargs) if backend == "openvino" else self.eager(x, t, **kwargs)
+        seconds = time.perf_counter() - start
+        made = self.calls[signature, backend] = self.calls.get((signature, backend), 0) + 1
+        key = self.keys[backend]
+        if made > 1 and seconds < self.figures[signature].get(key, float("inf")):  # the first call warms up
+            self.figures[signature][key] = seconds
+            self.openvino.record_seconds(x, t, kwargs, key, seconds)
+        return out
+
+    def choose(self, figures: dict[str, float]) -> str:
+        """The backend of the next call: whichever has fewer than one measured call yet (PyTorch first), else the
+        faster."""
+        eager, compiled = figures.get(self.keys["torch"]), figures.get(self.keys["openvino"])
+        if eager is None:
+            return "torch"
+        if compiled is None:
+            return "openvino"
+        return "openvino" if compiled < eager else "torch"
