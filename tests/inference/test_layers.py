@@ -160,3 +160,25 @@ def test_feed_forward_in_chunks_gives_the_whole_output_and_casts_stored_weights_
         out = ff(x)
     assert casts == [torch.float32] and out.dtype == torch.float32  # cast once, before the chunks
     assert (out - whole).abs().max() < 0.05 and {p.dtype for p in ff.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("amx", [False, True])
+def test_bf16_on_amx_tiles_runs_channels_last_on_onednn_own_convolutions(every_fast_path, monkeypatch, amx):
+    """Where bf16 runs on AMX tiles (the host rule, made to answer both ways here) the UNet is prepared
+    channels-last and the convolution paths step aside for oneDNN's kernels; elsewhere NCHW with the paths. The
+    same outputs within bf16's rounding either way."""
+    from latent_diffusion.inference import memory
+    from latent_diffusion.runtime import autocast
+    monkeypatch.setattr(layers, "amx_bf16_tiles", lambda: amx)
+    monkeypatch.setattr(memory, "amx_bf16_tiles", lambda: amx)
+    cfg = tiny_unet_config(channel_mult=(1, 2, 2), attention_resolutions=(1, 2), num_res_blocks=2)
+    plain = randomised(UNetModel(cfg), 0)
+    prepared = prepare_for_inference(copy.deepcopy(plain), CPU, torch.bfloat16, torch.bfloat16)
+    assert prepared.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last) == amx
+    x, t, context = torch.randn(2, 4, 8, 12), torch.tensor([3.0, 917.0]), torch.randn(2, 5, 8)
+    with torch.no_grad():
+        expected = plain(x, t, context)
+        with autocast(CPU, "bf16"):
+            got = prepared(x, t, context).float()
+    assert (every_fast_path["matmul"] > 0, every_fast_path["phases"] > 0) == (not amx, not amx)
+    assert (got - expected).norm() < 2e-2 * expected.norm()

@@ -2,6 +2,7 @@
 and a pipeline on it generates the same images; bad requests are clear errors."""
 
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -157,13 +158,16 @@ def test_auto_backend_measures_both_then_runs_the_faster(tmp_path):
     entry = next(tmp_path.glob("*/seconds.json"))
     for faster in ("torch", "openvino"):  # a later process decides from the figures at once
         slower = "openvino" if faster == "torch" else "torch"
-        entry.write_text(f'{{"{faster}-fp32": 0.01, "{slower}-fp32": 1.0}}')
+        record = json.loads(entry.read_text())
+        entry.write_text(json.dumps({**record, "seconds": {f"{faster}-fp32": 0.01, f"{slower}-fp32": 1.0}}))
         ran.clear()
         auto = AutoUNet(eager, OpenVINOUNet(unet, "fp32", tmp_path), "fp32")
         for _ in range(3):
             auto(x, t, context=context)
         assert ran == (["torch"] * 3 if faster == "torch" else [])
         assert bool(auto.openvino.requests) == (faster == "openvino")
+    entry.write_text(json.dumps({**record, "software": "an older version"}))  # figures of other software: none
+    assert OpenVINOUNet(unet, "fp32", tmp_path).seconds(x, t, context=context) == {}
 
 
 @needs_openvino

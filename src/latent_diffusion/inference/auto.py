@@ -12,12 +12,15 @@ eager UNet is ahead) PyTorch keeps the calls.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
 import torch
 
 from latent_diffusion.inference.openvino import OpenVINOUNet, signature_of
+
+log = logging.getLogger(__name__)
 
 
 class AutoUNet:
@@ -30,6 +33,7 @@ class AutoUNet:
         self.ready: dict[tuple, bool] = {}  # signature → its graph is in the cache (asked once per signature)
         self.figures: dict[tuple, dict[str, float]] = {}  # signature → shortest seconds per call, by key
         self.calls: dict[tuple[tuple, str], int] = {}  # (signature, backend) → calls made in this process
+        self.told: set[tuple] = set()  # signatures whose choice has been logged
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs: torch.Tensor | None) -> torch.Tensor:
         signature = signature_of(x, t, kwargs)
@@ -38,7 +42,13 @@ class AutoUNet:
             self.figures[signature] = self.openvino.seconds(x, t, **kwargs) if self.ready[signature] else {}
         if not self.ready[signature]:
             return self.eager(x, t, **kwargs)
-        backend = self.choose(self.figures[signature])
+        figures = self.figures[signature]
+        backend = self.choose(figures)
+        if len(figures) == 2 and signature not in self.told:
+            self.told.add(signature)
+            log.info("backend auto: the UNet on %s (%.2f s per call on OpenVINO, %.2f s on PyTorch, as measured "
+                     "here)", "OpenVINO" if backend == "openvino" else "PyTorch", figures[self.keys["openvino"]],
+                     figures[self.keys["torch"]])
         start = time.perf_counter()
         out = self.openvino(x, t, **kwargs) if backend == "openvino" else self.eager(x, t, **kwargs)
         seconds = time.perf_counter() - start

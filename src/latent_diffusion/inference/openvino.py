@@ -92,13 +92,15 @@ class OpenVINOUNet:
         return (self._entry(signature) / "unet.xml").is_file()
 
     def seconds(self, x: torch.Tensor, t: torch.Tensor, **kwargs: torch.Tensor | None) -> dict[str, float]:
-        """The seconds per call recorded for this signature by `record_seconds`, by backend and precision
-        (e.g. {"openvino-bf16": 1.4, "torch-bf16": 1.9}); empty where none are."""
+        """The seconds per call recorded for this signature by `record_seconds` with this software (our package,
+        PyTorch and OpenVINO versions: a new version may be faster), by backend and precision (e.g.
+        {"openvino-bf16": 1.4, "torch-bf16": 1.9}); empty where none are."""
         path = self._entry(signature_of(x, t, kwargs)) / "seconds.json" if self.cache_dir is not None else None
         try:
-            return json.loads(path.read_text()) if path is not None else {}
+            record = json.loads(path.read_text()) if path is not None else {}
         except (OSError, ValueError):
             return {}
+        return record.get("seconds", {}) if record.get("software") == self._software() else {}
 
     def record_seconds(self, x: torch.Tensor, t: torch.Tensor, kwargs: dict, backend: str, seconds: float) -> None:
         """Keep `seconds` per call of `backend` (e.g. "torch-bf16") for this signature in its cache entry, where the
@@ -110,8 +112,12 @@ class OpenVINOUNet:
             return
         figures = {**self.seconds(x, t, **kwargs), backend: round(seconds, 4)}
         tmp = folder / f".seconds.{os.getpid()}.json"
-        tmp.write_text(json.dumps(figures, sort_keys=True))
+        tmp.write_text(json.dumps({"software": self._software(), "seconds": figures}, sort_keys=True))
         os.replace(tmp, folder / "seconds.json")
+
+    def _software(self) -> str:
+        from latent_diffusion import __version__
+        return f"latent-diffusion {__version__}, torch {torch.__version__}, openvino {self.ov.__version__}"
 
     def _compile(self, signature: tuple, names: tuple[str, ...], tensors: list[torch.Tensor]):
         config = {"INFERENCE_PRECISION_HINT": HINTS[self.precision]}
