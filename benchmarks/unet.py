@@ -107,10 +107,10 @@ def build_openvino(impl: str, name: str):
         return runner(x, t, context=context)
 
     if impl == "ours, auto":  # the user's one conversion (`--backend openvino`) where the cache lacks it, then
-        if not runner.openvino.ready(x, t, context=context):  # auto's measuring calls, two per backend
+        if not runner.openvino.ready(x, t, context=context):  # auto's measuring calls on each backend
             runner.openvino(x, t, context=context)
             runner.openvino = OpenVINOUNet(module, hint, default_cache_dir(), math)  # as a new process finds it
-        for _ in range(4):
+        for _ in range(2 * (1 + AutoUNet.MEASURED)):
             call()
         print(f"ours, auto: seconds per call measured {runner.openvino.seconds(x, t, context=context)}")
     return runner, call

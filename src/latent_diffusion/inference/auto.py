@@ -4,8 +4,8 @@ OpenVINO can only pay once its graph is converted: for SD 1.5 the conversion tak
 AMD host, more than a whole 20-step image saves, and a machine with 8 GB cannot convert at all. So `auto` never
 converts on its own: converting is the user's choice (`--backend openvino`, once; the graph is then in the cache,
 `openvino.default_cache_dir`). Where a call's graph is in the cache, the first calls of its signature measure both
-backends (eager twice, the first being warm-up; OpenVINO twice, the first loading its compiled blob), and each
-later call runs the faster, by the shortest time seen. The figures are kept with the graph (`seconds.json`), so a
+backends (`MEASURED` calls each after one that warms up: OpenVINO's first loads its compiled blob; every one of
+them is a real step of the job), and each later call runs the faster, by the shortest time seen. The figures are kept with the graph (`seconds.json`), so a
 later process decides at once; on hosts where OpenVINO is slower (SD 1.5 in fp32 on a CPU with AMX, where our
 eager UNet is ahead) PyTorch keeps the calls.
 """
@@ -27,12 +27,15 @@ class AutoUNet:
     """Calls like the UNet; each call runs `eager` (PyTorch, the pipeline's own forward) or `openvino`, by the
     rule above. `precision` names the figures (e.g. "torch-bf16" against "openvino-bf16")."""
 
+    MEASURED = 2  # timed calls per backend before choosing (the shortest counts: one noisy call does not decide)
+
     def __init__(self, eager: Callable[..., torch.Tensor], openvino: OpenVINOUNet, precision: str):
         self.eager, self.openvino = eager, openvino
         self.keys = {"torch": f"torch-{precision}", "openvino": f"openvino-{precision}"}
         self.ready: dict[tuple, bool] = {}  # signature → its graph is in the cache (asked once per signature)
         self.figures: dict[tuple, dict[str, float]] = {}  # signature → shortest seconds per call, by key
         self.calls: dict[tuple[tuple, str], int] = {}  # (signature, backend) → calls made in this process
+        self.settled: set[tuple] = set()  # signatures whose figures for both came from an earlier process
         self.told: set[tuple] = set()  # signatures whose choice has been logged
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs: torch.Tensor | None) -> torch.Tensor:
@@ -40,11 +43,13 @@ class AutoUNet:
         if signature not in self.ready:
             self.ready[signature] = self.openvino.ready(x, t, **kwargs)
             self.figures[signature] = self.openvino.seconds(x, t, **kwargs) if self.ready[signature] else {}
+            if set(self.keys.values()) <= set(self.figures[signature]):
+                self.settled.add(signature)
         if not self.ready[signature]:
             return self.eager(x, t, **kwargs)
         figures = self.figures[signature]
-        backend = self.choose(figures)
-        if len(figures) == 2 and signature not in self.told:
+        backend = self.choose(signature)
+        if signature in self.settled and signature not in self.told:
             self.told.add(signature)
             log.info("backend auto: the UNet on %s (%.2f s per call on OpenVINO, %.2f s on PyTorch, as measured "
                      "here)", "OpenVINO" if backend == "openvino" else "PyTorch", figures[self.keys["openvino"]],
@@ -59,12 +64,16 @@ class AutoUNet:
             self.openvino.record_seconds(x, t, kwargs, key, seconds)
         return out
 
-    def choose(self, figures: dict[str, float]) -> str:
-        """The backend of the next call: whichever has fewer than one measured call yet (PyTorch first), else the
-        faster."""
-        eager, compiled = figures.get(self.keys["torch"]), figures.get(self.keys["openvino"])
-        if eager is None:
-            return "torch"
-        if compiled is None:
-            return "openvino"
-        return "openvino" if compiled < eager else "torch"
+    def choose(self, signature: tuple) -> str:
+        """The backend of the next call for `signature`: while it is being measured, PyTorch then OpenVINO, each
+        for a warm-up and `MEASURED` calls; then (or at once, with figures from an earlier process) the faster."""
+        if signature not in self.settled:
+            for backend in ("torch", "openvino"):
+                if self.calls.get((signature, backend), 0) < 1 + self.MEASURED:
+                    return backend
+            self.settled.add(signature)
+        return self.faster(self.figures[signature])
+
+    def faster(self, figures: dict[str, float]) -> str:
+        """The backend with the shorter figure."""
+        return "openvino" if figures[self.keys["openvino"]] < figures[self.keys["torch"]] else "torch"

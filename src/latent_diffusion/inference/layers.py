@@ -31,7 +31,7 @@ def eager_cpu_inference(x: torch.Tensor) -> bool:
 def onednn_direct(x: torch.Tensor) -> bool:
     """Whether `x` is convolved in bf16 on AMX tiles (bf16 tensors or bf16 autocast, `precision.amx_bf16_tiles`),
     where oneDNN's own kernels beat both paths below at every size measured: SD 1.5's UNet (batch 2, 64² latents,
-    channels-last, 2-core Xeon with AMX) takes 1.82 s with neither path, 2.01 with the matmul path alone and 2.22
+    channels-last, 2-core Xeon with AMX) takes 1.82 s with neither path, 2.01 with the phase path alone and 2.22
     with both; the VAE decodes 512² in 2.80 s without phases, 2.83 with them."""
     bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
                                          and torch.get_autocast_dtype("cpu") == torch.bfloat16)

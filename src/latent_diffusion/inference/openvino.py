@@ -10,10 +10,11 @@ Converting is the slow part (tracing the whole UNet), so each converted graph is
 of the weights and the signature, with OpenVINO's own cache of compiled blobs beside it: a later process with
 the same weights reads them instead (`default_cache_dir`; LDM_OPENVINO_CACHE='' turns it off). For SD 1.5 on the
 CI host (bf16): the first call takes 63–71 s without the cache, 104 s while writing it (3.4 GB of graph with its
-fp32 weights, 3.3 GB of compiled blob), 17 s once it is there; each later call 10 s.
+fp32 weights, 3.3 GB of compiled blob; 1.7 GB of graph from bf16 weights), 17 s once it is there; each later
+call 10 s.
 
 `ready` tells whether a call can run without converting (compiled in this process, or its graph in the cache):
-what the `auto` backend asks (`backends.py`). Each entry of the cache also keeps the seconds per call measured
+what the `auto` backend asks (`auto.py`). Each entry of the cache also keeps the seconds per call measured
 here and on PyTorch (`record_seconds`), so that `auto` keeps to PyTorch where OpenVINO proved slower.
 """
 
