@@ -185,13 +185,17 @@ def test_the_openvino_backend_keeps_loras_fused_and_compiles_the_unet_again(mode
     assert pipe._openvino is None and same_weights(pipe, original)
 
 
-def test_backend_auto_keeps_on_the_fly_loras_on_pytorch(model):
+def test_backend_auto_keeps_on_the_fly_loras_on_pytorch(model, tmp_path, monkeypatch):
     """Hooks cannot reach a compiled graph: with a LoRA applied on the fly, auto runs every call in PyTorch; fused,
-    the LoRA is in the weights (hence in the cached graph's key) and OpenVINO may run again."""
+    the LoRA is in the weights (hence in the cached graph's key) and OpenVINO may run again. With no graph in the
+    cache at all, auto does not even look (nor import openvino)."""
     parts, _, files = model
     pipe = Pipeline.from_parts(parts, device="cpu")
     context = {"context": torch.zeros(1)}
-    assert pipe.backend == "auto"
+    monkeypatch.setenv("LDM_OPENVINO_CACHE", str(tmp_path))
+    assert pipe.backend == "auto" and not pipe._openvino_may_run(context)  # an empty cache
+    (tmp_path / "a-graph").mkdir()
+    (tmp_path / "a-graph" / "unet.xml").touch()  # some graph (of other weights: `ready` tells them apart)
     assert pipe._openvino_may_run(context) == (importlib.util.find_spec("openvino") is not None)
     pipe.load_lora(files["kohya"])
     assert pipe.loras.on_the_fly() and not pipe._openvino_may_run(context)

@@ -44,6 +44,11 @@ def default_cache_dir() -> Path | None:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "latent-diffusion" / "openvino"
 
 
+def holds_graphs(cache_dir: Path | None) -> bool:
+    """Whether `cache_dir` holds any converted graph (a directory listing: no digest, no import of openvino)."""
+    return cache_dir is not None and next(cache_dir.glob("*/unet.xml"), None) is not None
+
+
 class _Positional(nn.Module):
     """`module(x, t, **named)` as a function of positional tensors only (what the converter traces), its float
     inputs cast to `dtype` (what the module computes at) and its output to fp32."""
@@ -88,7 +93,7 @@ class OpenVINOUNet:
         signature = signature_of(x, t, kwargs)
         if signature in self.requests:
             return True
-        if self.cache_dir is None or next(self.cache_dir.glob("*/unet.xml"), None) is None:
+        if not holds_graphs(self.cache_dir):
             return False
         return (self._entry(signature) / "unet.xml").is_file()
 

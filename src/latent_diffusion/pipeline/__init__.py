@@ -110,11 +110,13 @@ class Pipeline(LatentDiffusion):
     def _openvino_may_run(self, kwargs: dict) -> bool:
         """Whether backend "auto" may run this call on OpenVINO: a CPU with openvino installed, an SD 1.x/2.x-style
         UNet at fp32 or bf16, tensors only (a ControlNet's residuals and IP-Adapter's tokens need PyTorch), and
-        no LoRA applied on the fly (a fused one is in the weights, hence in the graph's key)."""
+        no LoRA applied on the fly (a fused one is in the weights, hence in the graph's key), and a cache holding
+        some converted graph (else openvino is not even imported)."""
+        from latent_diffusion.inference.openvino import default_cache_dir, holds_graphs
         return (self.device.type == "cpu" and self.precision in ("fp32", "bf16") and openvino_installed()
                 and self.config.backbone == "unet" and self.config.unet.adm_in_channels is None
                 and all(v is None or isinstance(v, torch.Tensor) for v in kwargs.values())
-                and not self.loras.on_the_fly())
+                and not self.loras.on_the_fly() and (self._auto is not None or holds_graphs(default_cache_dir())))
 
     def check_adapter(self, what: str) -> None:
         """A clear error for an adapter of the SD 1.x/2.x UNet asked of an SDXL, SD3 or DiT model."""
