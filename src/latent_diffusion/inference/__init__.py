@@ -24,6 +24,7 @@ from latent_diffusion.inference.bands import inference_bands, use_bands
 from latent_diffusion.inference.int8 import quantize_convolutions, quantize_linears
 from latent_diffusion.inference.layers import swap_inference_layers
 from latent_diffusion.inference.memory import channels_last_on_cpu, unet_channels_last
+from latent_diffusion.inference.openvino import HINTS
 from latent_diffusion.inference.precision import store_weights
 from latent_diffusion.unet import UNetModel
 
@@ -61,7 +62,7 @@ def check_backend(backend: str, device: torch.device, precision: str = "fp32") -
         return
     if device.type != "cpu":
         raise ValueError(f"backend 'openvino' runs on the CPU; device is {device}")
-    if precision not in ("fp32", "bf16"):
+    if precision not in HINTS:
         raise ValueError(f"backend 'openvino' runs fp32 or bf16, not --precision {precision}; use backend 'torch'")
     if not openvino_installed():
         raise ValueError("backend 'openvino' needs the openvino package: pip install openvino")

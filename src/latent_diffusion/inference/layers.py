@@ -14,6 +14,7 @@ from torch import nn
 from latent_diffusion import unet
 from latent_diffusion.autoencoder import blocks
 from latent_diffusion.inference import conv
+from latent_diffusion.inference.bands import math_dtype
 from latent_diffusion.inference.precision import amx_bf16_tiles
 from latent_diffusion.nn.attention import FeedForward
 
@@ -33,9 +34,7 @@ def onednn_direct(x: torch.Tensor) -> bool:
     where oneDNN's own kernels beat both paths below at every size measured: SD 1.5's UNet (batch 2, 64² latents,
     channels-last, 2-core Xeon with AMX) takes 1.82 s with neither path, 2.01 with the phase path alone and 2.22
     with both; the VAE decodes 512² in 2.80 s without phases, 2.83 with them."""
-    bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
-                                         and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-    return bf16 and amx_bf16_tiles()
+    return math_dtype(x) == torch.bfloat16 and amx_bf16_tiles()
 
 
 class MatmulConv2d(nn.Conv2d):

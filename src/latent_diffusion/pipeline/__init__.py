@@ -112,8 +112,8 @@ class Pipeline(LatentDiffusion):
         UNet at fp32 or bf16, tensors only (a ControlNet's residuals and IP-Adapter's tokens need PyTorch), and
         no LoRA applied on the fly (a fused one is in the weights, hence in the graph's key), and a cache holding
         some converted graph (else openvino is not even imported)."""
-        from latent_diffusion.inference.openvino import default_cache_dir, holds_graphs
-        return (self.device.type == "cpu" and self.precision in ("fp32", "bf16") and openvino_installed()
+        from latent_diffusion.inference.openvino import HINTS, default_cache_dir, holds_graphs
+        return (self.device.type == "cpu" and self.precision in HINTS and openvino_installed()
                 and self.config.backbone == "unet" and self.config.unet.adm_in_channels is None
                 and all(v is None or isinstance(v, torch.Tensor) for v in kwargs.values())
                 and not self.loras.on_the_fly() and (self._auto is not None or holds_graphs(default_cache_dir())))
