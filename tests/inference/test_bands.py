@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from latent_diffusion.autoencoder import AutoencoderKL, Decoder, Encoder, PixelSpace, pixel_space_config
-from latent_diffusion.inference.bands import RowBands, inference_bands, use_bands
+from latent_diffusion.inference.bands import RowBands, group_stats, inference_bands, norm_silu_rows, use_bands
 from latent_diffusion.inference.precision import store_weights
 from latent_diffusion.runtime import autocast
 
@@ -58,11 +58,12 @@ def test_bands_store_activations_in_bf16_with_fp32_math():
 def test_bands_as_the_pipeline_runs_them_are_within_bf16_rounding_of_the_fp32_forward(math):
     """bf16 weights (`store_weights`), the math in fp32 (weights cast layer by layer) or bf16 (autocast), and
     `inference_bands` for the CPU, as `Pipeline` runs `--precision bf16`: within bf16's rounding of the fp32 forward
-    of the same weights (bf16 math alone, without bands, rounds as much)."""
+    of the same weights, and (bf16 math) within 1.5× the error of the plain forward at bf16 math, without bands."""
     model = random_autoencoder(ch_mult=(1, 2, 2), resolution=32, attn_resolutions=(16,))
     reference = copy.deepcopy(model)
     for p in reference.parameters():
         p.data = p.data.bfloat16().float()
+    plain = store_weights(copy.deepcopy(reference), torch.bfloat16, torch.bfloat16)
     store_weights(model, torch.bfloat16, torch.float32 if math == "fp32" else torch.bfloat16)
     use_bands(model, inference_bands(torch.device("cpu"), torch.bfloat16))
     x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -71,9 +72,50 @@ def test_bands_as_the_pipeline_runs_them_are_within_bf16_rounding_of_the_fp32_fo
         expected = reference.encode(x).mean, reference.decode(z)
         with autocast(torch.device("cpu"), math):
             encoded, decoded = model.encode(x).mean, model.decode(z)
+        with autocast(torch.device("cpu"), "bf16"):
+            bf16_math = plain.encode(x).mean, plain.decode(z)
     assert decoded.dtype == torch.bfloat16
-    assert 0 < relative_error(encoded, expected[0]) < 2e-2
-    assert 0 < relative_error(decoded, expected[1]) < 2e-2
+    for out, bf16_out, exact in zip((encoded, decoded), bf16_math, expected):
+        assert 0 < relative_error(out, exact) < 2e-2
+        if math == "bf16":
+            assert relative_error(out, exact) < 1.5 * relative_error(bf16_out, exact)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_statistics_over_bands_are_the_whole_tensors(dtype, layout):
+    """(mean, 1/std) per sample and group, over bands of one row up to the whole height, in two fp32 passes (fp32
+    activations) or one pass of PyTorch's GroupNorm kernel per band (bf16): those of the whole tensor in fp64,
+    for groups whose mean is several times their deviation."""
+    norm = torch.nn.GroupNorm(4, 32, eps=1e-6)
+    generator = torch.Generator().manual_seed(0)
+    offsets = torch.randn(2, 32, 1, 1, generator=generator) * 4
+    x = (torch.randn(2, 32, 9, 7, generator=generator) + offsets).to(dtype).contiguous(memory_format=layout)
+    exact = x.double().reshape(2, 4, -1)
+    mean = exact.mean(-1)
+    rstd = (exact.var(-1, unbiased=False) + norm.eps).rsqrt()
+    for rows in (1, 4, 9):
+        stats = group_stats(x, norm, rows)
+        assert all(s.dtype == torch.float32 and s.shape == (2, 4) for s in stats)
+        torch.testing.assert_close(stats[0].double(), mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stats[1].double(), rstd, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("math", ["fp32", "bf16"])
+def test_norm_silu_rows_are_silu_of_group_norm(math):
+    """rows(a, b) of bf16 activations: silu(GroupNorm(x)) of the whole tensor, sliced, in the math dtype (fp32, or
+    bf16 under autocast: one rounding of the fp32 result)."""
+    norm = randomised(torch.nn.GroupNorm(4, 32, eps=1e-6), 0)
+    generator = torch.Generator().manual_seed(1)
+    x = (torch.randn(2, 32, 10, 6, generator=generator) * 2 + 1).bfloat16().contiguous(
+        memory_format=torch.channels_last)
+    expected = torch.nn.functional.silu(norm(x.float()))
+    with torch.no_grad(), autocast(torch.device("cpu"), math):
+        rows_of = norm_silu_rows(x, norm, 3)
+        bands = [rows_of(a, min(a + 3, 10)) for a in range(0, 10, 3)]
+    assert all(band.dtype == (torch.bfloat16 if math == "bf16" else torch.float32) for band in bands)
+    tolerance = 1e-2 if math == "bf16" else 1e-5
+    torch.testing.assert_close(torch.cat(bands, dim=2).float(), expected.detach(), rtol=tolerance, atol=tolerance)
 
 
 def test_with_a_gradient_the_banded_autoencoder_runs_the_plain_forward():

@@ -9,13 +9,19 @@ from latent_diffusion.inference import conv
 
 @pytest.mark.parametrize("shape,bias", [((2, 6, 4, 5), True), ((1, 3, 1, 7), False), ((3, 5, 6, 6), True)])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_convolution_as_one_matmul_equals_the_direct_one(shape, bias, stride):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("weights_first", [0, 1 << 20])
+def test_convolution_as_one_matmul_equals_the_direct_one(shape, bias, stride, layout, weights_first, monkeypatch):
+    """NCHW, and channels-last (input and weights: the product in their memory order, the weights or the windows
+    as its first operand by the output's pixels), out in the input's layout."""
+    monkeypatch.setattr(conv, "NHWC_WEIGHTS_FIRST_PIXELS", weights_first)
     torch.manual_seed(0)
-    x, weight = torch.randn(shape), torch.randn(7, shape[1], 3, 3)
+    x = torch.randn(shape).contiguous(memory_format=layout)
+    weight = torch.randn(7, shape[1], 3, 3).contiguous(memory_format=layout)
     b = torch.randn(7) if bias else None
     expected = F.conv2d(x, weight, b, stride=stride, padding=1)
     got = conv.conv3x3_as_matmul(x, weight, b, stride)
-    assert got.shape == expected.shape and got.is_contiguous()
+    assert got.shape == expected.shape and got.is_contiguous(memory_format=layout)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 

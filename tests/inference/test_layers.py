@@ -165,12 +165,15 @@ def test_feed_forward_in_chunks_gives_the_whole_output_and_casts_stored_weights_
 @pytest.mark.parametrize("amx", [False, True])
 def test_bf16_on_amx_tiles_runs_channels_last_on_onednn_own_convolutions(every_fast_path, monkeypatch, amx):
     """Where bf16 runs on AMX tiles (the host rule, made to answer both ways here) the UNet is prepared
-    channels-last and the convolution paths step aside for oneDNN's kernels; elsewhere NCHW with the paths. The
-    same outputs within bf16's rounding either way."""
+    channels-last, upsampling by phases steps aside for oneDNN's kernels and the convolutions of few pixels go by
+    the channels-last matmul; elsewhere NCHW with both paths. The same outputs within bf16's rounding either way."""
     from latent_diffusion.inference import memory
     from latent_diffusion.runtime import autocast
     monkeypatch.setattr(layers, "amx_bf16_tiles", lambda: amx)
     monkeypatch.setattr(memory, "amx_bf16_tiles", lambda: amx)
+    every_fast_path["nhwc"] = 0
+    monkeypatch.setattr(conv, "_nhwc_conv3x3_as_matmul",
+                        _counted(conv._nhwc_conv3x3_as_matmul, every_fast_path, "nhwc"))
     cfg = tiny_unet_config(channel_mult=(1, 2, 2), attention_resolutions=(1, 2), num_res_blocks=2)
     plain = randomised(UNetModel(cfg), 0)
     prepared = prepare_for_inference(copy.deepcopy(plain), CPU, torch.bfloat16, torch.bfloat16)
@@ -180,5 +183,6 @@ def test_bf16_on_amx_tiles_runs_channels_last_on_onednn_own_convolutions(every_f
         expected = plain(x, t, context)
         with autocast(CPU, "bf16"):
             got = prepared(x, t, context).float()
-    assert (every_fast_path["matmul"] > 0, every_fast_path["phases"] > 0) == (not amx, not amx)
+    assert every_fast_path["matmul"] > 0 and (every_fast_path["nhwc"] > 0) == amx
+    assert (every_fast_path["phases"] > 0) == (not amx)
     assert (got - expected).norm() < 2e-2 * expected.norm()
