@@ -125,7 +125,8 @@ def test_bf16_weights_convert_as_stored():
 @needs_openvino
 def test_auto_backend_measures_both_then_runs_the_faster(tmp_path):
     """auto: PyTorch while no graph is cached; with one, three calls on each backend (the first of each warms up),
-    then the faster by the figures, which later processes read from the cache."""
+    then the faster by the figures, which later processes read from the cache: always a pair measured in one
+    process."""
     from latent_diffusion.inference.auto import AutoUNet
     from latent_diffusion.inference.openvino import OpenVINOUNet
     unet = tiny_unet()
@@ -168,6 +169,13 @@ def test_auto_backend_measures_both_then_runs_the_faster(tmp_path):
         assert bool(auto.openvino.requests) == (faster == "openvino")
     entry.write_text(json.dumps({**record, "software": "an older version"}))  # figures of other software: none
     assert OpenVINOUNet(unet, "fp32", tmp_path).seconds(x, t, context=context) == {}
+
+    entry.write_text(json.dumps({**record, "seconds": {"torch-fp32": 1e-6}}))  # one figure: measured afresh
+    auto = AutoUNet(eager, OpenVINOUNet(unet, "fp32", tmp_path), "fp32")
+    for _ in range(6):
+        auto(x, t, context=context)
+    figures = json.loads(entry.read_text())["seconds"]
+    assert set(figures) == {"torch-fp32", "openvino-fp32"} and figures["torch-fp32"] > 1e-6  # this process's pair
 
 
 @needs_openvino

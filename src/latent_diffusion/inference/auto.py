@@ -5,9 +5,11 @@ AMD host, more than a whole 20-step image saves, and a machine with 8 GB cannot 
 converts on its own: converting is the user's choice (`--backend openvino`, once; the graph is then in the cache,
 `openvino.default_cache_dir`). Where a call's graph is in the cache, the first calls of its signature measure both
 backends (`MEASURED` calls each after one that warms up: OpenVINO's first loads its compiled blob; every one of
-them is a real step of the job), and each later call runs the faster, by the shortest time seen. The figures are kept with the graph (`seconds.json`), so a
-later process decides at once; on hosts where OpenVINO is slower (SD 1.5 in fp32 on a CPU with AMX, where our
-eager UNet is ahead) PyTorch keeps the calls.
+them is a real step of the job), and each later call runs the faster, by the shortest time each had. The two
+figures are kept with the graph (`seconds.json`), so a later process decides at once; they are always a pair
+measured in one process (a quiet moment's figure for one backend never stands against a busy moment's for the
+other), and a new version of our package, PyTorch or OpenVINO measures afresh. On hosts where OpenVINO is slower
+(SD 1.5 in fp32 on a CPU with AMX, where our eager UNet is ahead) PyTorch keeps the calls.
 """
 
 from __future__ import annotations
@@ -35,15 +37,17 @@ class AutoUNet:
         self.ready: dict[tuple, bool] = {}  # signature → its graph is in the cache (asked once per signature)
         self.figures: dict[tuple, dict[str, float]] = {}  # signature → shortest seconds per call, by key
         self.calls: dict[tuple[tuple, str], int] = {}  # (signature, backend) → calls made in this process
-        self.settled: set[tuple] = set()  # signatures whose figures for both came from an earlier process
+        self.settled: set[tuple] = set()  # signatures whose figures for both are known: no more measuring
         self.told: set[tuple] = set()  # signatures whose choice has been logged
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs: torch.Tensor | None) -> torch.Tensor:
         signature = signature_of(x, t, kwargs)
         if signature not in self.ready:
             self.ready[signature] = self.openvino.ready(x, t, **kwargs)
-            self.figures[signature] = self.openvino.seconds(x, t, **kwargs) if self.ready[signature] else {}
-            if set(self.keys.values()) <= set(self.figures[signature]):
+            known = self.openvino.seconds(x, t, **kwargs) if self.ready[signature] else {}
+            complete = set(self.keys.values()) <= set(known)
+            self.figures[signature] = known if complete else {}  # else both measured here, afresh
+            if complete:
                 self.settled.add(signature)
         if not self.ready[signature]:
             return self.eager(x, t, **kwargs)
@@ -59,9 +63,10 @@ class AutoUNet:
         seconds = time.perf_counter() - start
         made = self.calls[signature, backend] = self.calls.get((signature, backend), 0) + 1
         key = self.keys[backend]
-        if made > 1 and seconds < self.figures[signature].get(key, float("inf")):  # the first call warms up
-            self.figures[signature][key] = seconds
-            self.openvino.record_seconds(x, t, kwargs, key, seconds)
+        if signature not in self.settled and made > 1 and seconds < figures.get(key, float("inf")):
+            figures[key] = seconds  # a measuring call (the first of each backend warms up)
+            if set(self.keys.values()) <= set(figures):
+                self.openvino.record_seconds(x, t, kwargs, figures)
         return out
 
     def choose(self, signature: tuple) -> str:

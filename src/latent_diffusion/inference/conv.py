@@ -39,12 +39,12 @@ def conv3x3_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 def _nhwc_conv3x3_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                             stride: int = 1) -> torch.Tensor:
     """`conv3x3_as_matmul` of channels-last `x` and weights, in their own memory order: the (C_out, kh, kw, C_in)
-    weights are a (C_out, 9·C_in) matrix as they lie, and the windows are gathered pixel by pixel, (B·H'·W', 9·C_in),
-    so that the product comes out channels-last. oneDNN reorders a convolution's weights for AMX tiles at every call,
-    which costs more than the product where pixels are few (SD's 8×8 level, batch 2, 2-core Xeon with AMX: 2560 →
-    1280 channels 26 ms direct, 4.8 here; its 16×16 level 1920 → 1280, 27 against 15). The larger operand goes
-    first: the weights up to `NHWC_WEIGHTS_FIRST_PIXELS` output pixels (2.1 against 3.0 ms at 1280 channels, 128
-    pixels), the windows beyond (9.2 against 16 at 512)."""
+    weights are a (C_out, 9·C_in) matrix as they lie, and the windows are gathered pixel by pixel,
+    (B·H'·W', 9·C_in), so that the product comes out channels-last. oneDNN reorders a convolution's weights for
+    AMX tiles at every call, which costs more than the product where pixels are few (SD's 8×8 level, batch 2,
+    2-core Xeon with AMX: 2560 → 1280 channels 26 ms direct, 4.8 here; its 16×16 level 1920 → 1280, 27 against
+    15). The larger operand goes first: the weights up to `NHWC_WEIGHTS_FIRST_PIXELS` output pixels (2.1 against
+    3.0 ms at 1280 channels, 128 pixels), the windows beyond (9.2 against 16 at 512)."""
     b, c, h, w = x.shape
     out_channels, oh, ow = weight.shape[0], strided(h, stride), strided(w, stride)
     padded = F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1)  # (B, H + 2, W + 2, C): a view, channels-last

@@ -30,10 +30,11 @@ def eager_cpu_inference(x: torch.Tensor) -> bool:
 
 
 def onednn_direct(x: torch.Tensor) -> bool:
-    """Whether `x` is convolved in bf16 on AMX tiles (bf16 tensors or bf16 autocast, `precision.amx_bf16_tiles`),
-    where oneDNN's own kernels beat both paths below at every size measured: SD 1.5's UNet (batch 2, 64² latents,
-    channels-last, 2-core Xeon with AMX) takes 1.82 s with neither path, 2.01 with the phase path alone and 2.22
-    with both; the VAE decodes 512² in 2.80 s without phases, 2.83 with them."""
+    """Whether `x` is convolved in bf16 on AMX tiles (bf16 tensors or bf16 autocast, `precision.amx_bf16_tiles`).
+    There oneDNN's own kernels beat upsampling by phases (SD 1.5's UNet, batch 2, 64² latents, channels-last,
+    2-core Xeon with AMX: 1.82 s without the phase path, 2.01 with it; the VAE decodes 512² in 2.80 s without,
+    2.83 with) and NCHW convolutions as matmuls; channels-last ones of few pixels still go by their matmul
+    (`MatmulConv2d`)."""
     return math_dtype(x) == torch.bfloat16 and amx_bf16_tiles()
 
 

@@ -19,9 +19,10 @@ def channels_last_on_cpu(module: nn.Module, device: torch.device) -> nn.Module:
 
 def unet_channels_last(module: nn.Module, device: torch.device, math: torch.dtype) -> nn.Module:
     """A UNet channels-last where its convolutions run in bf16 on AMX tiles (`precision.amx_bf16_tiles`): there
-    oneDNN's NHWC kernels are the fastest at every level of SD's UNet (with `layers.onednn_direct`: batch 2,
-    64² latents, 2.00 → 1.82 s on a 2-core Xeon with AMX). Elsewhere the UNet keeps NCHW, for which the CPU
-    paths of `layers.py` were tuned."""
+    oneDNN's NHWC kernels are the fastest where pixels are many (with `layers.onednn_direct`: batch 2, 64²
+    latents, 2.00 → 1.82 s on a 2-core Xeon with AMX), and the 8×8 and 16×16 levels' convolutions go by
+    channels-last matmuls (`layers.MatmulConv2d`). Elsewhere the UNet keeps NCHW, for which the CPU paths of
+    `layers.py` were tuned first."""
     if device.type == "cpu" and math == torch.bfloat16 and amx_bf16_tiles():
         return module.to(memory_format=torch.channels_last)
     return module

@@ -108,17 +108,18 @@ class OpenVINOUNet:
             return {}
         return record.get("seconds", {}) if record.get("software") == self._software() else {}
 
-    def record_seconds(self, x: torch.Tensor, t: torch.Tensor, kwargs: dict, backend: str, seconds: float) -> None:
-        """Keep `seconds` per call of `backend` (e.g. "torch-bf16") for this signature in its cache entry, where the
-        entry exists (written whole: a reader never sees half a file)."""
+    def record_seconds(self, x: torch.Tensor, t: torch.Tensor, kwargs: dict, figures: dict[str, float]) -> None:
+        """Keep `figures`, seconds per call by backend and precision (e.g. {"torch-bf16": 1.9, ...}), for this
+        signature in its cache entry, where the entry exists, in place of any there (written whole: a reader never
+        sees half a file)."""
         if self.cache_dir is None:
             return
         folder = self._entry(signature_of(x, t, kwargs))
         if not (folder / "unet.xml").is_file():
             return
-        figures = {**self.seconds(x, t, **kwargs), backend: round(seconds, 4)}
+        rounded = {key: round(seconds, 4) for key, seconds in figures.items()}
         tmp = folder / f".seconds.{os.getpid()}.json"
-        tmp.write_text(json.dumps({"software": self._software(), "seconds": figures}, sort_keys=True))
+        tmp.write_text(json.dumps({"software": self._software(), "seconds": rounded}, sort_keys=True))
         os.replace(tmp, folder / "seconds.json")
 
     def _software(self) -> str:
