@@ -48,7 +48,7 @@ class MatmulConv2d(nn.Conv2d):
     instead of 34. Where pixels are many the direct kernels win (≥ 1.5× at 32×32): `conv.MATMUL_MAX_PIXELS`.
     In bf16 on AMX tiles (`onednn_direct`) only channels-last inputs and weights go by the product (its
     channels-last form), which spares oneDNN's reordering of the weights at every call: SD 1.5's UNet (batch 2,
-    64² latents, 2-core Xeon with AMX) 1.84 → 1.62 s."""
+    64² latents, 2-core Xeon with AMX) 1.96 → 1.80 s, the path switched off and on in one process."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.as_matmul(x):
