@@ -7,6 +7,11 @@
 fp32 weights; --dtype bf16 runs the step under bf16 autocast (as `training.precision: bf16` does). The
 SD-shaped models are too large to hold two of (with their optimizer state) in memory: each implementation is
 timed in its own process, one after the other, instead of alternating.
+
+On a CPU our trainers set the C heap to keep freed memory for reuse (`runtime.reuse_freed_memory`), and so does
+this script for ours; diffusers runs as its users get it, and again ("diffusers, freed memory reused") with the
+same setting, to show what is the allocator's and what the network's. The shapes model's two run in one process,
+so both get the setting there.
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ from roofline import matmul_rate  # noqa: E402
 from unet import as_impl, random_unet  # noqa: E402
 
 from latent_diffusion.config import LDMRunConfig, UNetConfig, load_config  # noqa: E402
+from latent_diffusion.runtime import reuse_freed_memory  # noqa: E402
 
 IMPLS = ("ours", "diffusers")
+REUSED = "diffusers, freed memory reused"  # diffusers in a process with the C heap set as our trainers set it
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {"batch": 64, "size": 16, "tokens": 20}
 SD15 = {"batch": 2, "size": 32, "tokens": 77}
@@ -76,17 +83,24 @@ def step_flops(model: str, name: str, device: str) -> int:
 def separate(args, model: str, name: str) -> dict[str, list[float]]:
     """Time each implementation in its own process (the SD-shaped model and its optimizer fill the memory)."""
     times = {}
-    for impl in IMPLS:
+    for label, impl in {**{impl: impl for impl in IMPLS}, REUSED: "diffusers"}.items():
+        reuse = ["--reuse-freed-memory"] if label in ("ours", REUSED) else []
         proc = subprocess.run([sys.executable, __file__, "--impl", impl, "--model", model, "--dtype", name,
-                               "--repeats", str(args.repeats), "--device", args.device],
+                               "--repeats", str(args.repeats), "--device", args.device, *reuse],
                               capture_output=True, text=True, check=True)
-        times[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
+        times[label] = json.loads(proc.stdout.strip().splitlines()[-1])
     return times
 
 
 def main() -> None:
-    args = arguments(__doc__, lambda p: p.add_argument("--model", nargs="+", default=["shapes", "sd15"],
-                                                       choices=["shapes", "sd15"]))
+    def extra(p):
+        p.add_argument("--model", nargs="+", default=["shapes", "sd15"], choices=["shapes", "sd15"])
+        p.add_argument("--reuse-freed-memory", action="store_true", help="(with --impl) set the C heap as our "
+                       "trainers do on a CPU")
+
+    args = arguments(__doc__, extra)
+    if args.device == "cpu" and (args.reuse_freed_memory or not args.impl):
+        reuse_freed_memory()
     if args.impl:  # one implementation alone: print its step times as JSON
         step, _ = build(args.impl, args.model[0], args.dtype[0], args.device)
         step()

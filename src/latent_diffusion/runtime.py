@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 
 import torch
 
@@ -39,3 +41,30 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def reuse_freed_memory() -> bool:
+    """Have glibc's allocator keep the memory PyTorch frees on the CPU for the tensors that follow, rather than
+    return it to the operating system; whether it applied (glibc only: elsewhere nothing changes).
+
+    glibc serves each block above a threshold (32 MB at most) by a fresh `mmap` and unmaps it when freed, and
+    gives the heap's free top back beyond another; a training step that makes and frees the same large tensors
+    every time (activations, weight gradients, autocast's casts) then faults every page of them in anew, step
+    after step. SD 1.5's UNet, bf16 autocast step of batch 2 at 32² latents on a 2-core Xeon with AMX: 13.5–15.7 s
+    per step as glibc sets itself, 4.0–5.2 with this (`benchmarks/train_step.py`). The cost: what the process
+    once held stays held (its peak) until it ends or trims (`inference.memory.release_free_memory`). The
+    trainers call it on a CPU (`training.loop.distributed_context`)."""
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
+@functools.cache
+def _libc_function(name: str):
+    """glibc's function `name`, or None where the C library is not glibc (musl, macOS, Windows)."""
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None

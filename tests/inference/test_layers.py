@@ -166,14 +166,17 @@ def test_feed_forward_in_chunks_gives_the_whole_output_and_casts_stored_weights_
 def test_bf16_on_amx_tiles_runs_channels_last_on_onednn_own_convolutions(every_fast_path, monkeypatch, amx):
     """Where bf16 runs on AMX tiles (the host rule, made to answer both ways here) the UNet is prepared
     channels-last, upsampling by phases steps aside for oneDNN's kernels and the convolutions of few pixels go by
-    the channels-last matmul; elsewhere NCHW with both paths. The same outputs within bf16's rounding either way."""
+    the channels-last matmul and the transformer blocks' feed-forward and residuals go into oneDNN's products;
+    elsewhere NCHW with both paths. The same outputs within bf16's rounding either way."""
     from latent_diffusion.inference import memory
     from latent_diffusion.runtime import autocast
     monkeypatch.setattr(layers, "amx_bf16_tiles", lambda: amx)
     monkeypatch.setattr(memory, "amx_bf16_tiles", lambda: amx)
-    every_fast_path["nhwc"] = 0
+    every_fast_path["nhwc"] = every_fast_path["halves"] = 0
     monkeypatch.setattr(conv, "_nhwc_conv3x3_as_matmul",
                         _counted(conv._nhwc_conv3x3_as_matmul, every_fast_path, "nhwc"))
+    monkeypatch.setattr(ChunkedFeedForward, "geglu_by_halves",
+                        _counted(ChunkedFeedForward.geglu_by_halves, every_fast_path, "halves"))
     cfg = tiny_unet_config(channel_mult=(1, 2, 2), attention_resolutions=(1, 2), num_res_blocks=2)
     plain = randomised(UNetModel(cfg), 0)
     prepared = prepare_for_inference(copy.deepcopy(plain), CPU, torch.bfloat16, torch.bfloat16)
@@ -185,4 +188,45 @@ def test_bf16_on_amx_tiles_runs_channels_last_on_onednn_own_convolutions(every_f
             got = prepared(x, t, context).float()
     assert every_fast_path["matmul"] > 0 and (every_fast_path["nhwc"] > 0) == amx
     assert (every_fast_path["phases"] > 0) == (not amx)
+    assert (every_fast_path["halves"] > 0) == (amx and layers.linear_pointwise_available())
     assert (got - expected).norm() < 2e-2 * expected.norm()
+
+
+@pytest.mark.skipif(not layers.linear_pointwise_available(), reason="oneDNN has no bf16 products on this CPU")
+def test_transformer_block_on_amx_tiles_adds_in_the_products_as_accurately_as_the_plain_block(monkeypatch):
+    """Where bf16 products run on AMX tiles (the rule made to answer yes here) a prepared transformer block runs
+    the GEGLU by halves and adds its three residuals inside the products before them: no further from the fp32
+    block than the plain block in bf16 is. A hook on a layer it would call past (a LoRA's) sends it the plain way,
+    hook included; so do fp32 and gradients."""
+    from latent_diffusion.nn.attention import BasicTransformerBlock
+    monkeypatch.setattr(layers, "amx_bf16_tiles", lambda: True)
+    calls = {"halves": 0, "add": 0, "mul": 0}
+    monkeypatch.setattr(ChunkedFeedForward, "geglu_by_halves",
+                        _counted(ChunkedFeedForward.geglu_by_halves, calls, "halves"))
+    then = layers.onednn_linear_then
+    monkeypatch.setattr(layers, "onednn_linear_then", lambda *args: calls.update({args[3]: calls[args[3]] + 1})
+                        or then(*args))
+    monkeypatch.setattr(ChunkedFeedForward, "AMX_CHUNK_TOKENS", 16)  # 2 × 23 tokens: chunks of 16, 16, 14
+    torch.manual_seed(0)
+    reference = randomised(BasicTransformerBlock(64, 4, 16, context_dim=32), 0).eval()
+    plain = copy.deepcopy(reference).to(torch.bfloat16)
+    block = swap_inference_layers(copy.deepcopy(plain))
+    assert type(block) is layers.ResidualFusedTransformerBlock and type(block.ff) is ChunkedFeedForward
+    x, context = torch.randn(2, 23, 64), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        expected = reference(x, context)
+        plain_error = (plain(x.bfloat16(), context.bfloat16()).float() - expected).norm()
+        got = block(x.bfloat16(), context.bfloat16())
+    assert calls == {"halves": 1, "add": 2 + 3, "mul": 3}  # the attentions' two, the feed-forward's three chunks
+    assert got.dtype == torch.bfloat16 and (got.float() - expected).norm() <= 1.5 * plain_error + 1e-3
+
+    hook = block.attn2.to_out[0].register_forward_hook(lambda module, args, out: out + 1)  # e.g. a LoRA's
+    with torch.no_grad():
+        hooked = block(x.bfloat16(), context.bfloat16()).float()
+        assert calls["add"] == 5 and calls["halves"] == 2  # the block the plain way, its feed-forward by halves
+        assert (hooked - got.float() - 1).abs().max() < 0.1
+        hook.remove()
+        block.float()(x, context)  # fp32: the plain forward throughout
+    assert calls["halves"] == 2
+    trained = block(x, context)  # with gradients: the plain forward
+    assert calls["halves"] == 2 and torch.allclose(trained, plain.float()(x, context), atol=1e-5)

@@ -33,6 +33,11 @@ class CrossAttention(nn.Module):
                 extra_context: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """x (B, N, D), context (B, L, Dc), mask (B, L) bool with True = attend; `extra_context` holds the tokens
         (B, L', D') of the `streams` by name (a stream without tokens in this call adds nothing)."""
+        return self.to_out(self.attend(x, context, mask, extra_context))  # (B, N, D)
+
+    def attend(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+               extra_context: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The heads' outputs side by side, before `to_out`: (B, N, h·d)."""
         context = x if context is None else context
         b, n, _ = x.shape
         q, k, v = (self._heads(t) for t in (self.to_q(x), self.to_k(context), self.to_v(context)))  # (B, h, ·, d)
@@ -43,7 +48,7 @@ class CrossAttention(nn.Module):
             if tokens is not None:
                 k, v = self._heads(stream.to_k(tokens)), self._heads(stream.to_v(tokens))
                 out = out + stream.scale * F.scaled_dot_product_attention(q, k, v)
-        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))  # (B, N, D)
+        return out.transpose(1, 2).reshape(b, n, -1)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         """(B, L, h·d) → (B, h, L, d)."""

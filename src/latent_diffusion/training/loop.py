@@ -16,7 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from latent_diffusion.config import TrainConfig
-from latent_diffusion.runtime import check_precision, resolve_device
+from latent_diffusion.runtime import check_precision, resolve_device, reuse_freed_memory
 from latent_diffusion.training.common import learning_rate, set_learning_rate
 from latent_diffusion.training.distributed import DistributedContext, index_batches
 from latent_diffusion.training.faults import NonFiniteGuard, StopSignals
@@ -73,9 +73,11 @@ class LatentCacheSteps:
 
 def distributed_context(device: str, cfg: TrainConfig) -> DistributedContext:
     """This process's place in a (torchrun) run, on `device` ("auto", "cpu", "cuda", ...), checked for the
-    configured precision."""
+    configured precision; on a CPU, the C heap set to keep freed memory for reuse (`runtime.reuse_freed_memory`)."""
     ctx = DistributedContext.from_env(resolve_device(device))
     check_precision(cfg.precision, ctx.device)
+    if ctx.device.type == "cpu":
+        reuse_freed_memory()
     return ctx
 
 
