@@ -1,4 +1,5 @@
-"""Device and precision, chosen by the caller at run time (how inference then stores and computes: `inference/`)."""
+"""Device and precision, chosen by the caller at run time (how inference then stores and computes: `inference/`),
+and the C heap's behaviour where the process runs on a CPU."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def reuse_freed_memory() -> bool:
     per step as glibc sets itself, 4.0–5.2 with this (`benchmarks/train_step.py`). The cost: what the process
     once held stays held (its peak) until it ends or trims (`inference.memory.release_free_memory`). The
     trainers call it on a CPU (`training.loop.distributed_context`)."""
-    mallopt = _libc_function("mallopt")
+    mallopt = libc_function("mallopt")
     if mallopt is None:
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
@@ -62,7 +63,7 @@ def reuse_freed_memory() -> bool:
 
 
 @functools.cache
-def _libc_function(name: str):
+def libc_function(name: str):
     """glibc's function `name`, or None where the C library is not glibc (musl, macOS, Windows)."""
     try:
         return getattr(ctypes.CDLL("libc.so.6"), name)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from latent_diffusion.inference.memory import _malloc_trim, release_free_memory
+from latent_diffusion.inference.memory import release_free_memory
+from latent_diffusion.runtime import libc_function
 
 
 def _resident_mib() -> float:
@@ -12,7 +13,7 @@ def _resident_mib() -> float:
 
 
 def test_free_heap_holes_go_back_to_the_system():
-    if _malloc_trim() is None:
+    if libc_function("malloc_trim") is None:
         pytest.skip("not glibc: nothing to trim")
     blocks = [torch.ones(16 * 1024) for _ in range(6400)]  # 64 KiB each, from the C heap: 400 MiB
     del blocks[::2]  # 200 MiB of holes between live blocks: freed, yet resident

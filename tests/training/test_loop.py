@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from latent_diffusion.config import TrainConfig
+from latent_diffusion.runtime import libc_function
 from latent_diffusion.training import loop
 from latent_diffusion.training.distributed import DistributedContext
 from latent_diffusion.training.faults import NonFiniteGuard, StopSignals
@@ -174,8 +175,7 @@ print(resident_mib() - before)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None,
-                    reason="glibc's allocator only")
+@pytest.mark.skipif(libc_function("mallopt") is None, reason="glibc's allocator only")
 def test_cpu_training_keeps_freed_memory_for_the_next_tensors(monkeypatch):
     """A large block freed goes back to the system as glibc sets itself (the next step faults it in anew), and
     stays for reuse once the trainers have set the heap (each in a fresh process: the setting is the process's);

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import ctypes
-import functools
-
 import torch
 from torch import nn
 
 from latent_diffusion.inference.precision import amx_bf16_tiles
+from latent_diffusion.runtime import libc_function
 
 
 def channels_last_on_cpu(module: nn.Module, device: torch.device) -> nn.Module:
@@ -36,14 +34,6 @@ def release_free_memory() -> None:
     the UNet's activations ~550 MiB that the VAE's differently sized ones do not reuse; `LatentDiffusion` trims
     before sampling and before decoding (~30 ms), which takes its bf16 text-to-image peak from 3,270–3,293 MiB
     to 2,928–3,100."""
-    trim = _malloc_trim()
+    trim = libc_function("malloc_trim")
     if trim is not None:
         trim(0)
-
-
-@functools.cache
-def _malloc_trim():
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc: musl, macOS, Windows
-        return None
