@@ -41,6 +41,11 @@ def onednn_direct(x: torch.Tensor) -> bool:
     return math_dtype(x) == torch.bfloat16 and amx_bf16_tiles()
 
 
+def hooked(*layers: nn.Module) -> bool:
+    """Whether any of `layers` carries forward hooks (a LoRA's): a fast path that calls past a layer must not."""
+    return any(layer._forward_pre_hooks or layer._forward_hooks for layer in layers)
+
+
 @functools.cache
 def linear_pointwise_available() -> bool:
     """Whether this PyTorch and CPU have oneDNN's bf16 linear with fused bias and element-wise operations
@@ -116,8 +121,7 @@ class PhaseUpsampling:
     def by_phases(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> bool:
         """Whether this call goes by `upsampled_conv3x3`."""
         doubles = size is None or tuple(size) == (2 * x.shape[2], 2 * x.shape[3])
-        hooked = self.conv._forward_pre_hooks or self.conv._forward_hooks
-        return (doubles and not hooked and eager_cpu_inference(x) and not onednn_direct(x)
+        return (doubles and not hooked(self.conv) and eager_cpu_inference(x) and not onednn_direct(x)
                 and x.shape[0] * x.shape[2] * x.shape[3] >= PHASES_MIN_PIXELS)
 
 
@@ -155,7 +159,7 @@ class ChunkedFeedForward(FeedForward):
         geglu, down = self.net[0], self.net[2]
         return (not self.training and eager_cpu_inference(x) and onednn_direct(x) and linear_pointwise_available()
                 and dense_bf16(x, geglu.proj.weight, down.weight)
-                and not any(layer._forward_pre_hooks or layer._forward_hooks for layer in self.net.modules()))
+                and not hooked(*self.net.modules()))
 
     def geglu_by_halves(self, x: torch.Tensor, chunk: int, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The feed-forward of `x` (tokens, D), `chunk` tokens at a time, with the GEGLU's projection as two
@@ -209,7 +213,7 @@ class ResidualFusedTransformerBlock(BasicTransformerBlock):
                     self.attn2.to_out[0], self.ff)
         return (isinstance(self.ff, ChunkedFeedForward) and self.ff.by_halves(x)
                 and dense_bf16(self.attn1.to_out[0].weight, self.attn2.to_out[0].weight)
-                and not any(layer._forward_pre_hooks or layer._forward_hooks for layer in bypassed))
+                and not hooked(*bypassed))
 
     @staticmethod
     def _out(attention: nn.Module, heads: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
