@@ -3,7 +3,11 @@ steps, guidance 7.5, one image, end to end (tokenize, encode, 20 guided UNet ste
 (`Pipeline`) against diffusers' `StableDiffusionPipeline` reading the same random weights, which our converter
 writes as a diffusers folder.
 
-    python benchmarks/generate.py [--dtype bf16] [--repeats 1] [--steps 20]
+    python benchmarks/generate.py [--dtype bf16] [--repeats 1] [--steps 20] [--compile]
+
+`--compile` adds diffusers' pipeline with its UNet and its VAE's decoder under torch.compile (Inductor, freezing:
+the peers of `unet.py --compile` and `vae.py --compile`); its first call compiles, so then each implementation has
+one untimed call before the timed ones (else none: a first call's set-up counts, as a user meets it).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from latent_diffusion.formats.model import ModelParts  # noqa: E402
 from latent_diffusion.pipeline import Pipeline  # noqa: E402
 
 IMPLS = ("ours", "diffusers")
+COMPILED = "diffusers + torch.compile"
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 
 
@@ -54,6 +59,8 @@ def build(impl: str, name: str, device: str, steps: int, folder: Path):
                                                                  requires_safety_checker=False).to(device)
         pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
+        if impl == COMPILED:
+            pipe.unet, pipe.vae.decoder = torch.compile(pipe.unet), torch.compile(pipe.vae.decoder)
 
         def call():
             return pipe(PROMPT, num_inference_steps=steps, guidance_scale=7.5, output_type="pt",
@@ -66,20 +73,27 @@ def main() -> None:
         p.add_argument("--steps", type=int, default=20)
         p.add_argument("--folder", default=None,
                        help="where to write the diffusers copy of the weights (default: a temporary folder)")
+        p.add_argument("--compile", action="store_true",
+                       help="also diffusers' pipeline with its UNet and VAE decoder under torch.compile (freezing)")
 
     args = arguments(__doc__, extra, int8=True)
     args.dtype = args.dtype if args.dtype != ["fp32", "bf16"] else ["bf16"]
     if args.peak:
         measure_peak(build(args.impl, args.dtype[0], args.device, args.steps, Path(args.folder)))
         return
+    if args.compile:  # inference: Inductor folds the weights in as constants and prepacks them for oneDNN
+        import torch._inductor.config
+        torch._inductor.config.freezing = True
     print(f"text to image, SD 1.5 architecture, 512², {args.steps} DPM-Solver++ steps, w = 7.5 — {machine()}")
     figures = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.folder or tmp)
         write_diffusers(sd15_parts(), folder)
         for name in args.dtype:
-            calls = {impl: build(impl, name, args.device, args.steps, folder) for impl in IMPLS}
-            times = alternate(calls, args.repeats, warmup=0)
+            impls = IMPLS + ((COMPILED,) if args.compile else ())
+            calls = {impl: build(impl, name, args.device, args.steps, folder) for impl in impls}
+            # the first call of the compiled pipeline compiles it: with --compile each gets one untimed call first
+            times = alternate(calls, args.repeats, warmup=1 if args.compile else 0)
             figures[name] = {"rows": table(f"text to image {name}", times,
                                            peaks(args, __file__, IMPLS, "--dtype", name, "--steps", str(args.steps),
                                                  "--folder", str(folder)))}

@@ -2,8 +2,15 @@
 # Every benchmark, one after the other, on whatever device torch finds (CUDA when present, else the CPU); JSON
 # figures go to benchmarks/results/<host kind>/<date>/ (`harness.host_kind`: cuda-<gpu>, cpu-amx,
 # cpu-<vendor>-avx512bf16, ...), so that a figure names the kind of host it holds on.
-# Usage: bash benchmarks/run_all.sh [extra flags for every script, e.g. --repeats 2 --compile]
+# Usage: bash benchmarks/run_all.sh [--compile] [flags for every script, e.g. --repeats 2 --threads 2]
+# --compile adds the torch.compile rows to the scripts that have them (unet.py, breakdown.py, vae.py, generate.py).
 set -euo pipefail
+compile=()
+common=()
+for arg in "$@"; do
+    if [[ $arg == --compile ]]; then compile=(--compile); else common+=("$arg"); fi
+done
+set -- ${common[@]+"${common[@]}"}
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
 kind=$($PY -c 'import sys; sys.path.insert(0, "benchmarks"); from harness import host_kind; print(host_kind())')
@@ -15,9 +22,10 @@ else
     dtypes=(fp32 bf16 int8)
 fi
 $PY benchmarks/roofline.py --json "$out/roofline.json" "$@"
-$PY benchmarks/unet.py --dtype "${dtypes[@]}" --json "$out/unet.json" "$@"
-$PY benchmarks/vae.py --json "$out/vae.json" "$@"
+$PY benchmarks/unet.py --dtype "${dtypes[@]}" --json "$out/unet.json" ${compile[@]+"${compile[@]}"} "$@"
+$PY benchmarks/breakdown.py --dtype bf16 --json "$out/breakdown.json" ${compile[@]+"${compile[@]}"} "$@"
+$PY benchmarks/vae.py --json "$out/vae.json" ${compile[@]+"${compile[@]}"} "$@"
 $PY benchmarks/text.py --json "$out/text.json" "$@"
 $PY benchmarks/train_step.py --json "$out/train_step.json" "$@"
-$PY benchmarks/generate.py --dtype "${dtypes[@]}" --json "$out/generate.json" "$@"
+$PY benchmarks/generate.py --dtype "${dtypes[@]}" --json "$out/generate.json" ${compile[@]+"${compile[@]}"} "$@"
 echo "figures in $out"
