@@ -20,14 +20,19 @@ pytest.importorskip("torchao")
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("flags,mode", [({"amx_int8": True}, "dynamic"), ({"avx512_vnni": True}, "dynamic"),
+AMX = {"amx_bf16": True, "amx_int8": True, "avx512_vnni": True}  # an AMX Xeon's flags, as far as the rule reads
+
+
+@pytest.mark.parametrize("flags,mode", [(AMX, "weight"), ({"avx512_vnni": True}, "dynamic"),
                                         ({"avx_vnni": True}, "dynamic"), ({"avx512f": True}, "weight"), ({}, "weight")])
-def test_the_kind_follows_the_hosts_int8_instructions(flags, mode, monkeypatch):
+def test_the_kind_follows_the_hosts_matrix_instructions(flags, mode, monkeypatch):
     monkeypatch.delenv("LDM_INT8_MODE", raising=False)
     assert int8_mode(CPU, flags) == mode
     assert int8_mode(torch.device("cuda"), flags) == "dynamic"
     monkeypatch.setenv("LDM_INT8_MODE", "weight")
-    assert int8_mode(CPU, {"amx_int8": True}) == "weight"
+    assert int8_mode(CPU, {"avx512_vnni": True}) == "weight"
+    monkeypatch.setenv("LDM_INT8_MODE", "dynamic")
+    assert int8_mode(CPU, AMX) == "dynamic"
     monkeypatch.setenv("LDM_INT8_MODE", "int4")
     with pytest.raises(ValueError, match="LDM_INT8_MODE = 'int4': expected one of dynamic, weight"):
         int8_mode(CPU, flags)

@@ -416,7 +416,7 @@ def _add_generate_command(sub) -> None:
                    help="bf16/fp16: weights in that dtype (half the memory); bf16 math on GPUs and on CPUs with AMX "
                         "bf16 tiles, else fp32 math (LDM_CPU_BF16_MATH=1/0 decides instead); fp16 is for GPUs; "
                         "int8: as bf16, with the UNet's and text encoder's linear layers in int8 (torchao; int8 "
-                        "products where the CPU has VNNI or AMX, else weight-only: LDM_INT8_MODE=dynamic/weight)")
+                        "products where the CPU has VNNI but no AMX, else weight-only: LDM_INT8_MODE=dynamic/weight)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"],
                    help="run the UNet in PyTorch (torch) or OpenVINO (openvino: CPU, pip install openvino; converts "
                         "the UNet once and keeps it in a cache); auto (default): PyTorch, or OpenVINO where its "
