@@ -22,7 +22,7 @@ from pathlib import Path
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import arguments, machine, write_json  # noqa: E402
+from harness import arguments, inductor_freezing, machine, write_json  # noqa: E402
 from unet import build  # noqa: E402
 
 WIDTHS = {320: "64²", 640: "32²"}  # SD 1.5's channels per level (1280: 16² or 8², by tokens)
@@ -93,8 +93,7 @@ def main() -> None:
     args = arguments(__doc__, extra)
     print(f"Where the UNet forward's time goes, SD 1.5, batch 2, 64×64 latents — {machine()}")
     if args.compile:
-        import torch._inductor.config
-        torch._inductor.config.freezing = True
+        inductor_freezing()
     figures = {}
     for name in args.dtype:
         impls = {"ours": build("ours", name, args.device)[1], "diffusers": build("diffusers", name, args.device)[1]}

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import DTYPES, alternate, arguments, machine, measure_peak, peaks, table, write_json  # noqa: E402
+from harness import (DTYPES, alternate, arguments, inductor_freezing, machine, measure_peak, peaks,  # noqa: E402
+                     table, write_json)
 from unet import random_unet  # noqa: E402
 
 from latent_diffusion.autoencoder import AutoencoderKL  # noqa: E402
@@ -81,9 +82,8 @@ def main() -> None:
     if args.peak:
         measure_peak(build(args.impl, args.dtype[0], args.device, args.steps, Path(args.folder)))
         return
-    if args.compile:  # inference: Inductor folds the weights in as constants and prepacks them for oneDNN
-        import torch._inductor.config
-        torch._inductor.config.freezing = True
+    if args.compile:
+        inductor_freezing()
     print(f"text to image, SD 1.5 architecture, 512², {args.steps} DPM-Solver++ steps, w = 7.5 — {machine()}")
     figures = {}
     with tempfile.TemporaryDirectory() as tmp:

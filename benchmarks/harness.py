@@ -49,6 +49,13 @@ def at_dtype(model: torch.nn.Module, ours: bool, dtype: torch.dtype, device: str
     return model, torch.float32, (lambda: autocast(dev, math)) if math != "fp32" else contextlib.nullcontext
 
 
+def inductor_freezing() -> None:
+    """What `--compile` measures, at inference: Inductor folds the weights in as constants and prepacks them for
+    oneDNN (freezing), as a user compiling for inference would have it."""
+    import torch._inductor.config
+    torch._inductor.config.freezing = True
+
+
 def machine() -> str:
     """CPU model and core count (or the GPU), thread count, torch version, date, and on a CPU the host kind:
     its bf16-relevant flags and the math precision the rule picks for bf16 weights (`inference/precision.py`)."""

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import (DTYPES, alternate, arguments, at_dtype, machine, measure_peak, peaks, table,  # noqa: E402
-                     write_json)
+from harness import (DTYPES, alternate, arguments, at_dtype, inductor_freezing, machine, measure_peak,  # noqa: E402
+                     peaks, table, write_json)
 
 from latent_diffusion.config import UNetConfig  # noqa: E402
 from latent_diffusion.formats.diffusers_config import unet_config_to_diffusers  # noqa: E402
@@ -152,9 +152,8 @@ def main() -> None:
                        help="leave these out (four SD UNets and two OpenVINO copies do not fit in 24 GB)")
 
     args = arguments(__doc__, extra, int8=True)
-    if args.compile:  # inference: let Inductor fold the weights in as constants and prepack them for oneDNN
-        import torch._inductor.config
-        torch._inductor.config.freezing = True
+    if args.compile:
+        inductor_freezing()
     if args.peak:
         _, call = build(args.impl, args.dtype[0], args.device)
         if args.impl in OPENVINO:

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import (DTYPES, alternate, arguments, at_dtype, machine, measure_peak, peaks, table,  # noqa: E402
-                     write_json)
+from harness import (DTYPES, alternate, arguments, at_dtype, inductor_freezing, machine, measure_peak,  # noqa: E402
+                     peaks, table, write_json)
 
 from latent_diffusion.autoencoder import AutoencoderKL  # noqa: E402
 from latent_diffusion.config import AutoencoderConfig  # noqa: E402
@@ -113,9 +113,8 @@ def main() -> None:
     args = arguments(__doc__, extra)
     if args.tile and (args.compile or args.openvino):
         raise SystemExit("--tile: only ours and diffusers decode in tiles (leave out --compile and --openvino)")
-    if args.compile:  # inference: let Inductor fold the weights in as constants and prepack them for oneDNN
-        import torch._inductor.config
-        torch._inductor.config.freezing = True
+    if args.compile:
+        inductor_freezing()
     impls = IMPLS + tuple(peer for flag, peer in PEERS.items() if getattr(args, flag))
     if args.peak:
         call = build(args.impl, args.op[0], DTYPES[args.dtype[0]], args.device, args.size, args.tile, args.whole)
