@@ -3,7 +3,8 @@
 # figures go to benchmarks/results/<host kind>/<date>/ (`harness.host_kind`: cuda-<gpu>, cpu-amx,
 # cpu-<vendor>-avx512bf16, ...), so that a figure names the kind of host it holds on.
 # Usage: bash benchmarks/run_all.sh [--compile] [flags for every script, e.g. --repeats 2 --threads 2]
-# --compile adds the torch.compile rows to the scripts that have them (unet.py, breakdown.py, vae.py, generate.py).
+# --compile adds the torch.compile rows to the scripts that have them (unet.py, breakdown.py, vae.py, generate.py),
+# and the Inductor backend's row (AOTInductor, compiled into its cache once) to unet.py.
 set -euo pipefail
 compile=()
 common=()
@@ -22,7 +23,7 @@ else
     dtypes=(fp32 bf16 int8)
 fi
 $PY benchmarks/roofline.py --json "$out/roofline.json" "$@"
-$PY benchmarks/unet.py --dtype "${dtypes[@]}" --json "$out/unet.json" ${compile[@]+"${compile[@]}"} "$@"
+$PY benchmarks/unet.py --dtype "${dtypes[@]}" --json "$out/unet.json" ${compile[@]+"${compile[@]}" --inductor} "$@"
 $PY benchmarks/breakdown.py --dtype bf16 --json "$out/breakdown.json" ${compile[@]+"${compile[@]}"} "$@"
 $PY benchmarks/vae.py --json "$out/vae.json" ${compile[@]+"${compile[@]}"} "$@"
 $PY benchmarks/text.py --json "$out/text.json" "$@"

@@ -1,7 +1,7 @@
 """UNet forward, Stable Diffusion v1.5 configuration (860 M parameters): batch 2 (classifier-free guidance),
 64×64×4 latents, 77×768 context; ours against diffusers' UNet2DConditionModel with the same (random) weights.
 
-    python benchmarks/unet.py [--dtype fp32 bf16 int8] [--repeats 3] [--compile] [--openvino]
+    python benchmarks/unet.py [--dtype fp32 bf16 int8] [--repeats 3] [--compile] [--openvino] [--inductor]
 
 Prints median seconds per forward, peer/ours ratios, peak memory and the max abs difference of the outputs; for
 bf16 and int8 (ours with int8 linear layers, `--precision int8`; peers at bf16) after fp32, ours' relative error
@@ -12,6 +12,8 @@ The batch is one latent under two conditions, as classifier-free guidance has it
 the row before has converted the graph into the cache, eager or OpenVINO as measured faster in this run, any
 figures an earlier run left dropped) and, as the peer, diffusers' UNet converted by `openvino.convert_model`,
 compiled for the CPU at the inference precision of --dtype.
+`--inductor` adds our UNet on the Inductor backend (`--backend inductor`: compiled ahead of time with freezing, the
+package read from its cache or compiled into it before the timing, as a later process finds it).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from latent_diffusion.unet import UNetModel  # noqa: E402
 
 IMPLS = ("ours", "diffusers")
 OPENVINO = ("ours + openvino", "ours, auto", "openvino")  # --openvino: our backends, and the peer (diffusers' in OpenVINO)
+INDUCTOR = ("ours + inductor",)  # --inductor: our UNet compiled ahead of time (`--backend inductor`)
 
 
 def random_unet(cfg: UNetConfig) -> UNetModel:
@@ -119,11 +122,29 @@ def build_openvino(impl: str, name: str):
     return runner, call
 
 
+def build_inductor(name: str, device: str):
+    """(runner, call): our UNet as `--backend inductor` runs it, prepared as `Pipeline` prepares it, its package
+    read from the cache (`compiled.default_cache_dir`) or compiled into it on the first call."""
+    from latent_diffusion.inference.compiled import default_cache_dir
+    from latent_diffusion.inference.inductor import InductorUNet
+    module, input_dtype, _ = at_dtype(random_unet(UNetConfig()), True, DTYPES[name], device)
+    runner = InductorUNet(module, name, default_cache_dir("inductor"))
+    x, t, context = inputs(device, input_dtype)
+
+    @torch.inference_mode()
+    def call():
+        return runner(x, t, context=context)
+
+    return runner, call
+
+
 def build(impl: str, name: str, device: str, compile_: bool = False):
     """(module, call) for one implementation at --dtype `name`, weights from the same seeded random init of ours."""
     dtype = DTYPES[name]
     if impl in OPENVINO:
         return build_openvino(impl, name)
+    if impl in INDUCTOR:
+        return build_inductor(name, device)
     cfg = UNetConfig()
     model = as_impl(impl, cfg, random_unet(cfg), 64).to(device).eval()
     ours = impl.startswith("ours") and not compile_
@@ -148,6 +169,8 @@ def main() -> None:
                        help="also time torch.compile of each (Inductor, with freezing: weights prepacked)")
         p.add_argument("--openvino", action="store_true",
                        help="also time our UNet on the OpenVINO backend and diffusers' UNet under OpenVINO")
+        p.add_argument("--inductor", action="store_true",
+                       help="also time our UNet on the Inductor backend (compiled ahead of time, kept in its cache)")
         p.add_argument("--skip", nargs="+", default=[], choices=IMPLS[1:] + OPENVINO,
                        help="leave these out (four SD UNets and two OpenVINO copies do not fit in 24 GB)")
 
@@ -156,19 +179,21 @@ def main() -> None:
         inductor_freezing()
     if args.peak:
         _, call = build(args.impl, args.dtype[0], args.device)
-        if args.impl in OPENVINO:
+        if args.impl in OPENVINO + INDUCTOR:
             call()  # converts and compiles: a one-off, like building the model, not part of the peak
         measure_peak(call)
         return
     print(f"UNet forward, SD 1.5, batch 2, 64×64 latents — {machine()}")
     figures, reference = {}, None
     for name in args.dtype:
-        impls = tuple(i for i in IMPLS + (OPENVINO if args.openvino else ()) if i not in args.skip)
+        compiled = (OPENVINO if args.openvino else ()) + (INDUCTOR if args.inductor else ())
+        compiled = compiled if name != "int8" else ()  # int8 runs on PyTorch only
+        impls = tuple(i for i in IMPLS + compiled if i not in args.skip)
         peak = peaks(args, __file__, impls, "--dtype", name)  # first, while this process holds no model
         calls = {}
         for impl in impls:
             calls[impl] = build(impl, name, args.device)[1]
-            if args.compile and impl not in OPENVINO:
+            if args.compile and impl not in OPENVINO + INDUCTOR:
                 calls[f"{impl} + torch.compile"] = build(impl, name, args.device, compile_=True)[1]
         outputs = {impl: fn() for impl, fn in calls.items()}
         times = alternate(calls, args.repeats, warmup=0)  # the outputs above were the warm-up

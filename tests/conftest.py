@@ -10,9 +10,10 @@ import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may be downloaded: every model here is built in the test or bundled
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-# OpenVINO graphs converted by tests go to a cache of this run's own, never the user's: backend "auto" (the default)
-# then finds only what a test converted
+# OpenVINO graphs and Inductor packages compiled by tests go to caches of this run's own, never the user's: backend
+# "auto" (the default) then finds only what a test compiled
 os.environ["LDM_OPENVINO_CACHE"] = tempfile.mkdtemp(prefix="ldm-openvino-test-")
+os.environ["LDM_INDUCTOR_CACHE"] = tempfile.mkdtemp(prefix="ldm-inductor-test-")
 
 import numpy as np
 import pytest

@@ -35,10 +35,10 @@ def test_openvino_unet_matches_pytorch():
     fp32 = OpenVINOUNet(unet, "fp32")
     got = fp32(x, t, context=context, context_mask=mask)
     assert got.shape == expected.shape and (got - expected).abs().max() < 1e-4
-    assert len(fp32.requests) == 1
+    assert len(fp32.compiled) == 1
     fp32(x, t, context=context, context_mask=mask)  # the same signature: compiled once
     no_mask = fp32(x, t, context=context, context_mask=None)  # a new signature: compiled again
-    assert len(fp32.requests) == 2 and (no_mask - unet(x, t, context=context).detach()).abs().max() < 1e-4
+    assert len(fp32.compiled) == 2 and (no_mask - unet(x, t, context=context).detach()).abs().max() < 1e-4
     bf16 = OpenVINOUNet(unet, "bf16")(x, t, context=context, context_mask=mask)
     assert (bf16 - expected).abs().max() < 0.05 * expected.abs().max()
 
@@ -103,7 +103,8 @@ def test_bf16_weights_convert_as_stored():
     """A bf16 UNet converts with its bf16 weights (half the graph) and gives PyTorch's bf16 outputs."""
     import openvino
 
-    from latent_diffusion.inference.openvino import OpenVINOUNet, _Positional
+    from latent_diffusion.inference.compiled import Positional
+    from latent_diffusion.inference.openvino import OpenVINOUNet
     unet = tiny_unet()
     x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 700.0]), torch.randn(2, 5, 24)
     with torch.no_grad():
@@ -116,7 +117,7 @@ def test_bf16_weights_convert_as_stored():
         eager = unet(x.bfloat16(), t, context=context.bfloat16()).float()
     rounding = (eager - expected).norm()  # what bf16 weights and math cost in PyTorch (1.6 % here)
     assert got.dtype == torch.float32 and (got - expected).norm() < 2 * rounding  # measured 1.4×
-    graph = openvino.convert_model(_Positional(unet, ("context",), torch.bfloat16), example_input=(x, t, context))
+    graph = openvino.convert_model(Positional(unet, ("context",), torch.bfloat16), example_input=(x, t, context))
     constants = [op for op in graph.get_ops() if op.get_type_name() == "Constant"]
     assert sum(op.get_output_element_type(0) == openvino.Type.bf16 for op in constants) >= len(
         list(unet.parameters()))
@@ -138,18 +139,18 @@ def test_auto_backend_measures_both_then_runs_the_faster(tmp_path):
         with torch.no_grad():
             return unet(x, t, **kwargs)
 
-    auto = AutoUNet(eager, OpenVINOUNet(unet, "fp32", tmp_path), "fp32")
+    auto = AutoUNet(eager, [OpenVINOUNet(unet, "fp32", tmp_path)], "fp32")
     for _ in range(3):
         auto(x, t, context=context)
-    assert ran == ["torch"] * 3 and not auto.openvino.requests  # nothing cached: never converted
+    assert ran == ["torch"] * 3 and not auto.backends["openvino"].compiled  # nothing cached: never converted
     OpenVINOUNet(unet, "fp32", tmp_path)(x, t, context=context)  # the user converts once (--backend openvino)
 
     ran.clear()
-    auto = AutoUNet(eager, OpenVINOUNet(unet, "fp32", tmp_path), "fp32")  # a new process
+    auto = AutoUNet(eager, [OpenVINOUNet(unet, "fp32", tmp_path)], "fp32")  # a new process
     outputs = [auto(x, t, context=context) for _ in range(6)]
-    assert ran == ["torch"] * 3 and len(auto.openvino.requests) == 1  # then three times on OpenVINO
+    assert ran == ["torch"] * 3 and len(auto.backends["openvino"].compiled) == 1  # then three times on OpenVINO
     assert (outputs[5] - outputs[0]).abs().max() < 1e-4
-    figures = auto.openvino.seconds(x, t, context=context)
+    figures = auto.backends["openvino"].seconds(x, t, context=context)
     assert set(figures) == {"torch-fp32", "openvino-fp32"} and all(v > 0 for v in figures.values())
     faster = "openvino" if figures["openvino-fp32"] < figures["torch-fp32"] else "torch"
     before = len(ran)
@@ -162,16 +163,16 @@ def test_auto_backend_measures_both_then_runs_the_faster(tmp_path):
         record = json.loads(entry.read_text())
         entry.write_text(json.dumps({**record, "seconds": {f"{faster}-fp32": 0.01, f"{slower}-fp32": 1.0}}))
         ran.clear()
-        auto = AutoUNet(eager, OpenVINOUNet(unet, "fp32", tmp_path), "fp32")
+        auto = AutoUNet(eager, [OpenVINOUNet(unet, "fp32", tmp_path)], "fp32")
         for _ in range(3):
             auto(x, t, context=context)
         assert ran == (["torch"] * 3 if faster == "torch" else [])
-        assert bool(auto.openvino.requests) == (faster == "openvino")
+        assert bool(auto.backends["openvino"].compiled) == (faster == "openvino")
     entry.write_text(json.dumps({**record, "software": "an older version"}))  # figures of other software: none
     assert OpenVINOUNet(unet, "fp32", tmp_path).seconds(x, t, context=context) == {}
 
     entry.write_text(json.dumps({**record, "seconds": {"torch-fp32": 1e-6}}))  # one figure: measured afresh
-    auto = AutoUNet(eager, OpenVINOUNet(unet, "fp32", tmp_path), "fp32")
+    auto = AutoUNet(eager, [OpenVINOUNet(unet, "fp32", tmp_path)], "fp32")
     for _ in range(6):
         auto(x, t, context=context)
     figures = json.loads(entry.read_text())["seconds"]
@@ -193,9 +194,9 @@ def test_auto_pipeline_runs_pytorch_for_what_openvino_cannot_take(tmp_path, shap
     torch_images = Pipeline.from_pretrained(tmp_path, device="cpu", backend="torch").generate_tensors("a", **kwargs)
     auto = Pipeline.from_pretrained(tmp_path, device="cpu")
     assert auto.backend == "auto" and torch.equal(auto.generate_tensors("a", **kwargs), torch_images)
-    assert not auto.openvino_unet().requests
+    assert not auto.compiled_unet("openvino").compiled
     Pipeline.from_pretrained(tmp_path, device="cpu", backend="openvino").generate_tensors("a", **kwargs)
-    assert auto._openvino_may_run({"context": torch.zeros(1)})
-    assert not auto._openvino_may_run({"residuals": object()})  # a ControlNet's
+    assert auto._compiled_may_run({"context": torch.zeros(1)})
+    assert not auto._compiled_may_run({"residuals": object()})  # a ControlNet's
     int8 = Pipeline.from_pretrained(tmp_path, device="cpu", precision="int8")
-    assert not int8._openvino_may_run({"context": torch.zeros(1)})
+    assert not int8._compiled_may_run({"context": torch.zeros(1)})

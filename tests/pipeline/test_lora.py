@@ -1,6 +1,6 @@
 """LoRAs on a Pipeline: the images diffusers draws with the same LoRA files and weights; fusing, unfusing and
 unloading restore exactly; the hooks reach every layer the inference classes compute another way; bf16 storage;
-the OpenVINO backend; models without CLIP take UNet LoRAs only."""
+the compiled backends; models without CLIP take UNet LoRAs only."""
 
 from __future__ import annotations
 
@@ -168,40 +168,45 @@ def test_loras_on_a_bf16_pipeline(model):
     assert max_diff(outputs(pipe), plain) == 0
 
 
-def test_the_openvino_backend_keeps_loras_fused_and_compiles_the_unet_again(model):
-    pytest.importorskip("openvino")
+@pytest.mark.parametrize("backend", ["openvino", "inductor"])
+def test_compiled_backends_keep_loras_fused_and_compile_the_unet_again(model, backend):
+    if backend == "openvino":
+        pytest.importorskip("openvino")
     parts, _, files = model
-    pipe = Pipeline.from_parts(parts, device="cpu", backend="openvino")
+    pipe = Pipeline.from_parts(parts, device="cpu", backend=backend)
     original = weights(pipe)
-    pipe._openvino = "compiled from the weights without the LoRA"
+    pipe._compiled[backend] = "compiled from the weights without the LoRA"
     pipe.load_lora(files["kohya"])
-    assert pipe._openvino is None and all(a.fused for a in pipe.loras.loaded["kohya"].adapters)
+    assert not pipe._compiled and all(a.fused for a in pipe.loras.loaded["kohya"].adapters)
     assert not same_weights(pipe, original)
-    with pytest.raises(ValueError, match="backend 'openvino' runs the UNet compiled with its weights: its LoRAs "
+    with pytest.raises(ValueError, match=f"backend '{backend}' runs the UNet compiled with its weights: its LoRAs "
                                          "stay fused"):
         pipe.unfuse_lora()
-    pipe._openvino = "compiled from the weights with the LoRA"
+    pipe._compiled[backend] = "compiled from the weights with the LoRA"
     pipe.unload_lora()
-    assert pipe._openvino is None and same_weights(pipe, original)
+    assert not pipe._compiled and same_weights(pipe, original)
 
 
 def test_backend_auto_keeps_on_the_fly_loras_on_pytorch(model, tmp_path, monkeypatch):
     """Hooks cannot reach a compiled graph: with a LoRA applied on the fly, auto runs every call in PyTorch; fused,
-    the LoRA is in the weights (hence in the cached graph's key) and OpenVINO may run again. With no graph in the
-    cache at all, auto does not even look (nor import openvino)."""
+    the LoRA is in the weights (hence in the cached graph's key) and the compiled backends may run again. With no
+    graph in a backend's cache at all, auto does not even look (nor import its compiler)."""
     parts, _, files = model
     pipe = Pipeline.from_parts(parts, device="cpu")
     context = {"context": torch.zeros(1)}
-    monkeypatch.setenv("LDM_OPENVINO_CACHE", str(tmp_path))
-    assert pipe.backend == "auto" and not pipe._openvino_may_run(context)  # an empty cache
-    (tmp_path / "a-graph").mkdir()
-    (tmp_path / "a-graph" / "unet.xml").touch()  # some graph (of other weights: `ready` tells them apart)
-    assert pipe._openvino_may_run(context) == (importlib.util.find_spec("openvino") is not None)
+    for backend in ("openvino", "inductor"):
+        monkeypatch.setenv(f"LDM_{backend.upper()}_CACHE", str(tmp_path / backend))
+    assert pipe.backend == "auto" and pipe._compiled_may_run(context) == ()  # empty caches
+    compiled = ("openvino",) if importlib.util.find_spec("openvino") is not None else ()
+    for backend, artefact in (("openvino", "unet.xml"), ("inductor", "unet.pt2")):
+        (tmp_path / backend / "a-graph").mkdir(parents=True)
+        (tmp_path / backend / "a-graph" / artefact).touch()  # some graph (of other weights: `ready` tells them apart)
+    compiled += ("inductor",)
+    assert pipe._compiled_may_run(context) == compiled
     pipe.load_lora(files["kohya"])
-    assert pipe.loras.on_the_fly() and not pipe._openvino_may_run(context)
+    assert pipe.loras.on_the_fly() and pipe._compiled_may_run(context) == ()
     pipe.fuse_lora()
-    assert not pipe.loras.on_the_fly() and pipe._openvino_may_run(context) == (
-        importlib.util.find_spec("openvino") is not None)
+    assert not pipe.loras.on_the_fly() and pipe._compiled_may_run(context) == compiled
 
 
 def test_loras_are_named_and_unloaded_by_name(model):

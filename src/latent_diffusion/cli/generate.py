@@ -417,10 +417,12 @@ def _add_generate_command(sub) -> None:
                         "bf16 tiles, else fp32 math (LDM_CPU_BF16_MATH=1/0 decides instead); fp16 is for GPUs; "
                         "int8: as bf16, with the UNet's and text encoder's linear layers in int8 (torchao; int8 "
                         "products where the CPU has VNNI but no AMX, else weight-only: LDM_INT8_MODE=dynamic/weight)")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino"],
-                   help="run the UNet in PyTorch (torch) or OpenVINO (openvino: CPU, pip install openvino; converts "
-                        "the UNet once and keeps it in a cache); auto (default): PyTorch, or OpenVINO where its "
-                        "graph is in that cache and measured faster on this machine")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "openvino", "inductor"],
+                   help="run the UNet in PyTorch (torch), OpenVINO (openvino: CPU, pip install openvino) or compiled "
+                        "ahead of time by Inductor (inductor: CPU or GPU, needs g++; at the precision the weights "
+                        "are kept in); both compile the UNet once (minutes) and keep it in a cache; auto (default): "
+                        "PyTorch, or a compiled backend where its graph is in that cache and measured faster on this "
+                        "machine")
     p.add_argument("--vae-tile", type=int, default=0, metavar="N",
                    help="decode in overlapping N×N latent tiles (e.g. 64) so that large images fit in memory; "
                         "0 (default): decode whole")

@@ -1,7 +1,8 @@
 """The inference layer: every speed and memory technique of this package, applied to a network from outside by
 one call (`prepare_for_inference`), each tested against the network's plain forward; and the UNet's execution
-backends: PyTorch ("torch"), OpenVINO ("openvino", `openvino.py`), or either, as measured ("auto", the default,
-`auto.py`).
+backends: PyTorch ("torch"), OpenVINO ("openvino", `openvino.py`), AOTInductor ("inductor", `inductor.py`), or
+whichever is measured fastest among PyTorch and those whose compiled graph is cached ("auto", the default,
+`auto.py`; what the compiled ones share: `compiled.py`).
 
     conv.py       3×3 convolutions as matmuls, ×2 upsampling + convolution by phases (functions of tensors)
     layers.py     the networks' layers that use them at eager CPU inference, swapped in by class
@@ -13,22 +14,23 @@ backends: PyTorch ("torch"), OpenVINO ("openvino", `openvino.py`), or either, as
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-
 import torch
 from torch import nn
 
 from latent_diffusion.autoencoder import AutoencoderKL
 from latent_diffusion.inference.bands import inference_bands, use_bands
+from latent_diffusion.inference.compiled import CompiledUNet
+from latent_diffusion.inference.inductor import InductorUNet
 from latent_diffusion.inference.int8 import quantize_convolutions, quantize_linears
 from latent_diffusion.inference.layers import swap_inference_layers
 from latent_diffusion.inference.memory import channels_last_on_cpu, unet_channels_last
-from latent_diffusion.inference.openvino import HINTS
+from latent_diffusion.inference.openvino import OpenVINOUNet
 from latent_diffusion.inference.precision import store_weights
 from latent_diffusion.unet import UNetModel
 
-BACKENDS = ("auto", "torch", "openvino")
+# the backends that compile the UNet with its weights, by name
+COMPILED: dict[str, type[CompiledUNet]] = {backend.name: backend for backend in (OpenVINOUNet, InductorUNet)}
+BACKENDS = ("auto", "torch", *COMPILED)
 
 
 def prepare_for_inference(module: nn.Module, device: torch.device, storage: torch.dtype = torch.float32,
@@ -54,21 +56,11 @@ def prepare_for_inference(module: nn.Module, device: torch.device, storage: torc
     return store_weights(module, storage, math)
 
 
-def check_backend(backend: str, device: torch.device, precision: str = "fp32") -> None:
-    """A clear error for an unknown backend or one that cannot run on `device` at `precision`."""
+def check_backend(backend: str, device: torch.device, precision: str = "fp32", math: str | None = None) -> None:
+    """A clear error for an unknown backend or one that cannot run on `device` at `precision`, computed at `math`
+    (default: `precision`)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend = {backend!r}: expected one of {', '.join(BACKENDS)}")
-    if backend != "openvino":
-        return
-    if device.type != "cpu":
-        raise ValueError(f"backend 'openvino' runs on the CPU; device is {device}")
-    if precision not in HINTS:
-        raise ValueError(f"backend 'openvino' runs fp32 or bf16, not --precision {precision}; use backend 'torch'")
-    if not openvino_installed():
-        raise ValueError("backend 'openvino' needs the openvino package: pip install openvino")
-
-
-@functools.cache
-def openvino_installed() -> bool:
-    """Whether the openvino package can be imported (looked up once)."""
-    return importlib.util.find_spec("openvino") is not None
+    problem = COMPILED[backend].problem(device, precision, math or precision) if backend in COMPILED else None
+    if problem is not None:
+        raise ValueError(problem)

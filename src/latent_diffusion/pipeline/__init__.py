@@ -23,9 +23,10 @@ from latent_diffusion.conditioning.image_prompt import cross_attention_layers, d
 from latent_diffusion.controlnet import ControlNet, ControlNetConfig
 from latent_diffusion.formats.controlnet import load_controlnet
 from latent_diffusion.formats.ip_adapter import load_image_prompt
-from latent_diffusion.inference import check_backend, openvino_installed, prepare_for_inference
+from latent_diffusion.inference import COMPILED, check_backend, prepare_for_inference
 from latent_diffusion.inference.int8 import int8_mode
-from latent_diffusion.inference.precision import store_weights
+from latent_diffusion.inference.compiled import default_cache_dir, holds_entries
+from latent_diffusion.inference.precision import math_precision, store_weights
 from latent_diffusion.pipeline.lora import PipelineLoRAs
 from latent_diffusion.pipeline import embeddings
 from latent_diffusion.pipeline.outputs import check_writable, image_paths, output_file
@@ -37,7 +38,7 @@ def _placement(device: str | torch.device, precision: str, backend: str) -> tupl
     """The device a pipeline runs on and the dtype it keeps its weights in, both checked."""
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     check_precision(precision, dev)
-    check_backend(backend, dev, precision)
+    check_backend(backend, dev, precision, math_precision(precision, dev))
     return dev, PRECISIONS[precision]
 
 
@@ -48,10 +49,10 @@ class Pipeline(LatentDiffusion):
                  ae_config: AutoencoderRunConfig, conditioner, device: torch.device,
                  precision: str = "fp32", backend: str = "auto"):
         super().__init__(config, unet, autoencoder, ae_config, conditioner, device, precision)
-        check_backend(backend, device, precision)
+        check_backend(backend, device, precision, self.math)
         self.backend = backend
-        self._openvino = None  # the UNet compiled by OpenVINO, made on first use
-        self._auto = None  # backend "auto": its choice between the two (`inference/auto.py`)
+        self._compiled = {}  # backend name → the UNet compiled by it (`inference/compiled.py`), made on first use
+        self._auto = None  # backend "auto": its choice among PyTorch and those (`inference/auto.py`)
         self.loras = PipelineLoRAs()  # the LoRA files applied (`load_lora`)
 
     @classmethod
@@ -59,9 +60,10 @@ class Pipeline(LatentDiffusion):
                         precision: str = "fp32", backend: str = "auto", **options) -> Pipeline:
         """Load a model in any format: a folder written by `ldm train`, a Stable Diffusion checkpoint file
         (.safetensors / .ckpt) or a diffusers folder; `options` go to the format's reader (see `load_model`).
-        `backend="openvino"` runs the UNet through OpenVINO (CPU; `inference/openvino.py`); "auto" (the default)
-        through PyTorch, or OpenVINO where its graph was converted once and is measured faster (`inference/auto.py`);
-        "torch" always through PyTorch. The weights are read
+        `backend="openvino"` runs the UNet through OpenVINO (CPU; `inference/openvino.py`), "inductor" compiled by
+        AOTInductor (`inference/inductor.py`); "auto" (the default) through PyTorch, or a compiled backend where its
+        graph was compiled once and is measured faster (`inference/auto.py`); "torch" always through PyTorch. The
+        weights are read
         straight onto the device and in the dtype they are kept in, each once (`load_model`)."""
         dev, storage = _placement(device, precision, backend)
         return cls.from_parts(load_model(path, dtype=storage, device=dev, **options), dev, precision, backend)
@@ -75,8 +77,8 @@ class Pipeline(LatentDiffusion):
         already in that dtype and on `device` become the modules' weights themselves, not copies."""
         dev, storage = _placement(device, precision, backend)
         cfg = parts.run_config()
-        if backend == "openvino" and (cfg.backbone != "unet" or cfg.unet.adm_in_channels is not None):
-            raise ValueError("backend 'openvino' compiles SD 1.x/2.x-style UNets; this model (a DiT, SDXL or SD3) "
+        if backend in COMPILED and (cfg.backbone != "unet" or cfg.unet.adm_in_channels is not None):
+            raise ValueError(f"backend {backend!r} compiles SD 1.x/2.x-style UNets; this model (a DiT, SDXL or SD3) "
                              "runs on backend 'torch'")
         unet, autoencoder, conditioner = parts.networks(dev, storage)
         ae_cfg = AutoencoderRunConfig(model=parts.autoencoder_config, data=DataConfig(resolution=parts.resolution))
@@ -90,33 +92,41 @@ class Pipeline(LatentDiffusion):
         return pipe
 
     def network(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
-        if self.backend == "openvino":
-            return self.openvino_unet()(x, t, **kwargs)
-        if self.backend == "auto" and self._openvino_may_run(kwargs):
-            openvino = self.openvino_unet()
-            if self._auto is None or self._auto.openvino is not openvino:
+        if self.backend in COMPILED:
+            if not all(v is None or isinstance(v, torch.Tensor) for v in kwargs.values()):
+                raise ValueError(f"backend {self.backend!r} runs a UNet compiled for tensor inputs; a ControlNet's or "
+                                 "T2I-Adapter's residuals need backend 'torch' (or 'auto')")
+            return self.compiled_unet(self.backend)(x, t, **kwargs)
+        names = self._compiled_may_run(kwargs) if self.backend == "auto" else ()
+        if names:
+            backends = [self.compiled_unet(name) for name in names]
+            if self._auto is None or list(self._auto.backends.values()) != backends:
                 from latent_diffusion.inference.auto import AutoUNet
-                self._auto = AutoUNet(super().network, openvino, self.precision)
+                self._auto = AutoUNet(super().network, backends, self.precision)
             return self._auto(x, t, **kwargs)
         return super().network(x, t, **kwargs)
 
-    def openvino_unet(self):
-        """The UNet compiled by OpenVINO at this pipeline's precision (made once, kept)."""
-        if self._openvino is None:
-            from latent_diffusion.inference.openvino import OpenVINOUNet, default_cache_dir
-            self._openvino = OpenVINOUNet(self.unet, self.precision, default_cache_dir(), PRECISIONS[self.math])
-        return self._openvino
+    def compiled_unet(self, backend: str):
+        """The UNet compiled by `backend` ("openvino", "inductor") at this pipeline's precision (made once, kept;
+        each signature compiled, or read from the backend's cache, on its first call)."""
+        if backend not in self._compiled:
+            self._compiled[backend] = COMPILED[backend](self.unet, self.precision, default_cache_dir(backend),
+                                                        PRECISIONS[self.math])
+        return self._compiled[backend]
 
-    def _openvino_may_run(self, kwargs: dict) -> bool:
-        """Whether backend "auto" may run this call on OpenVINO: a CPU with openvino installed, an SD 1.x/2.x-style
-        UNet at fp32 or bf16, tensors only (a ControlNet's residuals and IP-Adapter's tokens need PyTorch), and
-        no LoRA applied on the fly (a fused one is in the weights, hence in the graph's key), and a cache holding
-        some converted graph (else openvino is not even imported)."""
-        from latent_diffusion.inference.openvino import HINTS, default_cache_dir, holds_graphs
-        return (self.device.type == "cpu" and self.precision in HINTS and openvino_installed()
-                and self.config.backbone == "unet" and self.config.unet.adm_in_channels is None
-                and all(v is None or isinstance(v, torch.Tensor) for v in kwargs.values())
-                and not self.loras.on_the_fly() and (self._auto is not None or holds_graphs(default_cache_dir())))
+    def _compiled_may_run(self, kwargs: dict) -> tuple[str, ...]:
+        """The compiled backends that backend "auto" may run this call on: those that can run this pipeline
+        (`problem`: OpenVINO on a CPU with openvino installed; Inductor with a C++ compiler, at the precision the
+        weights are kept in), for an SD 1.x/2.x-style UNet, tensors only (a ControlNet's residuals and IP-Adapter's
+        tokens need PyTorch), no LoRA applied on the fly (a fused one is in the weights, hence in the graph's key),
+        and a cache holding some compiled graph of theirs (else the compiler is not even imported)."""
+        if (self.config.backbone != "unet" or self.config.unet.adm_in_channels is not None
+                or not all(v is None or isinstance(v, torch.Tensor) for v in kwargs.values())
+                or self.loras.on_the_fly()):
+            return ()
+        return tuple(name for name, backend in COMPILED.items()
+                     if backend.problem(self.device, self.precision, self.math) is None
+                     and (name in self._compiled or holds_entries(default_cache_dir(name), backend.artefact)))
 
     def check_adapter(self, what: str) -> None:
         """A clear error for an adapter of the SD 1.x/2.x UNet asked of an SDXL, SD3 or DiT model."""
@@ -163,8 +173,8 @@ class Pipeline(LatentDiffusion):
         prompts (`image_prompt=`) then steer the UNet's cross-attention at weight `scale`. Replaces one loaded
         before; a file for another model is a clear error (`formats/ip_adapter.py`)."""
         self.check_adapter("an IP-Adapter")
-        if self.backend == "openvino":
-            raise ValueError("IP-Adapter: the OpenVINO backend runs a UNet compiled without its layers; use "
+        if self.backend in COMPILED:
+            raise ValueError(f"IP-Adapter: backend {self.backend!r} runs a UNet compiled without its layers; use "
                              "backend 'torch'")
         self.unload_ip_adapter()
         prompt = load_image_prompt(path, image_encoder, self.unet, self.device, torch.float32, scale)

@@ -7,8 +7,9 @@ cost nothing per step and are unfused bit for bit. Every hook sits on a layer th
 call as a module: the inference layers (`inference/layers.py`) call their children, or take their plain path
 where a child carries hooks (`PhaseUpsampling.by_phases`), so no update is skipped.
 
-The OpenVINO backend runs the UNet as compiled from its weights, which hooks cannot reach: there every LoRA is
-kept fused and the compiled UNet is dropped after each change (compiled again on the next call).
+The compiled backends (OpenVINO, Inductor) run the UNet as compiled from its weights, which hooks cannot reach:
+there every LoRA is kept fused and the compiled UNet is dropped after each change (compiled again on the next
+call, or read from the cache, whose key is the weights' digest).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from latent_diffusion.conditioning.clip import ClipTextEncoder
+from latent_diffusion.inference import COMPILED
 from latent_diffusion.formats.lora import LoRAFile, read_lora
 from latent_diffusion.nn.lora import LoRA
 
@@ -52,7 +54,7 @@ class PipelineLoRAs:
         adapters = [LoRA.from_weights(model, layers, scale=weight)
                     for model, layers in ((pipe.unet, file.unet), (text_encoder, file.text_encoder)) if layers]
         self.loaded[name] = LoadedLoRA(name, file, weight, adapters)
-        if self.fused or pipe.backend == "openvino":
+        if self.fused or pipe.backend in COMPILED:
             self._fuse(adapters, pipe)
         return name
 
@@ -79,8 +81,8 @@ class PipelineLoRAs:
 
     def unfuse(self, pipe) -> None:
         """Put back the weights every fused LoRA replaced (bit for bit) and apply them on the fly again."""
-        if pipe.backend == "openvino":
-            raise ValueError("backend 'openvino' runs the UNet compiled with its weights: its LoRAs stay fused "
+        if pipe.backend in COMPILED:
+            raise ValueError(f"backend {pipe.backend!r} runs the UNet compiled with its weights: its LoRAs stay fused "
                              "(unload_lora() takes them off)")
         self._unfuse_all()
         self.fused = False
@@ -107,4 +109,4 @@ class PipelineLoRAs:
 
     @staticmethod
     def _recompile(pipe) -> None:
-        pipe._openvino = None  # compiled from the old weights (its disk cache is keyed by the weights' digest)
+        pipe._compiled.clear()  # compiled from the old weights (the disk caches are keyed by the weights' digest)
