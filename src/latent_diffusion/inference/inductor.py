@@ -16,7 +16,11 @@ Where it pays (2-core Xeon with AMX; `auto` measures it on each host and keeps P
 - not SD 1.5's UNet (batch 2, 64² latents, bf16): 1.97–2.03 s per call against eager's 1.60–1.67 and
   `torch.compile`'s 1.66–1.71 for the same graph in the same process; the difference is in oneDNN's kernels
   (0.4 s more per call, by `perf`), as the packaged runtime calls them. Compiling takes about 3 minutes, loading
-  the package 8–19 s.
+  the package 8–19 s. oneDNN's own timings put it in a few large products, sporadically: the 8,192 × 320 →
+  2,560 projection takes 15–17 ms per call under `torch.compile`, 19–364 ms in the package. With glibc's large
+  blocks kept in its heap (`runtime.reuse_freed_memory`) from before the package is loaded and before anything
+  else is allocated, the package ran at 1.42–1.45 s against eager's 1.54–1.68; set after the eager UNet was
+  built (as a pipeline would), it changed nothing (1.88). So memory placement, not the kernels; not pinned down.
 """
 
 from __future__ import annotations
