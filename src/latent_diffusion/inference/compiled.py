@@ -53,8 +53,8 @@ class Positional(nn.Module):
 class CompiledUNet:
     """Calls like the UNet — `(x, t, context=..., context_mask=..., class_labels=...)` → fp32 tensor — and runs it
     compiled, one compiled graph per signature, each kept in `cache_dir` (None: compiled in memory only). A
-    subclass names its backend (`name`, and `title` for people), the file that marks a complete cache entry (`artefact`), where it can
-    run (`problem`), and how it compiles (`_compile`) and writes an entry (`_write`)."""
+    subclass names its backend (`name`, and `title` for people), the file that marks a complete cache entry
+    (`artefact`), where it can run (`problem`), and how it compiles (`_compile`) and writes an entry (`_write`)."""
 
     name: str
     title: str

@@ -57,7 +57,8 @@ class InductorUNet(CompiledUNet):
                     f"weights compute in {math} (inference/precision.py): use --precision {math}, or backend 'torch'")
         compiler = os.environ.get("CXX") or "g++"
         if shutil.which(compiler) is None:
-            return f"backend 'inductor' compiles C++ and finds no compiler {compiler!r} (install g++, or name one in $CXX)"
+            return (f"backend 'inductor' compiles C++ and finds no compiler {compiler!r} (install g++, or name one "
+                    "in $CXX)")
         return None
 
     def __init__(self, module: nn.Module, precision: str = "fp32", cache_dir: str | os.PathLike | None = None,
