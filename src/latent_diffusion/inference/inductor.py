@@ -25,6 +25,7 @@ Where it pays (2-core Xeon with AMX; `auto` measures it on each host and keeps P
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
@@ -56,7 +57,7 @@ class InductorUNet(CompiledUNet):
             return (f"backend 'inductor' computes at the precision the weights are kept in; on this CPU {precision} "
                     f"weights compute in {math} (inference/precision.py): use --precision {math}, or backend 'torch'")
         compiler = os.environ.get("CXX") or "g++"
-        if shutil.which(compiler) is None:
+        if not _found(compiler):
             return (f"backend 'inductor' compiles C++ and finds no compiler {compiler!r} (install g++, or name one "
                     "in $CXX)")
         return None
@@ -101,3 +102,9 @@ class InductorUNet(CompiledUNet):
             warnings.simplefilter("ignore", FutureWarning)  # export's notes on its own internals
             program = torch.export.export(Positional(self.module, names, self.dtype), tuple(tensors))
             aoti_compile_and_package(program, package_path=str(folder / self.artefact))
+
+
+@functools.cache
+def _found(program: str) -> bool:
+    """Whether `program` is on the PATH (looked up once per name: `auto` asks at every UNet call)."""
+    return shutil.which(program) is not None
