@@ -3,11 +3,14 @@ steps, guidance 7.5, one image, end to end (tokenize, encode, 20 guided UNet ste
 (`Pipeline`) against diffusers' `StableDiffusionPipeline` reading the same random weights, which our converter
 writes as a diffusers folder.
 
-    python benchmarks/generate.py [--dtype bf16] [--repeats 1] [--steps 20] [--compile]
+    python benchmarks/generate.py [--dtype bf16] [--repeats 1] [--steps 20] [--compile] [--inductor]
 
 `--compile` adds diffusers' pipeline with its UNet and its VAE's decoder under torch.compile (Inductor, freezing:
 the peers of `unet.py --compile` and `vae.py --compile`); its first call compiles, so then each implementation has
-one untimed call before the timed ones (else none: a first call's set-up counts, as a user meets it).
+one untimed call before the timed ones (else none: a first call's set-up counts, as a user meets it). `--inductor`
+adds ours with `backend="inductor"` (its UNet package read from the cache, `LDM_INDUCTOR_CACHE`, or compiled into it
+before the timing: `unet.py --inductor` compiles the same one). Ours as it comes is `backend="auto"`: it runs a
+cached package where it measured it faster, so with a cached package the two rows of ours run the same UNet.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from latent_diffusion.pipeline import Pipeline  # noqa: E402
 
 IMPLS = ("ours", "diffusers")
 COMPILED = "diffusers + torch.compile"
+INDUCTOR = "ours + inductor"
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 
 
@@ -48,8 +52,9 @@ def sd15_parts() -> ModelParts:
 
 
 def build(impl: str, name: str, device: str, steps: int, folder: Path):
-    if impl == "ours":
-        pipe = Pipeline.from_parts(sd15_parts(), device=device, precision=name)
+    if impl in ("ours", INDUCTOR):
+        pipe = Pipeline.from_parts(sd15_parts(), device=device, precision=name,
+                                   backend="inductor" if impl == INDUCTOR else "auto")
 
         def call():
             return pipe.generate_tensors(PROMPT, steps=steps, guidance_scale=7.5, sampler="dpmpp_2m", seed=0,
@@ -76,6 +81,8 @@ def main() -> None:
                        help="where to write the diffusers copy of the weights (default: a temporary folder)")
         p.add_argument("--compile", action="store_true",
                        help="also diffusers' pipeline with its UNet and VAE decoder under torch.compile (freezing)")
+        p.add_argument("--inductor", action="store_true",
+                       help="also ours with backend='inductor' (the UNet's package from the cache, or compiled first)")
 
     args = arguments(__doc__, extra, int8=True)
     args.dtype = args.dtype if args.dtype != ["fp32", "bf16"] else ["bf16"]
@@ -90,8 +97,10 @@ def main() -> None:
         folder = Path(args.folder or tmp)
         write_diffusers(sd15_parts(), folder)
         for name in args.dtype:
-            impls = IMPLS + ((COMPILED,) if args.compile else ())
+            impls = IMPLS + ((COMPILED,) if args.compile else ()) + ((INDUCTOR,) if args.inductor else ())
             calls = {impl: build(impl, name, args.device, args.steps, folder) for impl in impls}
+            if args.inductor:
+                calls[INDUCTOR]()  # the package read (or compiled) here, not in the timing
             # the first call of the compiled pipeline compiles it: with --compile each gets one untimed call first
             times = alternate(calls, args.repeats, warmup=1 if args.compile else 0)
             figures[name] = {"rows": table(f"text to image {name}", times,

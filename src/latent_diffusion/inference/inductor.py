@@ -9,18 +9,19 @@ are reordered once into oneDNN's blocked layouts, where eager oneDNN reorders th
 turns it off), so a later process loads it instead of compiling. CPU or CUDA (not yet measured on a GPU), at the
 dtype the weights are kept in; it needs a C++ compiler (g++, or $CXX).
 
+On a CPU the package is run by AOTInductor's runner with its weights moved to memory aligned to 64 bytes
+(`CpuPackage`): the runtime copies them into one `std::malloc` block, which glibc aligns to 16 bytes, so every
+weight started 16 bytes past a cache line and oneDNN's AMX kernels read each row across two lines (SD 1.5's
+convolutions 1.5–3× slower than under `torch.compile`, the package 20 % behind eager).
+
 Where it pays (2-core Xeon with AMX; `auto` measures it on each host and keeps PyTorch where it does not):
 - the bundled shapes model (`models/ldm-shapes`), per UNet call: 0.019 s against eager's 0.057 in bf16, 0.032
   against 0.048 in fp32 (eager's time there is Python's, per layer; the package has none), after a compile of
   about a minute;
-- not SD 1.5's UNet (batch 2, 64² latents, bf16): 1.97–2.03 s per call against eager's 1.60–1.67 and
-  `torch.compile`'s 1.66–1.71 for the same graph in the same process; the difference is in oneDNN's kernels
-  (0.4 s more per call, by `perf`), as the packaged runtime calls them. Compiling takes about 3 minutes, loading
-  the package 8–19 s. oneDNN's own timings put it in a few large products, sporadically: the 8,192 × 320 →
-  2,560 projection takes 15–17 ms per call under `torch.compile`, 19–364 ms in the package. With glibc's large
-  blocks kept in its heap (`runtime.reuse_freed_memory`) from before the package is loaded and before anything
-  else is allocated, the package ran at 1.42–1.45 s against eager's 1.54–1.68; set after the eager UNet was
-  built (as a pipeline would), it changed nothing (1.88). So memory placement, not the kernels; not pinned down.
+- SD 1.5's UNet (batch 2, 64² latents, bf16): 1.489 s per call against eager's 1.651, our UNet under
+  `torch.compile` 1.590 and diffusers' under `torch.compile` 1.452, in one run of `benchmarks/unet.py`; 1.42–1.51
+  against diffusers' compiled 1.47–1.55 in processes of their own. Compiling takes about 3 minutes (a 1.7 GB
+  package), loading it 10–30 s.
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ import os
 import shutil
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from latent_diffusion.inference.compiled import CompiledUNet, Positional
+from latent_diffusion.runtime import reuse_freed_memory
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -85,14 +88,22 @@ class InductorUNet(CompiledUNet):
         return f"aoti {torch.__version__} {target}"
 
     def _compile(self, signature: tuple, names: tuple[str, ...], tensors: list[torch.Tensor]):
-        from torch._inductor import aoti_load_package
-
         if self.cache_dir is None:
             with tempfile.TemporaryDirectory() as tmp:
                 self._write(Path(tmp), names, tensors)
-                compiled = aoti_load_package(str(Path(tmp) / self.artefact))
-        else:
-            compiled = aoti_load_package(str(self._cached(signature, names, tensors)))
+                return self._load(Path(tmp) / self.artefact)
+        return self._load(self._cached(signature, names, tensors))
+
+    def _load(self, package: Path):
+        if self.device.type == "cpu":
+            # SD 1.5's package makes and frees ~250 MB of large buffers per call, each a fresh mapping as glibc
+            # sets itself: 0.11-0.13 s of page faults per call, 0.01 with freed memory kept (1.42-1.44 s per call
+            # at best against 1.51-1.56).
+            reuse_freed_memory()
+            return CpuPackage(package)
+        from torch._inductor import aoti_load_package
+
+        compiled = aoti_load_package(str(package))
         return lambda tensors: compiled(*tensors)
 
     def _write(self, folder: Path, names: tuple[str, ...], tensors: list[torch.Tensor]) -> None:
@@ -102,6 +113,31 @@ class InductorUNet(CompiledUNet):
             warnings.simplefilter("ignore", FutureWarning)  # export's notes on its own internals
             program = torch.export.export(Positional(self.module, names, self.dtype), tuple(tensors))
             aoti_compile_and_package(program, package_path=str(folder / self.artefact))
+
+
+class CpuPackage:
+    """A package's model run on a CPU by AOTInductor's runner, as a function of its tensors, with its weights in
+    memory aligned to 64 bytes. The runtime copies the weights from its library into one `std::malloc` block and
+    lays them out at multiples of 64 bytes from the block's start, but glibc aligns the block to 16 bytes only:
+    every weight began 16 bytes past a cache line, and oneDNN's AMX kernels read each row across two lines (SD
+    1.5's convolutions took 1.5–3× their time under `torch.compile`, the same kernels, and the whole package 20 %
+    more than eager PyTorch). Here each weight is cloned (ATen allocates at 64 bytes), the runner's spare set of
+    constants takes the clones, becomes the active set, and the block is freed: the weights' memory twice for a
+    moment, then once, as before."""
+
+    def __init__(self, package: Path):
+        with zipfile.ZipFile(package) as archive, tempfile.TemporaryDirectory() as tmp:
+            (library,) = (name for name in archive.namelist() if name.endswith(".wrapper.so"))
+            self.runner = torch._C._aoti.AOTIModelContainerRunnerCpu(archive.extract(library, tmp), 1)
+        names = {fqn: name for name, fqn in self.runner.get_constant_names_to_original_fqns().items()}
+        self.weights = {names[fqn]: tensor.clone() for fqn, tensor in self.runner.extract_constants_map(False).items()}
+        self.runner.update_constant_buffer(self.weights, True, True, True)  # spare set; all of them; ours to keep
+        self.runner.swap_constant_buffer()
+        self.runner.free_inactive_constant_buffer()
+
+    def __call__(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        (output,) = self.runner.run(list(tensors))
+        return output
 
 
 @functools.cache
