@@ -97,9 +97,10 @@ def main() -> None:
         folder = Path(args.folder or tmp)
         write_diffusers(sd15_parts(), folder)
         for name in args.dtype:
-            impls = IMPLS + ((COMPILED,) if args.compile else ()) + ((INDUCTOR,) if args.inductor else ())
+            inductor = args.inductor and name != "int8"  # int8 runs on PyTorch only
+            impls = IMPLS + ((COMPILED,) if args.compile else ()) + ((INDUCTOR,) if inductor else ())
             calls = {impl: build(impl, name, args.device, args.steps, folder) for impl in impls}
-            if args.inductor:
+            if inductor:
                 calls[INDUCTOR]()  # the package read (or compiled) here, not in the timing
             # the first call of the compiled pipeline compiles it: with --compile each gets one untimed call first
             times = alternate(calls, args.repeats, warmup=1 if args.compile else 0)

@@ -4,7 +4,7 @@
 # cpu-<vendor>-avx512bf16, ...), so that a figure names the kind of host it holds on.
 # Usage: bash benchmarks/run_all.sh [--compile] [flags for every script, e.g. --repeats 2 --threads 2]
 # --compile adds the torch.compile rows to the scripts that have them (unet.py, breakdown.py, vae.py, generate.py),
-# and the Inductor backend's row (AOTInductor, compiled into its cache once) to unet.py.
+# and the Inductor backend's rows (AOTInductor, compiled into its cache once) to unet.py and generate.py.
 set -euo pipefail
 compile=()
 common=()
@@ -28,5 +28,5 @@ $PY benchmarks/breakdown.py --dtype bf16 --json "$out/breakdown.json" ${compile[
 $PY benchmarks/vae.py --json "$out/vae.json" ${compile[@]+"${compile[@]}"} "$@"
 $PY benchmarks/text.py --json "$out/text.json" "$@"
 $PY benchmarks/train_step.py --json "$out/train_step.json" "$@"
-$PY benchmarks/generate.py --dtype "${dtypes[@]}" --json "$out/generate.json" ${compile[@]+"${compile[@]}"} "$@"
+$PY benchmarks/generate.py --dtype "${dtypes[@]}" --json "$out/generate.json" ${compile[@]+"${compile[@]}" --inductor} "$@"
 echo "figures in $out"
