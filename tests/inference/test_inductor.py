@@ -41,6 +41,16 @@ def pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path), dtype=np.int16)
 
 
+def first_unet_call(folder, monkeypatch):
+    """(pipeline of the model in `folder`, the (x, t, kwargs) of its first UNet call as `generate` makes it: the
+    call the package was compiled for)."""
+    pipe = Pipeline.from_pretrained(folder, device="cpu", backend="torch")
+    recorded = []
+    monkeypatch.setattr(pipe, "network", lambda x, t, **kw: recorded.append((x, t, kw)) or torch.zeros_like(x))
+    pipe.generate_tensors(PROMPT, steps=1, num_images=2, seed=0, progress=False)
+    return pipe, recorded[0]
+
+
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory, shapes_folder, autoencoder_run):
     """(model folder, caches, work folder, the log of the run that compiled the package)."""
@@ -79,12 +89,8 @@ def test_a_later_process_reads_the_package_without_compiling(compiled):
 def test_the_cache_is_keyed_by_the_weights_and_the_signature(compiled, monkeypatch):
     """`ready` (what auto asks) finds the entry for these weights and this signature only (no compiling here)."""
     folder, caches, _, _ = compiled
-    pipe = Pipeline.from_pretrained(folder, device="cpu", backend="torch")
+    pipe, (x, t, kwargs) = first_unet_call(folder, monkeypatch)
     unet = InductorUNet(pipe.unet, "fp32", caches["LDM_INDUCTOR_CACHE"])
-    recorded = []
-    monkeypatch.setattr(pipe, "network", lambda x, t, **kw: recorded.append((x, t, kw)) or torch.zeros_like(x))
-    pipe.generate_tensors(PROMPT, steps=1, num_images=2, seed=0, progress=False)
-    x, t, kwargs = recorded[0]  # the call the package was compiled for
     assert unet.ready(x, t, **kwargs)
     assert not unet.ready(x[:2], t[:2], **{k: v[:2] for k, v in kwargs.items()})  # another signature
     with torch.no_grad():
@@ -109,14 +115,10 @@ print("aligned", len(active), "constants")
 
 def test_the_package_runs_with_its_weights_aligned_to_cache_lines(compiled, tmp_path, monkeypatch):
     """On a CPU the package's weights are moved to memory aligned to 64 bytes (AOTInductor's runtime leaves them
-    16 bytes past a cache line, which cost SD 1.5 20 %); the pictures are unchanged: the same output, bit for bit,
-    as PyTorch's own loader gives, in a process of its own."""
+    16 bytes past a cache line, which cost SD 1.5 20 %), and the output is unchanged: bit for bit what PyTorch's
+    own loader gives, in a process of its own."""
     folder, caches, _, _ = compiled
-    pipe = Pipeline.from_pretrained(folder, device="cpu", backend="torch")
-    recorded = []
-    monkeypatch.setattr(pipe, "network", lambda x, t, **kw: recorded.append((x, t, kw)) or torch.zeros_like(x))
-    pipe.generate_tensors(PROMPT, steps=1, num_images=2, seed=0, progress=False)
-    x, t, kwargs = recorded[0]
+    _, (x, t, kwargs) = first_unet_call(folder, monkeypatch)
     torch.save(tuple(arguments(torch.randn_like(x), t, kwargs)[2]), tmp_path / "tensors.pt")
     (package,) = Path(caches["LDM_INDUCTOR_CACHE"]).glob("*/unet.pt2")
     done = subprocess.run([sys.executable, "-c", ALIGNED, str(package), str(tmp_path / "tensors.pt")],
