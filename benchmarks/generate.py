@@ -9,8 +9,9 @@ writes as a diffusers folder.
 the peers of `unet.py --compile` and `vae.py --compile`); its first call compiles, so then each implementation has
 one untimed call before the timed ones (else none: a first call's set-up counts, as a user meets it). `--inductor`
 adds ours with `backend="inductor"` (its UNet package read from the cache, `LDM_INDUCTOR_CACHE`, or compiled into it
-before the timing: `unet.py --inductor` compiles the same one). Ours as it comes is `backend="auto"`: it runs a
-cached package where it measured it faster, so with a cached package the two rows of ours run the same UNet.
+before the timing; not `unet.py --inductor`'s package: the pipeline's calls also carry the text's mask). Ours as it
+comes is `backend="auto"`: it runs a cached package where it measured it faster, so with the package cached the two
+rows of ours run the same UNet.
 """
 
 from __future__ import annotations

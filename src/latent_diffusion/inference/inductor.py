@@ -9,15 +9,13 @@ are reordered once into oneDNN's blocked layouts, where eager oneDNN reorders th
 turns it off), so a later process loads it instead of compiling. CPU or CUDA (not yet measured on a GPU), at the
 dtype the weights are kept in; it needs a C++ compiler (g++, or $CXX).
 
-On a CPU the package is run by AOTInductor's runner with its weights moved to memory aligned to 64 bytes
-(`CpuPackage`): the runtime copies them into one `std::malloc` block, which glibc aligns to 16 bytes, so every
-weight started 16 bytes past a cache line and oneDNN's AMX kernels read each row across two lines (SD 1.5's
-convolutions 1.5–3× slower than under `torch.compile`, the package 20 % behind eager).
+On a CPU the package runs with its weights moved onto cache-line boundaries (`CpuPackage` says why: as
+AOTInductor's runtime lays them out, SD 1.5's package ran 20 % behind eager).
 
 Where it pays (2-core Xeon with AMX; `auto` measures it on each host and keeps PyTorch where it does not):
-- the bundled shapes model (`models/ldm-shapes`), per UNet call: 0.019 s against eager's 0.057 in bf16, 0.032
-  against 0.048 in fp32 (eager's time there is Python's, per layer; the package has none), after a compile of
-  about a minute;
+- the bundled shapes model (`models/ldm-shapes`), per UNet call: 0.0085 s against eager's 0.027 in bf16 (0.019
+  against 0.057 at a busier moment), 0.032 against 0.048 in fp32 (eager's time there is Python's, per layer; the
+  package has none), after a compile of about a minute;
 - SD 1.5's UNet (batch 2, 64² latents, bf16): 1.489 s per call against eager's 1.651, our UNet under
   `torch.compile` 1.590 and diffusers' under `torch.compile` 1.452, in one run of `benchmarks/unet.py`; 1.42–1.51
   against diffusers' compiled 1.47–1.55 in processes of their own. Compiling takes about 3 minutes (a 1.7 GB
